@@ -1,0 +1,34 @@
+"""Prepare a corpus: phonemes + EnCodec tokens -> per-language Parquet shards (Ray Data).
+
+    python ray_jobs/prepare.py --config job.yaml
+    python ray_jobs/prepare.py --config job.yaml corpus.source=/data/my_manifest.jsonl run.output_dir=runs/mine
+
+Output: <run.output_dir>/prepare/{manifest.json, symbols.json, <lang>/part-NNNNN.parquet}. Re-running
+skips finished shards; adding a language to an existing output writes only its shards.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vallex.cli import parse_config
+from vallex.logs import setup_logging
+from vallex.runtime import init_ray
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_config(__doc__, sections=("run", "corpus", "prepare"), argv=argv)
+    log = setup_logging(cfg.output_dir / "logs" / "prepare.log")
+    init_ray()
+    from vallex.data.prepare import prepare_from_config, summary_table
+
+    manifest = prepare_from_config(cfg)
+    log.info("prepared corpus in %s:\n%s", cfg.prepare_dir, summary_table(manifest))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Shared fixtures. One local Ray cluster serves the whole test session (start-up costs seconds)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Fast failure detection and quiet Train V2 on a 2-core machine (see shared STACK.md).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster with 4 logical CPUs, shared by every test that asks for it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,41 @@
+"""Shared command-line handling for the ``ray_jobs`` entry points.
+
+Every entry point takes ``--config FILE`` followed by ``key.sub=value`` overrides, and its ``--help``
+lists the config keys it reads with their defaults and documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from vallex.config import Config, ConfigError, describe, load_config
+
+
+def parse_config(
+    description: str,
+    sections: tuple[str, ...],
+    argv: list[str] | None = None,
+    default_config: str | None = "job.yaml",
+    add_arguments=None,
+) -> tuple[Config, argparse.Namespace]:
+    """Parse ``--config FILE key=value ...``; exit with a clear message on a bad config."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the YAML file or override as key.sub=value):\n"
+        + describe(sections=sections),
+    )
+    parser.add_argument(
+        "--config",
+        default=default_config,
+        help=f"YAML config file (default: {default_config}); its sections are listed below",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override one config field")
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: config error: {e}\n")
+    return cfg, args

@@ -1,0 +1,518 @@
+"""One config schema for every vallex job.
+
+A run is described by one YAML file (``job.yaml`` at the top level is the default) whose top-level
+sections map onto the dataclasses below. Each field's docstring is its documentation: ``--help`` of
+every ``ray_jobs`` entry point prints them. After ``--config FILE``, ``key.sub=value`` arguments
+override single fields (values are parsed as YAML, so ``train.max_steps=20``,
+``data.weights={en: 0.7, ar: 0.3}`` and ``data.languages=[en,zh]`` all work).
+
+Everything is checked before any Ray work starts: unknown keys (with the closest valid key suggested),
+wrong types and impossible values raise :class:`ConfigError` naming the dotted key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. ``key`` is the dotted path of the offending field."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+@dataclass
+class RunSection:
+    """Where a run writes and how it is seeded."""
+
+    name: str = "demo"
+    """Run name: the folder of Ray Train results under ``train.storage_path``."""
+    output_dir: str = "runs/demo"
+    """Root of this run's files: ``corpus/`` (demo audio), ``prepare/`` (shards), ``train/`` (metrics, report)."""
+    seed: int = 0
+    """Seed for data splits, mixing order and model init; the same seed gives the same run."""
+
+    def __post_init__(self):
+        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        _require(bool(self.output_dir), "output_dir", "must be a path")
+
+
+@dataclass
+class CorpusSection:
+    """The raw corpus that ``ray_jobs/prepare.py`` reads."""
+
+    source: str = "demo"
+    """``demo`` synthesizes the embedded multilingual demo corpus with espeak-ng into ``<output_dir>/corpus``;
+    otherwise the path of a manifest (JSONL or CSV with audio, text, language, speaker[, split])."""
+    languages: list[str] = field(default_factory=list)
+    """ISO 639-1 codes to prepare (``[en, zh]``); empty means every language in the source."""
+    valid_fraction: float = 0.1
+    """Fraction of each language's utterances held out for validation when the source has no split column."""
+
+    def __post_init__(self):
+        _require(bool(self.source), "source", "must be 'demo' or the path of a manifest")
+        _require(0.0 < self.valid_fraction < 1.0, "valid_fraction", "must be in (0, 1)")
+
+
+@dataclass
+class CodecSection:
+    """EnCodec settings (24 kHz model)."""
+
+    bandwidth: float = 6.0
+    """Target bandwidth in kbps; 6.0 gives the 8 codebooks VALL-E X models."""
+    pretrained: bool = True
+    """Load the pretrained EnCodec weights (torch hub cache or ``checkpoint``). ``false`` uses a
+    random-init codec: only for tests and offline demos, and logged loudly."""
+    checkpoint: str = ""
+    """Explicit path of ``encodec_24khz-d7cc33bc.th``; empty looks in the torch hub cache."""
+
+    def __post_init__(self):
+        _require(self.bandwidth in (1.5, 3.0, 6.0, 12.0, 24.0), "bandwidth", "must be one of 1.5, 3, 6, 12, 24")
+
+
+@dataclass
+class PrepareSection:
+    """Data preparation: phonemes + EnCodec tokens -> per-language Parquet shards."""
+
+    codec: CodecSection = field(default_factory=CodecSection)
+    """EnCodec settings."""
+    min_duration: float = 0.5
+    """Clips shorter than this many seconds are skipped (counted in the manifest)."""
+    max_duration: float = 20.0
+    """Clips longer than this many seconds are skipped (counted in the manifest)."""
+    codec_actors: int = 2
+    """Size of the Ray Data actor pool that runs EnCodec (one GPU each when GPUs exist)."""
+    codec_batch_size: int = 8
+    """Clips per EnCodec forward pass."""
+    rows_per_shard: int = 2000
+    """Rows per Parquet shard."""
+
+    def __post_init__(self):
+        _require(self.min_duration >= 0, "min_duration", "must be >= 0")
+        _require(
+            self.max_duration > self.min_duration,
+            "max_duration",
+            f"must be greater than min_duration ({self.min_duration})",
+        )
+        _require(self.codec_actors >= 1, "codec_actors", "must be >= 1")
+        _require(self.codec_batch_size >= 1, "codec_batch_size", "must be >= 1")
+        _require(self.rows_per_shard >= 1, "rows_per_shard", "must be >= 1")
+
+
+WEIGHT_POLICIES = ("uniform", "proportional", "temperature", "unimax")
+
+
+@dataclass
+class DataSection:
+    """Which prepared languages to train on and how to mix them."""
+
+    languages: list[str] = field(default_factory=list)
+    """Languages to train on; empty means every language in the prepared corpus."""
+    weights: Union[str, dict[str, float]] = "temperature"
+    """Sampling weights: a policy (uniform, proportional, temperature, unimax), an explicit map
+    ``{en: 0.5, ar: 0.5}``, or the path of a Tune ``best_weights.json``."""
+    alpha: float = 0.5
+    """Temperature policy exponent: p(lang) ~ n_lang ** alpha (0 = uniform, 1 = proportional)."""
+    block_rows: int = 16
+    """Rows per Ray Data block before mixing; small blocks let one batch hold several languages."""
+    shuffle_buffer: int = 256
+    """Rows in the local shuffle buffer each worker draws batches from."""
+
+    def __post_init__(self):
+        if isinstance(self.weights, str):
+            _require(bool(self.weights), "weights", f"must be one of {WEIGHT_POLICIES}, a map or a file")
+        else:
+            for lang, w in self.weights.items():
+                _require(math.isfinite(w) and w >= 0, f"weights.{lang}", f"must be a finite weight >= 0, got {w}")
+            _require(sum(self.weights.values()) > 0, "weights", "at least one weight must be > 0")
+        _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
+        _require(self.block_rows >= 1, "block_rows", "must be >= 1")
+        _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+
+
+@dataclass
+class ModelSection:
+    """The VALL-E X model."""
+
+    size: str = "tiny"
+    """Named size: tiny (tests, CPU demo), small, paper (1024 wide, 16 heads, 12 layers)."""
+    d_model: int = 0
+    """Override the size's width (0 keeps the size's value)."""
+    nhead: int = 0
+    """Override the size's attention heads (0 keeps the size's value)."""
+    num_layers: int = 0
+    """Override the size's layer count (0 keeps the size's value)."""
+    dropout: float = 0.1
+    """Dropout in the transformer layers."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (long utterances at paper size)."""
+
+    def __post_init__(self):
+        for key in ("d_model", "nhead", "num_layers"):
+            _require(getattr(self, key) >= 0, key, "must be >= 0 (0 keeps the named size's value)")
+        if self.d_model and self.nhead:
+            _require(self.d_model % self.nhead == 0, "d_model", f"must be divisible by nhead ({self.nhead})")
+        _require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that replace the named size's defaults."""
+        out: dict[str, Any] = {"dropout": self.dropout, "activation_checkpointing": self.activation_checkpointing}
+        out.update({k: getattr(self, k) for k in ("d_model", "nhead", "num_layers") if getattr(self, k)})
+        return out
+
+
+@dataclass
+class TrainSection:
+    """Distributed training with Ray Train + DeepSpeed."""
+
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL, bf16; false trains on CPU with gloo."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """fp32 or bf16 (bf16 works on CPU and GPU)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0 (plain DDP), 1, 2 or 3."""
+    max_steps: int = 300
+    """Optimizer steps in the run."""
+    batch_size: int = 8
+    """Utterances per worker per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps accumulated per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 30
+    """Linear warmup steps (capped at max_steps), then cosine decay to 10% of ``lr`` at ``max_steps``."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+    train_stage: Literal["both", "ar", "nar"] = "both"
+    """Train the AR and NAR together (both) or one of them."""
+    eval_every: int = 50
+    """Evaluate every language's validation split every this many steps (and at the first and last step)."""
+    checkpoint_every: int = 100
+    """Save a DeepSpeed checkpoint and report it to Ray Train every this many steps (and at the end)."""
+    storage_path: str = ""
+    """Ray Train storage (local dir, NFS, s3://, gs://); empty means ``<output_dir>/ray_results``."""
+    max_failures: int = 0
+    """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
+
+    def __post_init__(self):
+        _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        _require(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
+        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
+            _require(getattr(self, key) >= 1, key, "must be >= 1")
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        _require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
+
+
+@dataclass
+class TuneSection:
+    """Ray Tune search over the language sampling weights."""
+
+    num_samples: int = 8
+    """Trials to run."""
+    max_steps_per_trial: int = 100
+    """Training steps per trial."""
+    objective: Literal["normalized_max", "max", "mean", "spread"] = "normalized_max"
+    """What the search minimizes over the per-language validation losses."""
+
+    def __post_init__(self):
+        _require(self.num_samples >= 1, "num_samples", "must be >= 1")
+        _require(self.max_steps_per_trial >= 1, "max_steps_per_trial", "must be >= 1")
+
+
+@dataclass
+class JobSection:
+    """How ``ray job submit`` runs this file on a cluster."""
+
+    entrypoint: str = "python ray_jobs/demo.py --config job.yaml"
+    """The command the cluster runs."""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    """Ray runtime_env for the job (working_dir, pip, env_vars)."""
+
+
+@dataclass
+class Config:
+    """A whole vallex run."""
+
+    run: RunSection = field(default_factory=RunSection)
+    job: JobSection = field(default_factory=JobSection)
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    prepare: PrepareSection = field(default_factory=PrepareSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    tune: TuneSection = field(default_factory=TuneSection)
+
+    # Paths derived from run.output_dir, so a user sets one folder.
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.output_dir / "corpus"
+
+    @property
+    def prepare_dir(self) -> Path:
+        return self.output_dir / "prepare"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.output_dir / "train"
+
+    @property
+    def storage_path(self) -> str:
+        """Ray Train storage: absolute, because Ray resolves relative paths against its own cwd."""
+        if self.train.storage_path:
+            sp = self.train.storage_path
+            return sp if "://" in sp else os.path.abspath(sp)
+        return str((self.output_dir / "ray_results").resolve())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading: dict -> dataclasses with type checks, YAML files, dotted overrides.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a map of {_type_name(typing.get_args(tp)[1])}"
+    if dataclasses.is_dataclass(tp):
+        return "a section (a map of keys)"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(key, f"unknown key.{hint} Valid keys here: {', '.join(names)}")
+        kwargs[k] = _convert(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}.{e.key}" if prefix else e.key, e.message) from None
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    """Validate a nested dict (as loaded from YAML) into a :class:`Config`."""
+    cfg = _build(Config, data or {})
+    _check_cross_section(cfg)
+    return cfg
+
+
+def _check_cross_section(cfg: Config) -> None:
+    if cfg.data.languages and cfg.corpus.languages:
+        missing = sorted(set(cfg.data.languages) - set(cfg.corpus.languages))
+        _require(
+            not missing,
+            "data.languages",
+            f"{missing} are not prepared (corpus.languages is {cfg.corpus.languages})",
+        )
+
+
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """``train.max_steps=20`` -> (["train", "max_steps"], 20). Values are parsed as YAML scalars/flows."""
+    if "=" not in arg:
+        raise ConfigError(arg, "overrides look like key.sub=value (e.g. train.max_steps=20)")
+    key, raw = arg.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(arg, "empty key in override")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(key, f"cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each dotted override applied."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for arg in overrides:
+        path, value = parse_override(arg)
+        node = out
+        for part in path[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(".".join(path), f"{part!r} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("", f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError("", f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{p}: the top level must be a map of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        where = f" (in {path})" if path else ""
+        raise ConfigError(e.key, f"{e.message}{where}") from None
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+    os.replace(tmp, p)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Documentation: field docstrings (the string literal under each field) for --help.
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass, read from its source."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type = Config, prefix: str = "", sections: tuple[str, ...] | None = None) -> str:
+    """A plain-text listing of every key, its default and its documentation."""
+    lines = []
+    default = cls()
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            if sections is not None and not prefix and f.name not in sections:
+                continue
+            doc = (type(value).__doc__ or "").strip()
+            lines.append(f"\n{key}:  {doc}" if not prefix else f"  {key}:  {doc}")
+            lines.append(describe(type(value), key + ".", sections))
+            continue
+        shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        lines.append(f"  {key}={shown}\n      {docs.get(f.name, '')}")
+    return "\n".join(line for line in lines if line)

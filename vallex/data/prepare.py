@@ -1,0 +1,501 @@
+"""Data preparation on Ray Data: utterances -> phoneme ids + EnCodec codes -> per-language Parquet shards.
+
+Two passes, because the phoneme symbol table must be complete before any id is written:
+
+1. **Phonemize** (Ray Data tasks): text -> espeak phoneme symbols. The driver collects the new symbols,
+   extends ``symbols.json`` (append-only: existing ids never change) and turns symbols into ids.
+2. **Encode** (Ray Data actor pool, one EnCodec per actor, a GPU each when the cluster has GPUs): each
+   actor takes one *shard job* (up to ``rows_per_shard`` utterances of one language), decodes and
+   resamples the audio, applies the duration/silence filters, encodes, and writes its shard atomically.
+
+Shards are deterministic in content and name (utterances sorted by id, chunked), and each carries a
+fingerprint of its job in the Parquet metadata, so a re-run skips the shards already written and a
+killed run resumes where it stopped. Every dropped utterance is counted by reason in ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vallex.config import PrepareSection
+from vallex.data.schema import (
+    MANIFEST_NAME,
+    SHARD_FORMAT_VERSION,
+    SHARD_SCHEMA,
+    SYMBOLS_NAME,
+    codes_flat,
+    shard_name,
+)
+from vallex.data.sources import Utterance
+
+log = logging.getLogger("vallex.prepare")
+
+MAX_SKIP_EXAMPLES = 5
+SILENCE_PEAK = 1e-4  # a clip whose absolute peak stays below this is digital silence
+
+
+class PrepareError(RuntimeError):
+    """Preparation cannot produce a usable corpus (names the language and why)."""
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+class SkipCounter:
+    """Counts dropped utterances by reason, keeping a few example ids for the report."""
+
+    def __init__(self, data: dict | None = None):
+        self.data: dict[str, dict] = {k: {"count": v["count"], "examples": list(v["examples"])} for k, v in (data or {}).items()}
+
+    def add(self, reason: str, utt_id: str) -> None:
+        entry = self.data.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < MAX_SKIP_EXAMPLES:
+            entry["examples"].append(utt_id)
+
+    def merge(self, other: dict) -> None:
+        for reason, entry in other.items():
+            mine = self.data.setdefault(reason, {"count": 0, "examples": []})
+            mine["count"] += entry["count"]
+            mine["examples"] = (mine["examples"] + entry["examples"])[:MAX_SKIP_EXAMPLES]
+
+    @property
+    def total(self) -> int:
+        return sum(e["count"] for e in self.data.values())
+
+
+def assign_splits(utts: list[Utterance], valid_fraction: float, seed: int) -> list[Utterance]:
+    """Give utterances without a split one, by a seeded hash of the id (stable as the corpus grows)."""
+    out = []
+    for u in utts:
+        if u.split is None:
+            h = int(hashlib.sha1(f"{seed}:{u.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            u = Utterance(**{**u.to_dict(), "split": "valid" if h < valid_fraction else "train"})
+        out.append(u)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Pass 1: phonemize
+
+
+def _phonemize_batch(batch: dict[str, np.ndarray], phonemizer) -> dict[str, np.ndarray]:
+    """Ray Data map_batches fn: one phonemizer call per language present in the batch."""
+    langs = batch["language"]
+    out = np.empty(len(langs), dtype=object)
+    for lang in np.unique(langs):
+        idx = np.nonzero(langs == lang)[0]
+        phones = phonemizer([str(t) for t in batch["text"][idx]], str(lang))
+        for i, p in zip(idx, phones):
+            out[i] = json.dumps(p, ensure_ascii=False)
+    return {"id": batch["id"], "symbols": out}
+
+
+def phonemize_all(utts: list[Utterance], progress: bool) -> dict[str, list[str]]:
+    """Utterance id -> phoneme symbols ([] when the text yields none), computed on Ray Data."""
+    import ray
+
+    from vallex.text.phonemize import Phonemizer
+
+    todo = [{"id": u.id, "language": u.language, "text": u.text} for u in utts if u.text.strip()]
+    result: dict[str, list[str]] = {u.id: [] for u in utts}
+    if not todo:
+        return result
+    ds = ray.data.from_items(todo).map_batches(
+        _phonemize_batch, fn_kwargs={"phonemizer": Phonemizer()}, batch_size=256, batch_format="numpy"
+    )
+    bar = _bar(len(todo), "phonemize", "utt", progress)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for uid, sym in zip(batch["id"], batch["symbols"]):
+            result[str(uid)] = json.loads(sym)
+        bar.update(len(batch["id"]))
+    bar.close()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Pass 2: decode, filter, encode, write one shard per job (runs inside Ray Data actors)
+
+
+class ShardEncoder:
+    """A Ray Data callable class: one EnCodec model per actor, one shard job per call."""
+
+    def __init__(self, codec: dict, min_duration: float, max_duration: float, codec_batch_size: int):
+        from vallex.codec.encodec import AudioTokenizer, CodecSettings
+
+        self.tokenizer = AudioTokenizer(CodecSettings(**codec))
+        self.num_codebooks = CodecSettings(**codec).num_codebooks
+        self.min_duration = min_duration
+        self.max_duration = max_duration
+        self.codec_batch_size = codec_batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stats = [self._write_shard(json.loads(job)) for job in batch["job"]]
+        return {"stats": np.array([json.dumps(s) for s in stats], dtype=object)}
+
+    def _load(self, rows: list[dict], skips: SkipCounter) -> list[tuple[dict, np.ndarray, float]]:
+        from vallex.codec.audio import AudioError, load_audio, resample
+        from vallex.codec.encodec import SAMPLE_RATE
+
+        kept = []
+        for row in rows:
+            if not os.path.exists(row["audio"]):
+                skips.add("missing_audio", row["id"])
+                continue
+            try:
+                wav, sr = load_audio(row["audio"])
+            except AudioError:
+                skips.add("unreadable_audio", row["id"])
+                continue
+            duration = len(wav) / sr
+            if duration < self.min_duration:
+                skips.add("too_short", row["id"])
+            elif duration > self.max_duration:
+                skips.add("too_long", row["id"])
+            elif float(np.max(np.abs(wav))) < SILENCE_PEAK:
+                skips.add("silent", row["id"])
+            else:
+                kept.append((row, resample(wav, sr, SAMPLE_RATE), duration))
+        return kept
+
+    def _write_shard(self, job: dict) -> dict:
+        t0 = time.perf_counter()
+        skips = SkipCounter()
+        kept = self._load(job["rows"], skips)
+        # Encode similar lengths together: less padding per EnCodec batch.
+        kept.sort(key=lambda item: len(item[1]))
+        codes: list[np.ndarray] = []
+        for i in range(0, len(kept), self.codec_batch_size):
+            codes.extend(self.tokenizer.encode([w for _, w, _ in kept[i : i + self.codec_batch_size]]))
+        order = sorted(range(len(kept)), key=lambda i: kept[i][0]["id"])  # shard rows in id order
+        cols: dict[str, list] = defaultdict(list)
+        for i in order:
+            row, _, duration = kept[i]
+            c = codes[i]
+            cols["utt_id"].append(row["id"])
+            cols["speaker"].append(row["speaker"])
+            cols["language"].append(job["language"])
+            cols["text"].append(row["text"])
+            cols["phonemes"].append(row["phonemes"])
+            cols["codes"].append(codes_flat(c))
+            cols["frames"].append(int(c.shape[1]))
+            cols["num_codebooks"].append(int(c.shape[0]))
+            cols["duration"].append(float(duration))
+            cols["split"].append(row["split"])
+        stats = {
+            "language": job["language"],
+            "index": job["index"],
+            "rows": len(order),
+            "splits": {s: cols["split"].count(s) for s in ("train", "valid")},
+            "frames": int(sum(cols["frames"])),
+            "phonemes": int(sum(len(p) for p in cols["phonemes"])),
+            "seconds": float(sum(cols["duration"])),
+            "speakers": sorted(set(cols["speaker"])),
+            "skipped": skips.data,
+            "input_rows": len(job["rows"]),
+            "encode_seconds": time.perf_counter() - t0,
+        }
+        metadata = dict(SHARD_SCHEMA.metadata or {})
+        metadata.update(
+            {
+                b"vallex_job": job["fingerprint"].encode(),
+                b"vallex_stats": json.dumps(stats).encode(),
+                b"vallex_symbols_version": str(job["symbols_version"]).encode(),
+            }
+        )
+        schema = SHARD_SCHEMA.with_metadata(metadata)
+        table = pa.Table.from_pydict({f.name: cols.get(f.name, []) for f in schema}, schema=schema)
+        path = Path(job["path"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written shard
+        return stats
+
+
+def read_shard_stats(path: Path) -> tuple[str | None, dict | None]:
+    """(job fingerprint, stats) from a shard's Parquet metadata, or (None, None) if unreadable."""
+    try:
+        md = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return None, None
+    if b"vallex_job" not in md or b"vallex_stats" not in md:
+        return None, None
+    return md[b"vallex_job"].decode(), json.loads(md[b"vallex_stats"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The driver
+
+
+def _bar(total: int, desc: str, unit: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True, leave=True)
+
+
+def _gpus_available() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def prepare_corpus(
+    utts: list[Utterance],
+    out_dir: str | os.PathLike,
+    settings: PrepareSection,
+    *,
+    seed: int = 0,
+    valid_fraction: float = 0.1,
+    progress: bool = True,
+) -> dict:
+    """Prepare ``utts`` into ``out_dir``; returns the manifest (also written to ``out_dir/manifest.json``).
+
+    Languages already in ``out_dir`` but absent from ``utts`` are kept: this is how a language is added.
+    """
+    import ray
+
+    from vallex.codec.encodec import CodecSettings
+    from vallex.text.symbols import SymbolTable
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    codec = CodecSettings(
+        bandwidth=settings.codec.bandwidth,
+        pretrained=settings.codec.pretrained,
+        checkpoint=settings.codec.checkpoint or None,
+        seed=seed,
+    )
+    old_manifest = _read_json(out / MANIFEST_NAME)
+    if old_manifest and old_manifest.get("codec") != codec.to_dict():
+        raise PrepareError(
+            f"{out / MANIFEST_NAME} was prepared with codec {old_manifest.get('codec')} but this run asks for "
+            f"{codec.to_dict()}; codes from different codecs cannot be mixed: use another output folder"
+        )
+
+    utts = assign_splits(utts, valid_fraction, seed)
+    languages = sorted({u.language for u in utts})
+    log.info("preparing %d utterances in %s -> %s", len(utts), ", ".join(languages), out)
+
+    # Pass 1: phonemes, then the shared symbol table (append-only).
+    phones = phonemize_all(utts, progress)
+    skips = {lang: SkipCounter() for lang in languages}
+    ready = []
+    for u in utts:
+        if not u.text.strip():
+            skips[u.language].add("empty_text", u.id)
+        elif not phones[u.id]:
+            skips[u.language].add("unphonemizable_text", u.id)
+        else:
+            ready.append(u)
+    table = SymbolTable.load_or_new(out / SYMBOLS_NAME)
+    added = table.extend(s for u in ready for s in phones[u.id])
+    if added:
+        table.save(out / SYMBOLS_NAME)
+        log.info("symbol table v%d: %d symbols (+%d new)", table.version, len(table), len(added))
+
+    # Pass 2: shard jobs; shards already written by an identical job are skipped.
+    jobs, reused = [], []
+    by_lang: dict[str, list[Utterance]] = defaultdict(list)
+    for u in ready:
+        by_lang[u.language].append(u)
+    for lang in languages:
+        rows = sorted(by_lang[lang], key=lambda u: u.id)
+        n_shards = max(1, math.ceil(len(rows) / settings.rows_per_shard))
+        lang_dir = out / lang
+        for index in range(n_shards):
+            chunk = rows[index * settings.rows_per_shard : (index + 1) * settings.rows_per_shard]
+            payload = [{**u.to_dict(), "phonemes": table.encode(phones[u.id])} for u in chunk]
+            spec = {
+                "rows": payload,
+                "codec": codec.to_dict(),
+                "min": settings.min_duration,
+                "max": settings.max_duration,
+                "format": SHARD_FORMAT_VERSION,
+            }
+            fp = _fingerprint(spec)
+            path = lang_dir / shard_name(index)
+            if path.exists() and read_shard_stats(path)[0] == fp:
+                reused.append(path)
+                continue
+            jobs.append(
+                {
+                    "language": lang,
+                    "index": index,
+                    "path": str(path),
+                    "rows": payload,
+                    "fingerprint": fp,
+                    "symbols_version": table.version,
+                }
+            )
+        # Shards beyond this run's count are leftovers of an earlier, larger layout.
+        for stale in sorted(lang_dir.glob("part-*.parquet"))[n_shards:]:
+            log.info("removing stale shard %s", stale)
+            stale.unlink()
+
+    if reused:
+        log.info("%d shard(s) already prepared, skipped", len(reused))
+    if jobs:
+        _run_jobs(jobs, codec, settings, progress)
+
+    manifest = _build_manifest(out, languages, skips, codec, table, old_manifest)
+    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool) -> None:
+    import ray
+
+    # Big jobs first so the pool's tail is short.
+    jobs = sorted(jobs, key=lambda j: -len(j["rows"]))
+    use_gpu = _gpus_available()
+    ds = ray.data.from_items([{"job": json.dumps(j, ensure_ascii=False)} for j in jobs], override_num_blocks=len(jobs))
+    ds = ds.map_batches(
+        ShardEncoder,
+        fn_constructor_kwargs={
+            "codec": codec.to_dict(),
+            "min_duration": settings.min_duration,
+            "max_duration": settings.max_duration,
+            "codec_batch_size": settings.codec_batch_size,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        concurrency=min(settings.codec_actors, len(jobs)),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1,
+    )
+    total = sum(len(j["rows"]) for j in jobs)
+    bar = _bar(total, "encode", "utt", progress)
+    t0 = time.perf_counter()
+    seconds = 0.0
+    for row in ds.iter_rows():
+        stats = json.loads(row["stats"])
+        seconds += stats["seconds"]
+        bar.update(stats["input_rows"])
+        elapsed = max(time.perf_counter() - t0, 1e-9)
+        bar.set_postfix_str(f"{seconds / elapsed:.1f} audio-s/s, {seconds / 3600:.3f} h done")
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    log.info(
+        "encoded %d utterances (%.1f min of audio) in %.0f s: %.1f audio-seconds/s on %d %s actor(s)",
+        total,
+        seconds / 60,
+        elapsed,
+        seconds / max(elapsed, 1e-9),
+        min(settings.codec_actors, len(jobs)),
+        "GPU" if use_gpu else "CPU",
+    )
+
+
+def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dict | None) -> dict:
+    langs_out = dict((old_manifest or {}).get("languages", {}))
+    for lang in languages:
+        shards = sorted((out / lang).glob("part-*.parquet"))
+        counter = skips[lang]
+        entry = {"shards": [], "utterances": {"train": 0, "valid": 0}, "hours": 0.0, "frames": 0, "phonemes": 0}
+        speakers: set[str] = set()
+        for path in shards:
+            _, stats = read_shard_stats(path)
+            if stats is None:
+                raise PrepareError(f"{path}: shard has no vallex metadata; delete it and re-run preparation")
+            entry["shards"].append(str(path.relative_to(out)))
+            for split, n in stats["splits"].items():
+                entry["utterances"][split] += n
+            entry["hours"] += stats["seconds"] / 3600
+            entry["frames"] += stats["frames"]
+            entry["phonemes"] += stats["phonemes"]
+            speakers.update(stats["speakers"])
+            counter.merge(stats["skipped"])
+        entry["speakers"] = len(speakers)
+        entry["skipped"] = counter.data
+        entry["skipped_total"] = counter.total
+        if entry["utterances"]["train"] == 0:
+            raise PrepareError(
+                f"language {lang!r} yielded no training utterances; skipped: "
+                f"{ {r: e['count'] for r, e in counter.data.items()} } (see examples in the skip report)"
+            )
+        if entry["utterances"]["valid"] == 0:
+            raise PrepareError(
+                f"language {lang!r} has no validation utterances; give some rows split=valid "
+                "or raise corpus.valid_fraction"
+            )
+        langs_out[lang] = entry
+    for lang, entry in langs_out.items():
+        if entry["skipped_total"]:
+            log.info(
+                "%s: skipped %d utterance(s): %s",
+                lang,
+                entry["skipped_total"],
+                ", ".join(f"{r}={e['count']}" for r, e in entry["skipped"].items()),
+            )
+    return {
+        "format": SHARD_FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "codec": codec.to_dict(),
+        "symbols_version": table.version,
+        "symbols_fingerprint": table.fingerprint,
+        "num_symbols": len(table),
+        "languages": dict(sorted(langs_out.items())),
+    }
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{path}: corrupt JSON ({e}); delete it to rebuild") from None
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def prepare_from_config(cfg, progress: bool = True) -> dict:
+    """Resolve the configured corpus (the embedded demo, or a manifest) and prepare it."""
+    from vallex.data.sources import read_manifest
+
+    if cfg.corpus.source == "demo":
+        from vallex.data.demo_corpus import make_demo_corpus
+
+        manifest_path = make_demo_corpus(
+            cfg.corpus_dir, seed=cfg.run.seed, languages=cfg.corpus.languages or None, progress=progress
+        )
+    else:
+        manifest_path = cfg.corpus.source
+    utts = read_manifest(manifest_path, cfg.corpus.languages)
+    return prepare_corpus(
+        utts,
+        cfg.prepare_dir,
+        cfg.prepare,
+        seed=cfg.run.seed,
+        valid_fraction=cfg.corpus.valid_fraction,
+        progress=progress,
+    )
+
+
+def summary_table(manifest: dict) -> str:
+    """A per-language summary of a prepared corpus for the terminal."""
+    rows = [f"{'language':<10}{'train':>8}{'valid':>8}{'hours':>8}{'speakers':>10}{'skipped':>9}"]
+    for lang, e in manifest["languages"].items():
+        rows.append(
+            f"{lang:<10}{e['utterances']['train']:>8}{e['utterances']['valid']:>8}{e['hours']:>8.3f}"
+            f"{e['speakers']:>10}{e['skipped_total']:>9}"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,43 @@
+"""Logging: one compact console stream for people, Ray's internal chatter routed to a file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+# Loggers whose INFO/WARNING output is framework noise on a small machine (e.g. Train V2 repeating
+# "Failed to query Ray Train Controller actor state"). They still reach the log file.
+NOISY_LOGGERS = ("ray", "ray.train", "ray.data", "ray.tune", "ray.air", "deepspeed", "DeepSpeed", "filelock")
+
+
+def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Console: vallex messages only, one line each. File (if given): everything at DEBUG."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_vallex", False):
+            root.removeHandler(h)
+    root.setLevel(logging.DEBUG)
+
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    console.addFilter(lambda r: r.name.startswith("vallex") or r.levelno >= logging.ERROR)
+    console._vallex = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setLevel(logging.DEBUG)
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh._vallex = True  # type: ignore[attr-defined]
+        root.addHandler(fh)
+
+    for name in NOISY_LOGGERS:
+        lg = logging.getLogger(name)
+        lg.propagate = True
+        for h in list(lg.handlers):  # Ray installs its own stderr handlers; we route through the root
+            lg.removeHandler(h)
+    return logging.getLogger("vallex")

@@ -1,0 +1,37 @@
+"""Connecting to Ray: the same code runs on a laptop (a local cluster) and as a cluster job."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("vallex")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (set by ``ray job submit``), else start a local one.
+
+    Worker output is not forwarded to the driver: vallex prints its own compact progress, and the
+    frameworks' chatter stays in Ray's per-worker log files (``/tmp/ray/session_latest/logs``).
+    """
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        kwargs = {"log_to_driver": False, "configure_logging": False}
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        res = ray.cluster_resources()
+        log.info(
+            "Ray %s: %d CPU, %d GPU across %d node(s)",
+            "cluster " + address if address else "local cluster",
+            res.get("CPU", 0),
+            res.get("GPU", 0),
+            len([n for n in ray.nodes() if n["Alive"]]),
+        )
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # vallex shows its own bars
+    ctx.print_on_execution_start = False

@@ -1,0 +1,230 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+``setup -> (resume) -> train steps with periodic per-language validation and checkpoints``.
+Everything a worker needs arrives in ``train_loop_config`` (see ``vallex.train.trainer``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from vallex.config import Config, config_from_dict
+from vallex.data.collate import collate
+from vallex.data.mixing import MixStats
+from vallex.model.vallex import build_model
+from vallex.train import engine as ds_engine
+
+log = logging.getLogger("vallex.train")
+
+# Per-language sums all-reduced across ranks, in this order.
+EVAL_FIELDS = ("ar_loss_sum", "ar_tokens", "ar_top10_correct", "nar_loss_sum", "nar_tokens", "nar_top10_correct")
+STATE_FILE = "vallex_state.json"
+EXPORT_FILE = "model.pt"
+CHECKPOINT_TAG = "ckpt"
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _validation_batches(tables: dict, language_ids: dict[str, int], num_codebooks: int, batch_size: int, rank: int, world: int):
+    """This rank's slice of every language's validation rows, as collated batches per language."""
+    out = {}
+    for lang, table in tables.items():
+        rows = table.slice(0)  # pyarrow table
+        idx = np.arange(rank, rows.num_rows, world)
+        part = rows.take(idx)
+        batches = []
+        for start in range(0, part.num_rows, batch_size):
+            chunk = part.slice(start, batch_size)
+            np_batch = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
+            batches.append(collate(np_batch, language_ids, num_codebooks))
+        out[lang] = batches
+    return out
+
+
+def evaluate(model_engine, valid_batches: dict[str, list], languages: list[str], device, train_stage: str) -> dict:
+    """All-reduced per-language validation losses and top-10 accuracies.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively inside
+    forward), padding with a repeat of a real batch whose results are discarded.
+    """
+    model_engine.eval()
+    sums = torch.zeros(len(languages), len(EVAL_FIELDS), dtype=torch.float64, device=device)
+    n_local = torch.tensor([sum(len(b) for b in valid_batches.values())], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(n_local, op=dist.ReduceOp.MAX)
+    n_max = int(n_local.item())
+    work = [(li, b) for li, lang in enumerate(languages) for b in valid_batches.get(lang, [])]
+    filler = work[0][1] if work else next(b for bs in valid_batches.values() for b in bs)
+    with torch.no_grad():
+        for i in range(n_max):
+            li, batch = work[i] if i < len(work) else (None, filler)
+            out = model_engine(_to_device(batch, device), train_stage=train_stage)
+            if li is not None:
+                sums[li] += torch.stack([out[f].sum().double() for f in EVAL_FIELDS])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model_engine.train()
+    result = {}
+    for li, lang in enumerate(languages):
+        s = dict(zip(EVAL_FIELDS, sums[li].tolist()))
+        ar = s["ar_loss_sum"] / max(s["ar_tokens"], 1)
+        nar = s["nar_loss_sum"] / max(s["nar_tokens"], 1)
+        result[lang] = {
+            "ar_loss": ar,
+            "nar_loss": nar,
+            "loss": (ar if s["ar_tokens"] else 0.0) + (nar if s["nar_tokens"] else 0.0),
+            "ar_top10": s["ar_top10_correct"] / max(s["ar_tokens"], 1),
+            "nar_top10": s["nar_top10_correct"] / max(s["nar_tokens"], 1),
+            "ar_tokens": int(s["ar_tokens"]),
+        }
+    return result
+
+
+def _save_checkpoint(model_engine, state: dict, metrics: dict, rank: int, zero_stage: int, export: bool) -> None:
+    """Every rank writes its DeepSpeed shard to a fresh dir, then reports it to Ray Train.
+
+    Ray Train registers the checkpoint only once every rank has reported it, and resumes only from
+    registered checkpoints: a checkpoint interrupted half-way is never the one restored. With
+    ``export``, rank 0 adds ``model.pt``: the consolidated fp32 weights, for synthesis and export.
+    """
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="vallex-ckpt-") as tmp:
+        model_engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"vallex": state})
+        if export:
+            weights = consolidated_state_dict(model_engine, zero_stage)
+            if rank == 0:
+                torch.save(weights, Path(tmp, EXPORT_FILE))
+        if rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps(state))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def consolidated_state_dict(model_engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on rank 0 (collective under ZeRO-3, where each rank holds a slice)."""
+    if zero_stage == 3:
+        # Gathers the partitioned parameters; every rank must call it. Returns the dict on rank 0.
+        state = model_engine._zero3_consolidated_16bit_state_dict() or {}
+    else:
+        state = model_engine.module.state_dict()
+    return {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray
+    import ray.train
+
+    cfg: Config = config_from_dict(loop_config["config"])
+    info = loop_config["corpus"]
+    languages: list[str] = info["languages"]
+    language_ids: dict[str, int] = info["language_ids"]
+    num_codebooks: int = info["num_codebooks"]
+    sink = loop_config.get("sink")
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ds_engine.device_for(cfg.train)
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank
+    if not cfg.train.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+
+    model = build_model(
+        cfg.model.size,
+        num_phonemes=info["num_symbols"],
+        num_languages=len(info["model_languages"]),
+        **cfg.model.overrides(),
+    )
+    model_engine, _, _ = ds_engine.initialize(model, cfg.train)
+
+    state = {"step": 0, "consumed_batches": 0, "mix": {}}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model_engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
+            state = json.loads(Path(d, STATE_FILE).read_text())
+        if rank == 0:
+            log.info("resumed from step %d", state["step"])
+
+    valid_tables = ray.get(loop_config["valid_ref"])
+    valid_batches = _validation_batches(valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world)
+    mix = MixStats.from_dict(state["mix"]) if state["mix"] else MixStats()
+
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches():
+        # Ray Data has no mid-stream position: after a resume, skip the batches this rank already used
+        # (same count, not necessarily the same rows: see docs in vallex.data.mixing).
+        skip = state["consumed_batches"]
+        while True:
+            it = shard.iter_batches(
+                batch_size=cfg.train.batch_size,
+                batch_format="numpy",
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_seed=cfg.run.seed + rank if cfg.data.shuffle_buffer else None,
+                drop_last=True,
+            )
+            got = 0
+            for b in it:
+                got += 1
+                if skip:
+                    skip -= 1
+                    continue
+                yield b
+            if got == 0:
+                raise RuntimeError(f"rank {rank}: the training stream yielded no full batch of {cfg.train.batch_size}")
+
+    stream = batches()
+    step = state["step"]
+    t_window, n_window, loss_window = time.perf_counter(), 0, []
+    model_engine.train()
+    while step < cfg.train.max_steps:
+        for _ in range(cfg.train.grad_accum):
+            np_batch = next(stream)
+            mix.update(np_batch["language"])
+            batch = _to_device(collate(np_batch, language_ids, num_codebooks), device)
+            out = model_engine(batch, train_stage=cfg.train.train_stage)
+            model_engine.backward(out["loss"])
+            model_engine.step()
+            state["consumed_batches"] += 1
+            n_window += len(np_batch["language"])
+            loss_window.append(float(out["loss"].detach()))
+        step += 1
+        state["step"] = step
+
+        last = step == cfg.train.max_steps
+        if step == 1 or step % cfg.train.eval_every == 0 or last:
+            valid = evaluate(model_engine, valid_batches, languages, device, cfg.train.train_stage)
+            counts = torch.tensor([float(mix.counts.get(lang, 0)) for lang in languages], device=device)
+            if dist.is_initialized():
+                dist.all_reduce(counts)
+            counts = dict(zip(languages, counts.tolist()))
+            total = max(sum(counts.values()), 1)
+            elapsed = time.perf_counter() - t_window
+            record = {
+                "step": step,
+                "train_loss": float(np.mean(loss_window)) if loss_window else float("nan"),
+                "lr": float(model_engine.get_lr()[0]),
+                "valid": valid,
+                "realized_fractions": {lang: counts[lang] / total for lang in languages},
+                "samples_seen": int(total),
+                "samples_per_s": n_window * world / max(elapsed, 1e-9),
+                "time": time.time(),
+            }
+            if rank == 0 and sink is not None:
+                ray.get(sink.log.remote(record))
+            t_window, n_window, loss_window = time.perf_counter(), 0, []
+
+        if step % cfg.train.checkpoint_every == 0 or last:
+            state["mix"] = mix.to_dict()
+            flat = {"step": step}
+            _save_checkpoint(model_engine, state, flat, rank, cfg.train.zero_stage, export=last)

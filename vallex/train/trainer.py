@@ -1,0 +1,155 @@
+"""The training driver: resolve data and weights, build the Ray Train ``TorchTrainer``, fit, report.
+
+It runs on the Ray driver (a laptop, the head node, or a ``ray job submit`` entrypoint) and never
+touches tensors itself: workers run :func:`vallex.train.loop.train_loop_per_worker`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from vallex.config import Config, save_config
+from vallex.train.metrics import build_report, format_record, loss_table, plot_losses, read_metrics, sink_on_this_node
+
+log = logging.getLogger("vallex.train")
+
+
+def _corpus_info(cfg: Config):
+    """Open the prepared corpus, choose languages, resolve sampling weights."""
+    from vallex.data.corpus import PreparedCorpus
+    from vallex.data.weights import resolve_weights
+
+    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    languages = list(cfg.data.languages) or list(corpus.languages)
+    unknown = sorted(set(languages) - set(corpus.languages))
+    if unknown:
+        raise ValueError(
+            f"data.languages: {unknown} have no prepared shards in {cfg.prepare_dir} "
+            f"(prepared: {sorted(corpus.languages)}); run ray_jobs/prepare.py for them first"
+        )
+    counts = {lang: corpus.counts("train")[lang] for lang in languages}
+    budget = cfg.train.max_steps * cfg.train.grad_accum * cfg.train.batch_size * cfg.train.num_workers
+    weights = resolve_weights(cfg.data.weights, counts, alpha=cfg.data.alpha, budget=budget)
+    # The model's language rows: one per trained language, in a fixed (sorted) order.
+    model_languages = sorted(languages)
+    info = {
+        "languages": sorted(languages),
+        "model_languages": model_languages,
+        "language_ids": {lang: i for i, lang in enumerate(model_languages)},
+        "num_symbols": corpus.num_symbols,
+        "num_codebooks": corpus.num_codebooks,
+        "counts": counts,
+        "weights": weights,
+        "budget_rows": budget,
+    }
+    return corpus, info
+
+
+def _poll(sink, max_steps: int, stop: threading.Event) -> None:
+    """Print each evaluation record as rank 0 sends it (runs in a driver thread during fit)."""
+    import ray
+
+    while not stop.is_set():
+        try:
+            for rec in ray.get(sink.drain.remote(), timeout=10):
+                log.info(format_record(rec, max_steps))
+        except Exception as e:  # the sink is best-effort display; the file is the record
+            log.debug("metrics poll failed: %s", e)
+        stop.wait(1.0)
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training as configured; returns the report (also written to train_dir/report.json)."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vallex.data.mixing import build_mixed_dataset
+    from vallex.train.loop import EXPORT_FILE, train_loop_per_worker
+
+    train_dir = cfg.train_dir
+    train_dir.mkdir(parents=True, exist_ok=True)
+    corpus, info = _corpus_info(cfg)
+    save_config(cfg, train_dir / "config.yaml")
+    (train_dir / "weights.json").write_text(json.dumps({"weights": info["weights"], "counts": info["counts"]}, indent=2))
+    log.info(
+        "languages %s; sampling weights %s",
+        ", ".join(f"{lang} ({info['counts'][lang]} utt)" for lang in info["languages"]),
+        ", ".join(f"{lang}={w:.3f}" for lang, w in info["weights"].items()),
+    )
+
+    # Enough mixed rows for the whole run, plus slack for drop_last and uneven worker splits.
+    num_rows = math.ceil(info["budget_rows"] * 1.1) + cfg.train.batch_size * cfg.train.num_workers * 2
+    train_ds = build_mixed_dataset(
+        corpus, info["weights"], num_rows=num_rows, seed=cfg.run.seed, block_rows=cfg.data.block_rows
+    )
+    valid_ref = ray.put({lang: corpus.read_split(lang, "valid") for lang in info["languages"]})
+
+    storage = cfg.storage_path
+    run_dir = Path(storage) / cfg.run.name if "://" not in storage else None
+    resuming = run_dir is not None and run_dir.exists() and any(run_dir.glob("checkpoint_*"))
+    sink = sink_on_this_node(str(train_dir / "metrics.jsonl"), truncate=not resuming)
+    if resuming:
+        log.info("found checkpoints in %s: resuming", run_dir)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "corpus": info, "valid_ref": valid_ref, "sink": sink},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        datasets={"train": train_ds},
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll, args=(sink, cfg.train.max_steps, stop), daemon=True)
+    poller.start()
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        poller.join(timeout=5)
+    for rec in ray.get(sink.drain.remote()):
+        log.info(format_record(rec, cfg.train.max_steps))
+
+    records = read_metrics(train_dir / "metrics.jsonl")
+    model_path = None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            if (Path(d) / EXPORT_FILE).exists():
+                model_path = train_dir / EXPORT_FILE
+                shutil.copyfile(Path(d) / EXPORT_FILE, model_path)
+    report = build_report(
+        records,
+        {
+            "weights": info["weights"],
+            "train_counts": info["counts"],
+            "model": {"size": cfg.model.size, "languages": info["model_languages"], "num_symbols": info["num_symbols"]},
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "model_file": str(model_path) if model_path else None,
+            "wall_seconds": time.time() - t0,
+            "num_workers": cfg.train.num_workers,
+            "zero_stage": cfg.train.zero_stage,
+        },
+    )
+    (train_dir / "report.json").write_text(json.dumps(report, indent=2))
+    plot_losses(records, train_dir / "valid_loss.png")
+    log.info("per-language validation loss (AR + NAR):\n%s", loss_table(records))
+    log.info("wrote %s, %s, %s", train_dir / "metrics.jsonl", train_dir / "report.json", train_dir / "valid_loss.png")
+    return report
