@@ -15,7 +15,7 @@ from vallex.config import TrainSection
 
 
 def deepspeed_config(train: TrainSection) -> dict[str, Any]:
-    """The DeepSpeed JSON config for this run (see cluster/deepspeed/ for hand-tuned presets)."""
+    """The DeepSpeed JSON config for this run, derived from the train section."""
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
