@@ -1,0 +1,157 @@
+"""Data preparation end to end on real espeak speech, the real phonemizer and a (random-init) EnCodec."""
+
+from __future__ import annotations
+
+import json
+import wave
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from vallex.config import CodecSection, PrepareSection
+from vallex.data.demo_corpus import make_demo_corpus
+from vallex.data.prepare import PrepareError, prepare_corpus
+from vallex.data.schema import SHARD_SCHEMA, check_schema, codes_matrix
+from vallex.data.sources import ManifestError, read_manifest
+
+SETTINGS = PrepareSection(codec=CodecSection(pretrained=False), rows_per_shard=4, codec_actors=2, codec_batch_size=4)
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(tmp_path_factory) -> Path:
+    return make_demo_corpus(tmp_path_factory.mktemp("demo"), seed=0, progress=False)
+
+
+def _rows(manifest: Path) -> list[dict]:
+    return [json.loads(line) for line in manifest.read_text().splitlines()]
+
+
+def _subset(manifest: Path, out: Path, per_lang: dict[str, tuple[int, int]], extra: list[dict] = ()) -> Path:
+    """A small manifest: (train, valid) utterances per language, audio paths made absolute."""
+    rows = []
+    for lang, (n_train, n_valid) in per_lang.items():
+        for split, n in (("train", n_train), ("valid", n_valid)):
+            pick = [r for r in _rows(manifest) if r["language"] == lang and r["split"] == split][:n]
+            rows += [{**r, "audio": str(manifest.parent / r["audio"])} for r in pick]
+    rows += list(extra)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    return out
+
+
+def _write_wav(path: Path, samples: np.ndarray, sr: int = 22050) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sr)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return str(path)
+
+
+def _planted(tmp: Path, demo: Path) -> list[dict]:
+    """One bad item of each kind, all labelled English training data."""
+    good = next(r for r in _rows(demo) if r["language"] == "en")
+    good_audio = demo.parent / good["audio"]
+    truncated = tmp / "bad" / "truncated.wav"
+    truncated.parent.mkdir(parents=True, exist_ok=True)
+    truncated.write_bytes(good_audio.read_bytes()[:30])  # a header cut in half
+    t = np.arange(22050 * 2) / 22050
+    base = {"language": "en", "speaker": "en-bad", "split": "train"}
+    return [
+        {**base, "id": "bad-truncated", "audio": str(truncated), "text": "A cut file."},
+        {**base, "id": "bad-empty-text", "audio": str(good_audio), "text": "   "},
+        {**base, "id": "bad-silence", "audio": _write_wav(tmp / "bad/silence.wav", np.zeros_like(t)), "text": "Silence."},
+        {
+            **base,
+            "id": "bad-short",
+            "audio": _write_wav(tmp / "bad/short.wav", 0.3 * np.sin(2 * np.pi * 220 * t[:2205])),
+            "text": "Too short.",
+        },
+        {**base, "id": "bad-missing", "audio": str(tmp / "bad/nowhere.wav"), "text": "Missing file."},
+    ]
+
+
+def test_prepare_writes_shards_manifest_and_counts_bad_input(ray_cluster, demo_manifest, tmp_path):
+    src = _subset(demo_manifest, tmp_path / "m.jsonl", {"en": (6, 2), "ar": (3, 2)}, _planted(tmp_path, demo_manifest))
+    out = tmp_path / "prepared"
+    manifest = prepare_corpus(read_manifest(src), out, SETTINGS, progress=False)
+
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    en, ar = manifest["languages"]["en"], manifest["languages"]["ar"]
+    assert en["utterances"] == {"train": 6, "valid": 2} and ar["utterances"] == {"train": 3, "valid": 2}
+    skipped = {reason: e["examples"] for reason, e in en["skipped"].items()}
+    assert skipped == {
+        "unreadable_audio": ["bad-truncated"],
+        "empty_text": ["bad-empty-text"],
+        "silent": ["bad-silence"],
+        "too_short": ["bad-short"],
+        "missing_audio": ["bad-missing"],
+    }
+    assert en["skipped_total"] == 5 and ar["skipped_total"] == 0
+    assert manifest["codec"]["pretrained"] is False and manifest["codec"]["num_codebooks"] == 8
+
+    symbols = json.loads((out / "symbols.json").read_text())
+    assert symbols["version"] == manifest["symbols_version"]
+    # 8 + 2 en rows with rows_per_shard=4 -> 3 shards (the bad rows are filtered before sharding or inside)
+    shards = sorted((out / "en").glob("part-*.parquet"))
+    assert [str(p.relative_to(out)) for p in shards] == en["shards"]
+    table = pq.read_table(shards[0])
+    check_schema(table.schema, str(shards[0]))
+    assert table.schema.equals(SHARD_SCHEMA, check_metadata=False)
+    for row in table.to_pylist():
+        codes = codes_matrix(np.array(row["codes"]), row["frames"], row["num_codebooks"])
+        assert codes.shape[0] == 8 and codes.max() < 1024 and codes.min() >= 0
+        # EnCodec 24 kHz: 75 frames per second of audio
+        assert abs(row["frames"] - row["duration"] * 75) <= 2
+        assert row["phonemes"] and all(0 < i < len(symbols["symbols"]) for i in row["phonemes"])
+        assert row["language"] == "en" and row["split"] in ("train", "valid")
+
+
+def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(ray_cluster, demo_manifest, tmp_path):
+    out = tmp_path / "prepared"
+    first = _subset(demo_manifest, tmp_path / "a.jsonl", {"en": (4, 2)})
+    prepare_corpus(read_manifest(first), out, SETTINGS, progress=False)
+    en_shards = sorted((out / "en").glob("*.parquet"))
+    mtimes = {p: p.stat().st_mtime_ns for p in en_shards}
+    symbols_before = json.loads((out / "symbols.json").read_text())
+
+    # Same input again: nothing is rewritten.
+    prepare_corpus(read_manifest(first), out, SETTINGS, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in en_shards} == mtimes
+
+    # Add Chinese: only its shards are written, old ids stay, the table grows and its version bumps.
+    added = _subset(demo_manifest, tmp_path / "b.jsonl", {"zh": (3, 2)})
+    manifest = prepare_corpus(read_manifest(added), out, SETTINGS, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in en_shards} == mtimes
+    assert set(manifest["languages"]) == {"en", "zh"}
+    symbols_after = json.loads((out / "symbols.json").read_text())
+    n = len(symbols_before["symbols"])
+    assert symbols_after["symbols"][:n] == symbols_before["symbols"]
+    assert len(symbols_after["symbols"]) > n and symbols_after["version"] == symbols_before["version"] + 1
+    assert manifest["symbols_version"] == symbols_after["version"]
+
+
+def test_language_with_nothing_usable_is_an_error(ray_cluster, demo_manifest, tmp_path):
+    rows = _planted(tmp_path, demo_manifest)[3:]  # too short + missing: nothing survives
+    valid = _subset(demo_manifest, tmp_path / "v.jsonl", {"en": (0, 1)})
+    src = tmp_path / "bad.jsonl"
+    src.write_text(valid.read_text() + "\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(PrepareError, match="language 'en' yielded no training utterances.*too_short"):
+        prepare_corpus(read_manifest(src), tmp_path / "out", SETTINGS, progress=False)
+
+
+def test_manifest_errors_name_file_and_line(tmp_path):
+    p = tmp_path / "m.jsonl"
+    p.write_text('{"audio": "a.wav", "text": "hi", "language": "en", "speaker": "s"}\n{"audio": "b.wav", "text": "x"}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:2: missing keys \['language', 'speaker'\]"):
+        read_manifest(p)
+    p.write_text('{"audio": "a.wav", "text": "hi", "language": "xx", "speaker": "s"}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:1: .*xx"):
+        read_manifest(p)
+    c = tmp_path / "m.csv"
+    c.write_text("audio,text,lang,speaker\na.wav,hi,en,s\n")
+    with pytest.raises(ManifestError, match="header lacks columns"):
+        read_manifest(c)
