@@ -157,7 +157,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     valid_tables = ray.get(loop_config["valid_ref"])
     valid_batches = _validation_batches(valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world)
-    mix = MixStats.from_dict(state["mix"]) if state["mix"] else MixStats()
+    mix = MixStats()
+    mix.counts.update(state["mix"])  # realized language counts so far, restored on resume
 
     shard = ray.train.get_dataset_shard("train")
 
@@ -190,7 +191,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while step < cfg.train.max_steps:
         for _ in range(cfg.train.grad_accum):
             np_batch = next(stream)
-            mix.update(np_batch["language"])
+            mix.update(np_batch)
             batch = _to_device(collate(np_batch, language_ids, num_codebooks), device)
             out = model_engine(batch, train_stage=cfg.train.train_stage)
             model_engine.backward(out["loss"])
@@ -225,6 +226,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t_window, n_window, loss_window = time.perf_counter(), 0, []
 
         if step % cfg.train.checkpoint_every == 0 or last:
-            state["mix"] = mix.to_dict()
+            state["mix"] = dict(mix.counts)
             flat = {"step": step}
             _save_checkpoint(model_engine, state, flat, rank, cfg.train.zero_stage, export=last)

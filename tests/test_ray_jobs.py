@@ -1,0 +1,70 @@
+"""Each ray_jobs entry point end to end at tiny size: real espeak speech, phonemizer, EnCodec, Ray, DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = str(ROOT / "job.yaml")
+
+
+def _main(name: str):
+    return runpy.run_path(str(ROOT / "ray_jobs" / f"{name}.py"), run_name="vallex_test")["main"]
+
+
+def _common(out: Path) -> list[str]:
+    return [
+        f"run.output_dir={out}",
+        "corpus.languages=[fr, ar]",  # the smallest two demo languages keep this test short
+        "train.cpus_per_worker=0.5",
+        "train.max_steps=8",
+        "train.warmup_steps=2",
+        "train.eval_every=4",
+        "train.checkpoint_every=8",
+        "train.batch_size=4",
+    ]
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_cluster, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("jobs")
+    assert _main("prepare")(["--config", JOB, *_common(out)]) == 0
+    return out
+
+
+def test_prepare_entry_point(prepared):
+    manifest = json.loads((prepared / "prepare" / "manifest.json").read_text())
+    assert set(manifest["languages"]) == {"fr", "ar"}
+    fr, ar = manifest["languages"]["fr"], manifest["languages"]["ar"]
+    assert fr["utterances"]["train"] > 3 * ar["utterances"]["train"] > 0  # ar is the small language
+    assert ar["utterances"]["valid"] > 0 and fr["speakers"] > 1
+    for lang in ("fr", "ar"):
+        rows = sum(pq.read_metadata(prepared / "prepare" / s).num_rows for s in manifest["languages"][lang]["shards"])
+        assert rows == sum(manifest["languages"][lang]["utterances"].values())
+    assert (prepared / "logs" / "prepare.log").exists()
+
+
+def test_train_entry_point(prepared):
+    assert _main("train")(["--config", JOB, *_common(prepared), "run.name=train-job"]) == 0
+    records = [json.loads(line) for line in (prepared / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 4, 8]
+    assert all(set(r["valid"]) == {"fr", "ar"} for r in records)
+    report = json.loads((prepared / "train" / "report.json").read_text())
+    assert report["steps"] == 8 and report["num_workers"] == 2 and report["zero_stage"] == 2
+
+
+def test_demo_entry_point_reuses_prepared_shards(prepared):
+    shards = sorted((prepared / "prepare").glob("*/part-*.parquet"))
+    before = {p: p.stat().st_mtime_ns for p in shards}
+    rc = _main("demo")(["--config", JOB, *_common(prepared), "run.name=demo-job"])
+    assert {p: p.stat().st_mtime_ns for p in shards} == before  # preparation was already done
+    report = json.loads((prepared / "train" / "report.json").read_text())
+    # The demo's exit status says whether validation loss fell for every language.
+    falling = all(v["last"]["loss"] < v["first"]["loss"] for v in report["languages"].values())
+    assert rc == (0 if falling else 1)
+    assert falling, report["languages"]
