@@ -1,0 +1,219 @@
+"""The prepared-corpus checks and the mixed training stream: ratios, mixing within batches, determinism.
+
+Measured on the synthetic corpus below (en 2000 / zh 500 / ar 40 train rows, ar 50x smaller than en
+and upsampled ~38x for a 0.25 share of 6000 rows):
+
+- ``planned``: realized fractions exactly .40/.35/.25 (every window is exact), ~3.0 languages per
+  batch of 16 with no shuffle buffer; each ar utterance drawn 37 or 38 times.
+- ``mix`` (``Dataset.mix``, 32-row blocks, shuffle buffer 256): fractions within 0.001; 3.0
+  languages per batch of 16 only thanks to the shuffle buffer (one block is one language).
+
+Determinism, as observed on Ray 2.58 and asserted below: with ``preserve_order`` (the default of
+``build_mixed_dataset``) the same seed gives the same sequence of utt_ids, run after run; without it
+the multiset of rows is the same but the order is not (tasks that finish early overtake).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vallex.data.corpus import CorpusError, PreparedCorpus
+from vallex.data.mixing import MixStats, build_mixed_dataset, plan_mix, window_counts
+from vallex.data.schema import SHARD_SCHEMA
+from vallex.data.synthetic import write_synthetic_corpus
+
+SIZES = {"en": 2000, "zh": 500, "ar": 40}
+WEIGHTS = {"en": 0.40, "zh": 0.35, "ar": 0.25}
+NUM_ROWS = 6000
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> PreparedCorpus:
+    root = write_synthetic_corpus(tmp_path_factory.mktemp("corpus"), SIZES, rows_per_shard=300, seed=1)
+    return PreparedCorpus.open(root)
+
+
+def utt_ids(ds, **iter_kwargs) -> list[str]:
+    return [u for b in ds.iter_batches(batch_size=16, **iter_kwargs) for u in b["utt_id"].tolist()]
+
+
+# --------------------------------------------------------------------------------------------------
+# corpus
+# --------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_corpus_opens_with_manifest_counts(corpus):
+    assert corpus.languages == ["ar", "en", "zh"]
+    assert corpus.counts("train") == SIZES
+    assert corpus.counts("valid") == {"ar": 4, "en": 4, "zh": 4}
+    assert len(corpus.shards("en")) == 7  # 2004 rows at 300 per shard
+    assert all(p.startswith(str(corpus.root)) and p.endswith(".parquet") for p in corpus.shards("en"))
+    assert sum(corpus.shard_rows("en", "train")) == 2000
+    assert corpus.num_codebooks == 8 and corpus.num_symbols == 40 and corpus.symbols[0] == "<pad>"
+    valid = corpus.read_split("zh", "valid")
+    assert valid.num_rows == 4 and set(valid["split"].to_pylist()) == {"valid"}
+    assert valid.schema.equals(SHARD_SCHEMA, check_metadata=False)
+
+
+def test_missing_manifest_says_how_to_make_one(tmp_path):
+    with pytest.raises(
+        CorpusError, match=r"manifest.json not found; is .* a prepared corpus\? Run ray_jobs/prepare.py"
+    ):
+        PreparedCorpus.open(tmp_path)
+
+
+def test_unknown_language_lists_the_known_ones(corpus):
+    with pytest.raises(CorpusError, match=r"no language 'fr'; this corpus has \['ar', 'en', 'zh'\]"):
+        corpus.shards("fr")
+
+
+def _copy(tmp_path) -> PreparedCorpus:
+    return PreparedCorpus.open(write_synthetic_corpus(tmp_path / "c", {"en": 10, "zh": 10}))
+
+
+def test_missing_shard_is_named(tmp_path):
+    c = _copy(tmp_path)
+    (c.root / "zh" / "part-00000.parquet").unlink()
+    with pytest.raises(
+        CorpusError, match=r"languages.zh lists .*zh/part-00000.parquet, which does not exist"
+    ):
+        PreparedCorpus.open(c.root)
+
+
+def test_shard_schema_mismatch_names_shard_and_column(tmp_path):
+    c = _copy(tmp_path)
+    shard = c.root / "en" / "part-00000.parquet"
+    table = pq.read_table(shard)
+    # codes written as int32 instead of int16: a plausible bug in a preparation script
+    bad = table.set_column(
+        table.schema.get_field_index("codes"), "codes", table["codes"].cast(pa.list_(pa.int32()))
+    )
+    pq.write_table(bad, shard)
+    with pytest.raises(
+        ValueError, match=r"en/part-00000.parquet: not a vallex shard \(column 'codes' is list<"
+    ):
+        PreparedCorpus.open(c.root)
+
+
+def test_symbols_version_mismatch(tmp_path):
+    c = _copy(tmp_path)
+    table = json.loads((c.root / "symbols.json").read_text())
+    table["version"] += 1
+    (c.root / "symbols.json").write_text(json.dumps(table))
+    with pytest.raises(CorpusError, match=r"symbols_version 1 but .*symbols.json is version 2"):
+        PreparedCorpus.open(c.root)
+
+
+def test_manifest_count_that_disagrees_with_the_shards(tmp_path):
+    c = _copy(tmp_path)
+    manifest = json.loads((c.root / "manifest.json").read_text())
+    manifest["languages"]["en"]["utterances"]["train"] = 11
+    (c.root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorpusError, match=r"languages.en.utterances.train is 11 but its shards hold 10"):
+        PreparedCorpus.open(c.root).shard_rows("en")
+
+
+# --------------------------------------------------------------------------------------------------
+# plan (no Ray)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_window_counts_are_exact_at_every_window_boundary():
+    weights = {"a": 0.5, "b": 0.3, "c": 0.1999, "d": 0.0001}  # d gets < 1 row per window
+    counts = window_counts(weights, num_rows=100_003, window_rows=1000)
+    assert counts.min() >= 0
+    assert counts.sum(axis=1).tolist() == [1000] * 100 + [3]
+    cumulative = counts.cumsum(axis=0)
+    ends = cumulative.sum(axis=1)[:, None]
+    target = ends * np.array(list(weights.values()))
+    assert np.abs(cumulative - target).max() < 1.0 + 1e-9  # within one row of the ratio, always
+
+
+def test_plan_upsamples_a_small_language_by_whole_reshuffled_passes(corpus):
+    windows = plan_mix(corpus, WEIGHTS, num_rows=NUM_ROWS, seed=0, window_rows=512)
+    totals = Counter()
+    for w in windows:
+        totals.update(w.counts())
+    assert dict(totals) == {"en": 2400, "zh": 2100, "ar": 1500}
+    ar_passes = {p.seed[2] for w in windows for p in w.pieces if p.lang == "ar"}
+    assert ar_passes == set(range(38))  # 1500 rows / 40 per pass
+
+
+# --------------------------------------------------------------------------------------------------
+# the mixed stream (Ray)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_planned_mix_holds_ratios_and_mixes_every_batch(ray_cluster, corpus):
+    ds = build_mixed_dataset(corpus, WEIGHTS, num_rows=NUM_ROWS, seed=0, window_rows=512)
+    stats = MixStats()
+    ids = Counter()
+    for batch in ds.iter_batches(batch_size=16):
+        stats.update(batch)
+        ids.update(batch["utt_id"].tolist())
+        assert set(batch["split"].tolist()) == {"train"}
+    assert stats.rows == NUM_ROWS
+    assert stats.max_abs_error(WEIGHTS) < 0.01
+    assert stats.fractions() == pytest.approx(WEIGHTS, abs=1e-9)  # exact by construction
+    assert stats.mean_languages_per_batch > 2.8  # of 3; no shuffle buffer needed
+    # Upsampling repeats every ar utterance about equally (whole passes), not a few of them often.
+    ar_draws = [n for u, n in ids.items() if u.startswith("ar-")]
+    assert len(ar_draws) == 40 and min(ar_draws) >= 37 and max(ar_draws) <= 38
+
+
+def test_ray_mix_baseline_holds_ratios_with_a_shuffle_buffer(ray_cluster, corpus):
+    ds = build_mixed_dataset(corpus, WEIGHTS, num_rows=NUM_ROWS, seed=0, block_rows=32, strategy="mix")
+    stats = MixStats()
+    for batch in ds.iter_batches(batch_size=16, local_shuffle_buffer_size=256, local_shuffle_seed=0):
+        stats.update(batch)
+    assert stats.rows == NUM_ROWS
+    assert stats.max_abs_error(WEIGHTS) < 0.01
+    assert stats.mean_languages_per_batch > 2.5
+
+
+def test_same_seed_same_sequence_and_resume(ray_cluster, corpus):
+    def run(seed, **kw):
+        return utt_ids(build_mixed_dataset(corpus, WEIGHTS, num_rows=3000, seed=seed, window_rows=256, **kw))
+
+    first = run(0)
+    assert run(0) == first
+    assert run(1) != first
+    assert run(0, start_row=1000) == first[1000:]  # resume continues the same run
+    # Without preserve_order only the multiset is fixed (tasks may finish out of order).
+    assert sorted(run(0, preserve_order=False)) == sorted(first)
+
+
+def test_columns_are_projected_but_language_is_kept(ray_cluster, corpus):
+    ds = build_mixed_dataset(corpus, WEIGHTS, num_rows=100, seed=0, columns=["codes", "frames"])
+    batch = next(iter(ds.iter_batches(batch_size=100)))
+    assert sorted(batch) == ["codes", "frames", "language"]
+    assert len(batch["language"]) == 100
+
+
+def test_bad_mixing_arguments(corpus):
+    with pytest.raises(
+        ValueError, match=r"weights name \['fr'\], which .* does not hold; it has \['ar', 'en', 'zh'\]"
+    ):
+        build_mixed_dataset(corpus, {"fr": 1.0}, num_rows=10, seed=0)
+    with pytest.raises(ValueError, match=r"select no language"):
+        build_mixed_dataset(corpus, {"en": 0.0}, num_rows=10, seed=0)
+    with pytest.raises(ValueError, match=r"num_rows must be >= 1"):
+        build_mixed_dataset(corpus, WEIGHTS, num_rows=0, seed=0)
+    with pytest.raises(ValueError, match=r"strategy 'mux' is not one of"):
+        build_mixed_dataset(corpus, WEIGHTS, num_rows=10, seed=0, strategy="mux")
+
+
+def test_mix_stats_arithmetic():
+    stats = MixStats()
+    stats.update({"language": np.array(["en", "en", "zh", "en"], dtype=object)})
+    stats.update(["ar", "ar", "ar", "ar"])
+    assert stats.rows == 8 and stats.batches == 2
+    assert stats.fractions() == {"ar": 0.5, "en": 0.375, "zh": 0.125}
+    assert stats.mean_languages_per_batch == 1.5
+    assert stats.max_abs_error({"en": 1, "zh": 1, "ar": 2}) == pytest.approx(0.125)

@@ -1,0 +1,188 @@
+"""A prepared corpus on disk, opened and checked before any Ray work starts.
+
+``PreparedCorpus.open(path)`` reads ``manifest.json`` and ``symbols.json`` and checks what would
+otherwise fail late and far away (inside a Ray task, mid-training): every listed shard exists, every
+shard footer has ``SHARD_SCHEMA``, and the manifest was written against the same symbol table that
+sits beside it. Only Parquet footers are read, so opening a large corpus costs milliseconds per shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property, partial
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from vallex.data.schema import (
+    MANIFEST_NAME,
+    SHARD_FORMAT_VERSION,
+    SHARD_SCHEMA,
+    SPLITS,
+    SYMBOLS_NAME,
+    check_schema,
+)
+
+
+class CorpusError(ValueError):
+    """A prepared corpus is missing, incomplete or inconsistent (names the file and what is wrong)."""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CorpusError(
+            f"{path} not found; is {path.parent} a prepared corpus? Run ray_jobs/prepare.py to write one"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CorpusError(
+            f"{path}: not valid JSON ({e.msg}, line {e.lineno}); re-run ray_jobs/prepare.py"
+        ) from None
+    if not isinstance(data, dict):
+        raise CorpusError(f"{path}: must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _require_key(data: dict, key: str, path: Path):
+    if key not in data:
+        raise CorpusError(
+            f"{path}: key {key!r} is missing (found {sorted(data)}); re-run ray_jobs/prepare.py"
+        )
+    return data[key]
+
+
+def _count_split(path: str, split: str) -> int:
+    column = pq.read_table(path, columns=["split"])["split"]
+    return int(pc.sum(pc.equal(column, split)).as_py() or 0)
+
+
+@dataclass(frozen=True)
+class PreparedCorpus:
+    """An opened, checked prepared corpus. Build it with :meth:`open`."""
+
+    root: Path
+    manifest: dict
+    symbols: list[str]
+    _shard_rows_cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> PreparedCorpus:
+        root = Path(path).expanduser().resolve()
+        manifest_path = root / MANIFEST_NAME
+        symbols_path = root / SYMBOLS_NAME
+        manifest = _read_json(manifest_path)
+        table = _read_json(symbols_path)
+
+        fmt = _require_key(manifest, "format", manifest_path)
+        if fmt != SHARD_FORMAT_VERSION:
+            raise CorpusError(
+                f"{manifest_path}: format {fmt} but this vallex reads format {SHARD_FORMAT_VERSION}; "
+                "re-run ray_jobs/prepare.py with this version"
+            )
+        symbols = _require_key(table, "symbols", symbols_path)
+        # The ids in every shard index this table: a different version means a different id mapping.
+        want, got = (
+            _require_key(manifest, "symbols_version", manifest_path),
+            _require_key(table, "version", symbols_path),
+        )
+        if want != got:
+            raise CorpusError(
+                f"{manifest_path}: shards were written with symbols_version {want} but {symbols_path} is "
+                f"version {got}; restore the matching symbols.json or re-run ray_jobs/prepare.py"
+            )
+        for key in ("codec", "languages"):
+            _require_key(manifest, key, manifest_path)
+        if not manifest["languages"]:
+            raise CorpusError(
+                f"{manifest_path}: lists no languages; re-run ray_jobs/prepare.py with some data"
+            )
+
+        corpus = cls(root=root, manifest=manifest, symbols=list(symbols))
+        corpus._check_shards()
+        return corpus
+
+    def _check_shards(self) -> None:
+        manifest_path = self.root / MANIFEST_NAME
+        for lang in self.languages:
+            entry = self.manifest["languages"][lang]
+            for key in ("shards", "utterances"):
+                if key not in entry:
+                    raise CorpusError(f"{manifest_path}: languages.{lang}.{key} is missing")
+            if not entry["shards"]:
+                raise CorpusError(f"{manifest_path}: languages.{lang} lists no shards")
+            for shard in self.shards(lang):
+                if not os.path.isfile(shard):
+                    raise CorpusError(
+                        f"{manifest_path}: languages.{lang} lists {shard}, which does not exist; "
+                        "the corpus was moved or partly deleted: re-run ray_jobs/prepare.py"
+                    )
+                # Footer only: no row data is read here.
+                check_schema(pq.read_schema(shard), shard)
+
+    @cached_property
+    def languages(self) -> list[str]:
+        """Language codes in the manifest, sorted (a stable order for language ids)."""
+        return sorted(self.manifest["languages"])
+
+    def _entry(self, lang: str) -> dict:
+        if lang not in self.manifest["languages"]:
+            raise CorpusError(
+                f"{self.root / MANIFEST_NAME}: no language {lang!r}; this corpus has {self.languages}"
+            )
+        return self.manifest["languages"][lang]
+
+    def shards(self, lang: str) -> list[str]:
+        """Absolute paths of ``lang``'s shards, in manifest order."""
+        return [str(self.root / rel) for rel in self._entry(lang)["shards"]]
+
+    def counts(self, split: str = "train") -> dict[str, int]:
+        """Utterances per language in ``split`` (from the manifest, no data read)."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        return {lang: int(self._entry(lang)["utterances"].get(split, 0)) for lang in self.languages}
+
+    @property
+    def codec(self) -> dict:
+        return dict(self.manifest["codec"])
+
+    @property
+    def num_codebooks(self) -> int:
+        return int(self.manifest["codec"]["num_codebooks"])
+
+    @property
+    def num_symbols(self) -> int:
+        return len(self.symbols)
+
+    def shard_rows(self, lang: str, split: str = "train") -> list[int]:
+        """Rows of ``split`` in each of ``lang``'s shards (reads only the ``split`` column; cached).
+
+        Checked against the manifest's count, since a planner that trusts a wrong count would ask a
+        shard for rows it does not have.
+        """
+        key = (lang, split)
+        if key not in self._shard_rows_cache:
+            with ThreadPoolExecutor(max_workers=8) as pool:  # footers + one tiny column: I/O bound
+                rows = list(pool.map(partial(_count_split, split=split), self.shards(lang)))
+            want = self.counts(split)[lang]
+            if sum(rows) != want:
+                raise CorpusError(
+                    f"{self.root / MANIFEST_NAME}: languages.{lang}.utterances.{split} is {want} but its "
+                    f"shards hold {sum(rows)} {split} rows; re-run ray_jobs/prepare.py"
+                )
+            self._shard_rows_cache[key] = rows
+        return list(self._shard_rows_cache[key])
+
+    def read_split(self, lang: str, split: str, columns: list[str] | None = None) -> pa.Table:
+        """All of ``lang``'s rows in ``split`` as one table. Meant for validation sets, which are small;
+        training reads stream through :func:`vallex.data.mixing.build_mixed_dataset` instead."""
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        dataset = pads.dataset(self.shards(lang), format="parquet", schema=SHARD_SCHEMA)
+        return dataset.to_table(columns=columns, filter=pads.field("split") == split)

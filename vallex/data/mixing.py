@@ -1,0 +1,445 @@
+"""One streaming Ray dataset that mixes every training language by weight.
+
+Training all languages together is how vallex avoids forgetting old languages when a new one is
+added, so the mix must hold its ratios over the whole run, including for a language far smaller than
+its share (an upsampled low-resource language), and every batch should hold several languages.
+
+Two strategies, both streaming (a few shards in memory per read task, never the corpus):
+
+``planned`` (default)
+    The driver plans the whole run up front: the output is cut into windows of ``window_rows`` rows,
+    each window gets an exact per-language row count (cumulative largest remainder, so every prefix
+    of windows is within one row per language of its target), and each language's rows come from
+    consecutive *passes* over its shards, every pass with a fresh shard order and a fresh row order
+    inside each shard, all drawn from ``seed``. One read task builds one window: it reads the shard
+    slices the plan names and interleaves the languages row by row. Ratios are exact by
+    construction, per window, and so per Ray Train worker too (``streaming_split`` hands out whole
+    blocks); batches mix languages without relying on a shuffle buffer; and there is a single Ray
+    Data operator, so nothing can starve.
+
+``mix``
+    Ray's ``Dataset.mix`` over one source per language (repeated enough passes to supply its share,
+    cut into ``block_rows``-row blocks, ``STOP_ON_SHORTEST`` then ``limit``), as shared STACK.md
+    describes. Kept as the measured baseline. Its ratios are also accurate (about one block per
+    language), but one block is one language, so batches mix only through the consumer's shuffle
+    buffer; and on Ray 2.58 it stalls when the cluster is short of CPUs or object store for its
+    2 operators per language: ``Mix`` waits for the source furthest behind while the others' queued
+    blocks hold the budget that source needs (seen with 4 CPUs and a 100 MiB object store; with
+    16 CPUs it crawled). See tests/test_mixing.py for the figures.
+
+:class:`MixStats` counts what was actually drawn, for the training loop to report.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray.data
+from ray.data import Datasource, MixStoppingCondition, ReadTask
+from ray.data.block import BlockMetadata
+
+from vallex.data.corpus import PreparedCorpus
+
+TRAIN_SPLIT = "train"
+STRATEGIES = ("planned", "mix")
+
+
+def normalize_weights(corpus: PreparedCorpus, weights: Mapping[str, float]) -> dict[str, float]:
+    """The languages to draw from (weight > 0, sorted) with weights summing to 1; checks them against
+    the corpus so that a bad mapping fails here, not inside a Ray task."""
+    active = {lang: float(w) for lang, w in weights.items() if w > 0}
+    if not active:
+        raise ValueError(f"weights {dict(weights)} select no language; at least one weight must be > 0")
+    unknown = sorted(set(active) - set(corpus.languages))
+    if unknown:
+        raise ValueError(
+            f"weights name {unknown}, which {corpus.root} does not hold; it has {corpus.languages}"
+        )
+    counts = corpus.counts(TRAIN_SPLIT)
+    empty = sorted(lang for lang in active if counts[lang] == 0)
+    if empty:
+        raise ValueError(f"languages {empty} have weight > 0 but no train rows in {corpus.root}")
+    total = sum(active.values())
+    return {lang: active[lang] / total for lang in sorted(active)}
+
+
+def _language_seed(seed: int, lang: str) -> tuple[int, int]:
+    # Keyed by the language's code, not its position, so adding a language leaves the others' order alone.
+    return (seed, zlib.crc32(lang.encode()))
+
+
+def _read_shard(path: str, columns: list[str] | None) -> pa.Table:
+    read_columns = None if columns is None else sorted(set(columns) | {"split"})
+    return pq.read_table(path, columns=read_columns)
+
+
+def _train_order(table: pa.Table, path: str, seed: Iterable[int], expected: int) -> np.ndarray:
+    """Indices of ``table``'s train rows in an order fixed by ``seed`` (a pass's order of one shard).
+
+    Indices rather than a filtered table: a filter copies every list column, and the caller usually
+    takes only a slice of the order, so one ``take`` of the rows it needs is the only copy.
+    """
+    train = np.flatnonzero(pc.equal(table["split"], TRAIN_SPLIT).to_numpy(zero_copy_only=False))
+    if len(train) != expected:
+        raise RuntimeError(
+            f"{path}: holds {len(train)} train rows but {expected} were planned; "
+            "the corpus changed after the dataset was built: rebuild it"
+        )
+    return train[np.random.default_rng(list(seed)).permutation(len(train))]
+
+
+def _project(table: pa.Table, columns: list[str] | None) -> pa.Table:
+    return table if columns is None else table.select(columns)
+
+
+# ---------------------------------------------------------------------------------------------------
+# planned
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of one pass's shuffled order of one shard's train rows."""
+
+    lang: str
+    path: str
+    seed: tuple[int, ...]  # (seed, language key, pass, shard index): fixes the row order of this pass
+    shard_rows: int  # train rows in the shard, re-checked when read
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """One output block: its pieces, interleaved row by row in an order fixed by ``seed``."""
+
+    index: int
+    pieces: tuple[Piece, ...]
+    seed: tuple[int, ...]
+    skip: int = 0  # leading rows (after interleaving) already consumed before a resume
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.stop - p.start for p in self.pieces) - self.skip
+
+    def counts(self) -> dict[str, int]:
+        out: Counter[str] = Counter()
+        for p in self.pieces:
+            out[p.lang] += p.stop - p.start
+        return dict(out)
+
+
+def window_counts(weights: Mapping[str, float], num_rows: int, window_rows: int) -> np.ndarray:
+    """``[windows, languages]`` rows per window and language (languages in ``weights`` order).
+
+    Each window's counts are the cumulative target ``w * rows_so_far`` minus what earlier windows
+    took, rounded by largest remainder: every window boundary is within about one row per language of
+    the exact ratio, whatever the weights, and the run's total is exact.
+    """
+    w = np.asarray(list(weights.values()), dtype=np.float64)
+    ends = np.minimum(np.arange(1, math.ceil(num_rows / window_rows) + 1) * window_rows, num_rows)
+    taken = np.zeros(len(w), dtype=np.int64)
+    out = np.empty((len(ends), len(w)), dtype=np.int64)
+    start = 0
+    for k, end in enumerate(ends):
+        deficit = w * end - taken  # sums to end - start exactly (up to float error)
+        n = np.maximum(np.floor(deficit), 0).astype(np.int64)
+        short = (end - start) - int(n.sum())
+        # Hand out (or take back) single rows by fractional part: at most one per language per window.
+        order = np.argsort(-(deficit - n), kind="stable")
+        if short > 0:
+            n[order[:short]] += 1
+        elif short < 0:
+            donors = [i for i in order[::-1] if n[i] > 0][:-short]
+            n[donors] -= 1
+        out[k] = n
+        taken += n
+        start = end
+    return out
+
+
+class _LanguageStream:
+    """A language's train rows as an endless sequence of reshuffled passes over its shards."""
+
+    def __init__(self, lang: str, paths: list[str], shard_rows: list[int], seed: tuple[int, ...]):
+        self.lang, self.paths, self.seed = lang, paths, seed
+        self.shard_rows = np.asarray(shard_rows, dtype=np.int64)
+        self.rows_per_pass = int(self.shard_rows.sum())
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _pass_order(self, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard visiting order of pass ``p`` and the cumulative rows at the end of each visit."""
+        if p not in self._orders:
+            order = np.random.default_rng([*self.seed, p]).permutation(len(self.paths))
+            self._orders[p] = (order, np.cumsum(self.shard_rows[order]))
+        return self._orders[p]
+
+    def pieces(self, begin: int, end: int) -> list[Piece]:
+        """The pieces covering stream positions ``[begin, end)``."""
+        out = []
+        pos = begin
+        while pos < end:
+            p, offset = divmod(pos, self.rows_per_pass)
+            order, cum = self._pass_order(p)
+            j = int(np.searchsorted(cum, offset, side="right"))  # skips shards with no train rows
+            shard = int(order[j])
+            start = offset - int(cum[j] - self.shard_rows[shard])
+            stop = min(int(self.shard_rows[shard]), start + (end - pos))
+            out.append(
+                Piece(
+                    self.lang,
+                    self.paths[shard],
+                    (*self.seed, p, shard),
+                    int(self.shard_rows[shard]),
+                    start,
+                    stop,
+                )
+            )
+            pos += stop - start
+        return out
+
+
+def plan_mix(
+    corpus: PreparedCorpus,
+    weights: Mapping[str, float],
+    *,
+    num_rows: int,
+    seed: int,
+    window_rows: int,
+    start_row: int = 0,
+) -> list[Window]:
+    """The run's windows from row ``start_row`` on (cheap: slices and seeds, no row data; reads only
+    ``split`` columns). The windows before ``start_row`` are planned too, so the rest is unchanged."""
+    weights = normalize_weights(corpus, weights)
+    streams = [
+        _LanguageStream(
+            lang, corpus.shards(lang), corpus.shard_rows(lang, TRAIN_SPLIT), _language_seed(seed, lang)
+        )
+        for lang in weights
+    ]
+    counts = window_counts(weights, num_rows, window_rows)
+    position = np.zeros(len(streams), dtype=np.int64)
+    windows = []
+    for k, row in enumerate(counts):
+        pieces = []
+        for i, n in enumerate(row):
+            pieces += streams[i].pieces(int(position[i]), int(position[i] + n))
+        position += row
+        windows.append(Window(k, tuple(pieces), (seed, k)))
+    first, skip = divmod(start_row, window_rows)
+    if windows[first:] and skip:
+        windows[first] = replace(windows[first], skip=skip)
+    return windows[first:]
+
+
+def _read_window(window: Window, columns: list[str] | None) -> Iterable[pa.Table]:
+    shards: dict[str, pa.Table] = {}  # a small language can visit one shard twice in a window
+    parts = []
+    for piece in window.pieces:
+        if piece.path not in shards:
+            shards[piece.path] = _read_shard(piece.path, columns)
+        table = shards[piece.path]
+        order = _train_order(table, piece.path, piece.seed, piece.shard_rows)
+        parts.append(_project(table.take(order[piece.start : piece.stop]), columns))
+    table = pa.concat_tables(parts)
+    # Row-level interleave: any run of consecutive rows holds the languages about in ratio.
+    order = np.random.default_rng(list(window.seed)).permutation(table.num_rows)
+    yield table.take(order[window.skip :])
+
+
+class _PlannedMix(Datasource):
+    """One read task per planned window, in window order."""
+
+    def __init__(self, windows: list[Window], columns: list[str] | None):
+        self._windows = windows
+        self._columns = columns
+
+    def get_name(self) -> str:
+        return "PlannedMix"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        return [
+            ReadTask(
+                partial(_read_window, w, self._columns),
+                BlockMetadata(
+                    num_rows=w.num_rows,
+                    size_bytes=None,
+                    exec_stats=None,
+                    input_files=tuple(sorted({p.path for p in w.pieces})),
+                ),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for w in self._windows
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# mix (Ray Dataset.mix baseline)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _read_shard_pass(path: str, columns, seed: tuple[int, ...], expected: int) -> Iterable[pa.Table]:
+    table = _read_shard(path, columns)
+    yield _project(table.take(_train_order(table, path, seed, expected)), columns)
+
+
+class _LanguagePasses(Datasource):
+    """``passes`` reshuffled passes over one language's shards; one read task per (pass, shard)."""
+
+    def __init__(self, stream: _LanguageStream, passes: int, columns):
+        self._stream = stream
+        self._passes = passes
+        self._columns = columns
+
+    def get_name(self) -> str:
+        return f"Passes[{self._stream.lang} x{self._passes}]"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
+        s = self._stream
+        tasks = []
+        for p in range(self._passes):
+            order, _ = s._pass_order(p)
+            for shard in order.tolist():
+                rows = int(s.shard_rows[shard])
+                if rows == 0:
+                    continue
+                read = partial(_read_shard_pass, s.paths[shard], self._columns, (*s.seed, p, shard), rows)
+                meta = BlockMetadata(
+                    num_rows=rows, size_bytes=None, exec_stats=None, input_files=(s.paths[shard],)
+                )
+                tasks.append(ReadTask(read, meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def _build_block_mix(corpus, weights, *, num_rows, seed, block_rows, columns) -> ray.data.Dataset:
+    sources = []
+    for lang, w in weights.items():
+        stream = _LanguageStream(
+            lang, corpus.shards(lang), corpus.shard_rows(lang, TRAIN_SPLIT), _language_seed(seed, lang)
+        )
+        # One block of slack: Mix decides block by block, so a source may be asked for up to one
+        # block beyond its exact share before the run's last row; running dry earlier would stop the run.
+        passes = max(1, math.ceil((num_rows * w + block_rows) / stream.rows_per_pass))
+        datasource = _LanguagePasses(stream, passes, columns)
+        # One block per read task: without the override Ray first splits each read into arbitrary pieces.
+        ds = ray.data.read_datasource(datasource, override_num_blocks=passes * len(stream.paths))
+        sources.append(ds.repartition(target_num_rows_per_block=block_rows, strict=True))
+    mixed = sources[0].mix(
+        *sources[1:], weights=list(weights.values()), stopping_condition=MixStoppingCondition.STOP_ON_SHORTEST
+    )
+    return mixed.limit(num_rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_mixed_dataset(
+    corpus: PreparedCorpus,
+    weights: Mapping[str, float],
+    *,
+    num_rows: int,
+    seed: int,
+    block_rows: int = 32,
+    window_rows: int = 2048,
+    columns: list[str] | None = None,
+    strategy: str = "planned",
+    preserve_order: bool = True,
+    start_row: int = 0,
+) -> ray.data.Dataset:
+    """A streaming dataset of exactly ``num_rows`` train rows, each language's share close to its weight.
+
+    ``weights`` usually come from :func:`vallex.data.weights.resolve_weights`; languages with weight 0
+    are left out. ``columns`` projects the shards (``language`` is always kept: mixing statistics and
+    collate need it). ``window_rows`` is the block size of the ``planned`` strategy (larger: fewer
+    re-reads of each shard, more memory per block); ``block_rows`` that of ``mix``.
+
+    ``start_row`` resumes a run (``planned`` only; Ray Data iterators keep no position): the dataset
+    yields rows ``start_row..num_rows-1`` of the same run, e.g. after a checkpoint at
+    ``start_row = steps_done * global_batch_size``.
+
+    Determinism (checked in tests/test_mixing.py): the rows of the run, and with ``planned`` every
+    block's content, are fixed by ``seed``. Their order is fixed only with ``preserve_order`` (sets
+    ``ds.context.execution_options.preserve_order``); without it a read task that finishes early
+    overtakes. Ray Train replaces a dataset's execution options with the driver's
+    ``DataContext`` ones unless ``DataConfig(execution_options=...)`` says otherwise, and its
+    ``streaming_split`` hands blocks to workers in arrival order, so exact per-worker order needs both.
+    """
+    if num_rows < 1:
+        raise ValueError(f"num_rows must be >= 1, got {num_rows}")
+    if block_rows < 1 or window_rows < 1:
+        raise ValueError(f"block_rows and window_rows must be >= 1, got {block_rows} and {window_rows}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (numpy seeds), got {seed}")
+    if not 0 <= start_row < num_rows:
+        raise ValueError(f"start_row must be in [0, num_rows={num_rows}), got {start_row}")
+    if start_row and strategy != "planned":
+        raise ValueError(f"start_row (resume) needs strategy='planned', got {strategy!r}")
+    if columns is not None and "language" not in columns:
+        columns = [*columns, "language"]
+    weights = normalize_weights(corpus, weights)
+    if strategy == "mix":
+        ds = _build_block_mix(
+            corpus, weights, num_rows=num_rows, seed=seed, block_rows=block_rows, columns=columns
+        )
+    else:
+        windows = plan_mix(
+            corpus, weights, num_rows=num_rows, seed=seed, window_rows=window_rows, start_row=start_row
+        )
+        # One block per window: without the override Ray splits reads to reach its default parallelism.
+        ds = ray.data.read_datasource(_PlannedMix(windows, columns), override_num_blocks=len(windows))
+    ds.context.execution_options.preserve_order = preserve_order
+    return ds
+
+
+class MixStats:
+    """Realized language counts over the batches a consumer drew (for reporting the mix as trained)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.batches = 0
+        self._languages_in_batches = 0
+
+    def update(self, batch) -> None:
+        """Count one batch: a dict with a ``language`` column, or the language codes themselves."""
+        languages = batch["language"] if isinstance(batch, Mapping) else batch
+        values, n = np.unique(np.asarray(languages).astype(str), return_counts=True)
+        self.counts.update(dict(zip(values.tolist(), n.tolist(), strict=True)))
+        self.batches += 1
+        self._languages_in_batches += len(values)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.counts.values())
+
+    def fractions(self) -> dict[str, float]:
+        total = self.rows
+        return {lang: n / total for lang, n in sorted(self.counts.items())} if total else {}
+
+    @property
+    def mean_languages_per_batch(self) -> float:
+        return self._languages_in_batches / self.batches if self.batches else 0.0
+
+    def max_abs_error(self, weights: Mapping[str, float]) -> float:
+        """Largest |realized - target| fraction over the languages in either ``weights`` or the counts."""
+        total = sum(weights.values())
+        got = self.fractions()
+        return max(
+            abs(got.get(lang, 0.0) - weights.get(lang, 0.0) / total) for lang in set(got) | set(weights)
+        )

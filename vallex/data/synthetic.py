@@ -1,0 +1,131 @@
+"""A synthetic prepared corpus: valid shards full of random codes, for tests and benchmarks.
+
+Everything downstream of data preparation (corpus checks, weights, mixing, collate, training loops)
+only needs the on-disk contract of ``vallex.data.schema``, not real audio. This writes that contract
+in milliseconds. It is not a substitute for ``ray_jobs/prepare.py``: the phonemes and codes mean
+nothing, so a model trained on them learns nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vallex.data.schema import MANIFEST_NAME, SHARD_FORMAT_VERSION, SHARD_SCHEMA, SYMBOLS_NAME, shard_name
+
+SPECIAL_SYMBOLS = ("<pad>", "<bos>", "<eos>", "<unk>")
+SYNTHETIC_SYMBOLS_VERSION = 1
+FRAME_RATE = 75  # EnCodec 24 kHz: 75 code frames per second
+CODEBOOK_SIZE = 1024
+SPEAKERS_PER_LANGUAGE = 4
+
+
+def symbols_fingerprint(symbols: list[str]) -> str:
+    """sha256 of the symbol list, so a reader can tell two tables with the same version apart."""
+    return "sha256:" + hashlib.sha256(json.dumps(symbols).encode()).hexdigest()
+
+
+def _language_table(lang: str, n_train: int, n_valid: int, rng, frames, phonemes, num_codebooks, num_symbols):
+    n = n_train + n_valid
+    # Splits interleaved (as real preparation does) so readers must filter on the column.
+    split = np.array(["train"] * n_train + ["valid"] * n_valid, dtype=object)
+    rng.shuffle(split)
+    n_frames = rng.integers(frames[0], frames[1] + 1, size=n)
+    n_phones = rng.integers(phonemes[0], phonemes[1] + 1, size=n)
+    # Phoneme ids avoid the special symbols: a real table never emits <pad>/<bos>/<eos> as text.
+    first = len(SPECIAL_SYMBOLS)
+    phone_rows = [rng.integers(first, num_symbols, size=k, dtype=np.int32) for k in n_phones]
+    code_rows = [rng.integers(0, CODEBOOK_SIZE, size=num_codebooks * t, dtype=np.int16) for t in n_frames]
+    return pa.table(
+        {
+            "utt_id": [f"{lang}-{i:06d}" for i in range(n)],
+            "speaker": [f"{lang}-spk{i % SPEAKERS_PER_LANGUAGE}" for i in range(n)],
+            "language": [lang] * n,
+            "text": [f"synthetic {lang} utterance {i}" for i in range(n)],
+            "phonemes": pa.array(phone_rows, type=pa.list_(pa.int32())),
+            "codes": pa.array(code_rows, type=pa.list_(pa.int16())),
+            "frames": pa.array(n_frames, type=pa.int32()),
+            "num_codebooks": pa.array(np.full(n, num_codebooks), type=pa.int8()),
+            "duration": pa.array(n_frames / FRAME_RATE, type=pa.float32()),
+            "split": pa.array(split.tolist(), type=pa.string()),
+        },
+        schema=SHARD_SCHEMA,
+    )
+
+
+def write_synthetic_corpus(
+    out_dir: str | os.PathLike,
+    sizes: dict[str, int],
+    *,
+    valid_per_language: int = 4,
+    seed: int = 0,
+    frames: tuple[int, int] = (20, 60),
+    phonemes: tuple[int, int] = (5, 20),
+    num_codebooks: int = 8,
+    num_symbols: int = 40,
+    rows_per_shard: int = 500,
+) -> Path:
+    """Write a prepared corpus with ``sizes[lang]`` train rows per language; return its directory.
+
+    ``frames``/``phonemes`` are inclusive (min, max) lengths per utterance. A language with more than
+    ``rows_per_shard`` rows gets several shards, as real preparation writes them.
+    """
+    if num_symbols <= len(SPECIAL_SYMBOLS):
+        raise ValueError(f"num_symbols={num_symbols} leaves no phoneme ids after {list(SPECIAL_SYMBOLS)}")
+    for lang, n in sizes.items():
+        if n < 0:
+            raise ValueError(f"sizes[{lang!r}] = {n}: a language needs >= 0 train rows")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    symbols = list(SPECIAL_SYMBOLS) + [f"p{i}" for i in range(num_symbols - len(SPECIAL_SYMBOLS))]
+    (out / SYMBOLS_NAME).write_text(json.dumps({"version": SYNTHETIC_SYMBOLS_VERSION, "symbols": symbols}))
+
+    languages = {}
+    for i, (lang, n_train) in enumerate(sorted(sizes.items())):
+        # One generator per language (seeded by its position) so adding a language leaves others unchanged.
+        rng = np.random.default_rng([seed, i])
+        table = _language_table(
+            lang, n_train, valid_per_language, rng, frames, phonemes, num_codebooks, num_symbols
+        )
+        (out / lang).mkdir(exist_ok=True)
+        shards = []
+        for k, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+            rel = f"{lang}/{shard_name(k)}"
+            pq.write_table(table.slice(start, rows_per_shard), out / rel)
+            shards.append(rel)
+        frames_total = int(pc.sum(table["frames"]).as_py() or 0)
+        languages[lang] = {
+            "shards": shards,
+            "utterances": {"train": n_train, "valid": valid_per_language},
+            "hours": round(frames_total / FRAME_RATE / 3600, 6),
+            "frames": frames_total,
+            "phonemes": int(pc.sum(pc.list_value_length(table["phonemes"])).as_py() or 0),
+            "speakers": min(SPEAKERS_PER_LANGUAGE, table.num_rows),
+            "skipped": {},
+        }
+
+    manifest = {
+        "format": SHARD_FORMAT_VERSION,
+        "symbols_version": SYNTHETIC_SYMBOLS_VERSION,
+        "symbols_fingerprint": symbols_fingerprint(symbols),
+        "codec": {
+            "name": "encodec_24khz",  # the shape of EnCodec output; the values are random
+            "bandwidth": 6.0,
+            "sample_rate": 24000,
+            "frame_rate": FRAME_RATE,
+            "num_codebooks": num_codebooks,
+            "codebook_size": CODEBOOK_SIZE,
+            "pretrained": False,
+        },
+        "languages": languages,
+        "synthetic": True,  # written by vallex.data.synthetic, not by prepare.py
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return out
