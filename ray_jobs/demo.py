@@ -37,7 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("== 3/3: training on every language together")
     report = train(cfg)
     falling = {lang: v["last"]["loss"] < v["first"]["loss"] for lang, v in report["languages"].items()}
-    log.info("demo finished in %.1f min; validation loss fell for %d/%d languages", (time.time() - t0) / 60, sum(falling.values()), len(falling))
+    log.info(
+        "demo finished in %.1f min; validation loss fell for %d/%d languages",
+        (time.time() - t0) / 60,
+        sum(falling.values()),
+        len(falling),
+    )
     return 0 if all(falling.values()) else 1
 
 

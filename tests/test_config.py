@@ -117,7 +117,13 @@ def test_job_yaml_is_a_valid_config():
 
 def test_entry_point_rejects_bad_config_before_ray_starts():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "ray_jobs/train.py"), "--config", str(ROOT / "job.yaml"), "train.max_step=3"],
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs/train.py"),
+            "--config",
+            str(ROOT / "job.yaml"),
+            "train.max_step=3",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

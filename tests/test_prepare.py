@@ -16,7 +16,9 @@ from vallex.data.prepare import PrepareError, prepare_corpus
 from vallex.data.schema import SHARD_SCHEMA, check_schema, codes_matrix
 from vallex.data.sources import ManifestError, read_manifest
 
-SETTINGS = PrepareSection(codec=CodecSection(pretrained=False), rows_per_shard=4, codec_actors=2, codec_batch_size=4)
+SETTINGS = PrepareSection(
+    codec=CodecSection(pretrained=False), rows_per_shard=4, codec_actors=2, codec_batch_size=4
+)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +65,12 @@ def _planted(tmp: Path, demo: Path) -> list[dict]:
     return [
         {**base, "id": "bad-truncated", "audio": str(truncated), "text": "A cut file."},
         {**base, "id": "bad-empty-text", "audio": str(good_audio), "text": "   "},
-        {**base, "id": "bad-silence", "audio": _write_wav(tmp / "bad/silence.wav", np.zeros_like(t)), "text": "Silence."},
+        {
+            **base,
+            "id": "bad-silence",
+            "audio": _write_wav(tmp / "bad/silence.wav", np.zeros_like(t)),
+            "text": "Silence.",
+        },
         {
             **base,
             "id": "bad-short",
@@ -75,7 +82,9 @@ def _planted(tmp: Path, demo: Path) -> list[dict]:
 
 
 def test_prepare_writes_shards_manifest_and_counts_bad_input(ray_cluster, demo_manifest, tmp_path):
-    src = _subset(demo_manifest, tmp_path / "m.jsonl", {"en": (6, 2), "ar": (3, 2)}, _planted(tmp_path, demo_manifest))
+    src = _subset(
+        demo_manifest, tmp_path / "m.jsonl", {"en": (6, 2), "ar": (3, 2)}, _planted(tmp_path, demo_manifest)
+    )
     out = tmp_path / "prepared"
     manifest = prepare_corpus(read_manifest(src), out, SETTINGS, progress=False)
 
@@ -145,7 +154,9 @@ def test_language_with_nothing_usable_is_an_error(ray_cluster, demo_manifest, tm
 
 def test_manifest_errors_name_file_and_line(tmp_path):
     p = tmp_path / "m.jsonl"
-    p.write_text('{"audio": "a.wav", "text": "hi", "language": "en", "speaker": "s"}\n{"audio": "b.wav", "text": "x"}\n')
+    p.write_text(
+        '{"audio": "a.wav", "text": "hi", "language": "en", "speaker": "s"}\n{"audio": "b.wav", "text": "x"}\n'
+    )
     with pytest.raises(ManifestError, match=r"m.jsonl:2: missing keys \['language', 'speaker'\]"):
         read_manifest(p)
     p.write_text('{"audio": "a.wav", "text": "hi", "language": "xx", "speaker": "s"}\n')

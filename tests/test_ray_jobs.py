@@ -44,7 +44,9 @@ def test_prepare_entry_point(prepared):
     assert fr["utterances"]["train"] > 3 * ar["utterances"]["train"] > 0  # ar is the small language
     assert ar["utterances"]["valid"] > 0 and fr["speakers"] > 1
     for lang in ("fr", "ar"):
-        rows = sum(pq.read_metadata(prepared / "prepare" / s).num_rows for s in manifest["languages"][lang]["shards"])
+        rows = sum(
+            pq.read_metadata(prepared / "prepare" / s).num_rows for s in manifest["languages"][lang]["shards"]
+        )
         assert rows == sum(manifest["languages"][lang]["utterances"].values())
     assert (prepared / "logs" / "prepare.log").exists()
 

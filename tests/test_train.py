@@ -31,7 +31,7 @@ def _cfg(tmp_path, *overrides):
             "train.eval_every=3",
             "train.checkpoint_every=3",
             "data.weights=uniform",
-            "data.block_rows=4",
+            "data.window_rows=32",
             *overrides,
         ],
     )

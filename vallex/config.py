@@ -87,7 +87,9 @@ class CodecSection:
     """Explicit path of ``encodec_24khz-d7cc33bc.th``; empty looks in the torch hub cache."""
 
     def __post_init__(self):
-        _require(self.bandwidth in (1.5, 3.0, 6.0, 12.0, 24.0), "bandwidth", "must be one of 1.5, 3, 6, 12, 24")
+        _require(
+            self.bandwidth in (1.5, 3.0, 6.0, 12.0, 24.0), "bandwidth", "must be one of 1.5, 3, 6, 12, 24"
+        )
 
 
 @dataclass
@@ -128,13 +130,14 @@ class DataSection:
 
     languages: list[str] = field(default_factory=list)
     """Languages to train on; empty means every language in the prepared corpus."""
-    weights: Union[str, dict[str, float]] = "temperature"
+    weights: str | dict[str, float] = "temperature"
     """Sampling weights: a policy (uniform, proportional, temperature, unimax), an explicit map
     ``{en: 0.5, ar: 0.5}``, or the path of a Tune ``best_weights.json``."""
     alpha: float = 0.5
     """Temperature policy exponent: p(lang) ~ n_lang ** alpha (0 = uniform, 1 = proportional)."""
-    block_rows: int = 16
-    """Rows per Ray Data block before mixing; small blocks let one batch hold several languages."""
+    window_rows: int = 2048
+    """Rows planned together: each window holds every language's exact share, rows interleaved, so
+    ratios hold over the run and every batch holds several languages (larger = fewer shard re-reads)."""
     shuffle_buffer: int = 256
     """Rows in the local shuffle buffer each worker draws batches from."""
 
@@ -143,10 +146,12 @@ class DataSection:
             _require(bool(self.weights), "weights", f"must be one of {WEIGHT_POLICIES}, a map or a file")
         else:
             for lang, w in self.weights.items():
-                _require(math.isfinite(w) and w >= 0, f"weights.{lang}", f"must be a finite weight >= 0, got {w}")
+                _require(
+                    math.isfinite(w) and w >= 0, f"weights.{lang}", f"must be a finite weight >= 0, got {w}"
+                )
             _require(sum(self.weights.values()) > 0, "weights", "at least one weight must be > 0")
         _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
-        _require(self.block_rows >= 1, "block_rows", "must be >= 1")
+        _require(self.window_rows >= 1, "window_rows", "must be >= 1")
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
 
 
@@ -176,7 +181,10 @@ class ModelSection:
 
     def overrides(self) -> dict[str, Any]:
         """The fields that replace the named size's defaults."""
-        out: dict[str, Any] = {"dropout": self.dropout, "activation_checkpointing": self.activation_checkpointing}
+        out: dict[str, Any] = {
+            "dropout": self.dropout,
+            "activation_checkpointing": self.activation_checkpointing,
+        }
         out.update({k: getattr(self, k) for k in ("d_model", "nhead", "num_layers") if getattr(self, k)})
         return out
 
@@ -224,7 +232,9 @@ class TrainSection:
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
         _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         _require(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
-        _require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(
+            self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
+        )
         for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
             _require(getattr(self, key) >= 1, key, "must be >= 1")
         _require(self.lr > 0, "lr", "must be > 0")
@@ -486,7 +496,7 @@ def field_docs(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)

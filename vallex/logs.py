@@ -35,9 +35,22 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
         fh._vallex = True  # type: ignore[attr-defined]
         root.addHandler(fh)
 
+    logging.captureWarnings(True)  # library deprecation warnings go to the log file, not the terminal
+    route_framework_logs()
+    return logging.getLogger("vallex")
+
+
+def route_framework_logs() -> None:
+    """Take the frameworks' console handlers off; their records reach our log file through the root.
+
+    Ray and Ray Data install stderr handlers when imported (Ray Data also keeps its own file,
+    ``ray-data.log`` in the Ray session's logs), so call this again after importing them.
+    """
+    import ray.data  # noqa: F401  (its import configures the ray.data loggers we adjust here)
+
     for name in NOISY_LOGGERS:
         lg = logging.getLogger(name)
         lg.propagate = True
-        for h in list(lg.handlers):  # Ray installs its own stderr handlers; we route through the root
-            lg.removeHandler(h)
-    return logging.getLogger("vallex")
+        for h in list(lg.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lg.removeHandler(h)

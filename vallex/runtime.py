@@ -32,6 +32,9 @@ def init_ray(num_cpus: int | None = None) -> None:
             res.get("GPU", 0),
             len([n for n in ray.nodes() if n["Alive"]]),
         )
+    from vallex.logs import route_framework_logs
+
+    route_framework_logs()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # vallex shows its own bars
     ctx.print_on_execution_start = False

@@ -58,7 +58,9 @@ class SkipCounter:
     """Counts dropped utterances by reason, keeping a few example ids for the report."""
 
     def __init__(self, data: dict | None = None):
-        self.data: dict[str, dict] = {k: {"count": v["count"], "examples": list(v["examples"])} for k, v in (data or {}).items()}
+        self.data: dict[str, dict] = {
+            k: {"count": v["count"], "examples": list(v["examples"])} for k, v in (data or {}).items()
+        }
 
     def add(self, reason: str, utt_id: str) -> None:
         entry = self.data.setdefault(reason, {"count": 0, "examples": []})
@@ -99,7 +101,7 @@ def _phonemize_batch(batch: dict[str, np.ndarray], phonemizer) -> dict[str, np.n
     for lang in np.unique(langs):
         idx = np.nonzero(langs == lang)[0]
         phones = phonemizer([str(t) for t in batch["text"][idx]], str(lang))
-        for i, p in zip(idx, phones):
+        for i, p in zip(idx, phones, strict=True):
             out[i] = json.dumps(p, ensure_ascii=False)
     return {"id": batch["id"], "symbols": out}
 
@@ -119,7 +121,7 @@ def phonemize_all(utts: list[Utterance], progress: bool) -> dict[str, list[str]]
     )
     bar = _bar(len(todo), "phonemize", "utt", progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for uid, sym in zip(batch["id"], batch["symbols"]):
+        for uid, sym in zip(batch["id"], batch["symbols"], strict=True):
             result[str(uid)] = json.loads(sym)
         bar.update(len(batch["id"]))
     bar.close()
@@ -133,14 +135,15 @@ def phonemize_all(utts: list[Utterance], progress: bool) -> dict[str, list[str]]
 class ShardEncoder:
     """A Ray Data callable class: one EnCodec model per actor, one shard job per call."""
 
-    def __init__(self, codec: dict, min_duration: float, max_duration: float, codec_batch_size: int):
+    settings: dict = {}  # codec, min_duration, max_duration, codec_batch_size (bound per run)
+
+    def __init__(self):
         from vallex.codec.encodec import AudioTokenizer, CodecSettings
 
-        self.tokenizer = AudioTokenizer(CodecSettings(**codec))
-        self.num_codebooks = CodecSettings(**codec).num_codebooks
-        self.min_duration = min_duration
-        self.max_duration = max_duration
-        self.codec_batch_size = codec_batch_size
+        self.tokenizer = AudioTokenizer(CodecSettings(**self.settings["codec"]))
+        self.min_duration = self.settings["min_duration"]
+        self.max_duration = self.settings["max_duration"]
+        self.codec_batch_size = self.settings["codec_batch_size"]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats = [self._write_shard(json.loads(job)) for job in batch["job"]]
@@ -266,7 +269,6 @@ def prepare_corpus(
 
     Languages already in ``out_dir`` but absent from ``utts`` are kept: this is how a language is added.
     """
-    import ray
 
     from vallex.codec.encodec import CodecSettings
     from vallex.text.symbols import SymbolTable
@@ -362,18 +364,29 @@ def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool)
     # Big jobs first so the pool's tail is short.
     jobs = sorted(jobs, key=lambda j: -len(j["rows"]))
     use_gpu = _gpus_available()
-    ds = ray.data.from_items([{"job": json.dumps(j, ensure_ascii=False)} for j in jobs], override_num_blocks=len(jobs))
-    ds = ds.map_batches(
-        ShardEncoder,
-        fn_constructor_kwargs={
-            "codec": codec.to_dict(),
-            "min_duration": settings.min_duration,
-            "max_duration": settings.max_duration,
-            "codec_batch_size": settings.codec_batch_size,
+    ds = ray.data.from_items(
+        [{"job": json.dumps(j, ensure_ascii=False)} for j in jobs], override_num_blocks=len(jobs)
+    )
+    # Settings travel as class attributes, not constructor arguments: Ray keeps restartable actors'
+    # constructor arguments in the object store and warns about it on every run.
+    encoder = type(
+        "ShardEncoder",
+        (ShardEncoder,),
+        {
+            "settings": {
+                "codec": codec.to_dict(),
+                "min_duration": settings.min_duration,
+                "max_duration": settings.max_duration,
+                "codec_batch_size": settings.codec_batch_size,
+            }
         },
+    )
+    n_actors = min(settings.codec_actors, len(jobs))
+    ds = ds.map_batches(
+        encoder,
         batch_size=1,
         batch_format="numpy",
-        concurrency=min(settings.codec_actors, len(jobs)),
+        compute=ray.data.ActorPoolStrategy(size=n_actors),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
@@ -395,7 +408,7 @@ def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool)
         seconds / 60,
         elapsed,
         seconds / max(elapsed, 1e-9),
-        min(settings.codec_actors, len(jobs)),
+        n_actors,
         "GPU" if use_gpu else "CPU",
     )
 
@@ -405,7 +418,13 @@ def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dic
     for lang in languages:
         shards = sorted((out / lang).glob("part-*.parquet"))
         counter = skips[lang]
-        entry = {"shards": [], "utterances": {"train": 0, "valid": 0}, "hours": 0.0, "frames": 0, "phonemes": 0}
+        entry = {
+            "shards": [],
+            "utterances": {"train": 0, "valid": 0},
+            "hours": 0.0,
+            "frames": 0,
+            "phonemes": 0,
+        }
         speakers: set[str] = set()
         for path in shards:
             _, stats = read_shard_stats(path)

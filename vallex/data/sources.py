@@ -81,7 +81,9 @@ def read_manifest(path: str | os.PathLike, languages: list[str] | None = None) -
     for lineno, row in _rows(path):
         missing = [c for c in REQUIRED_COLUMNS if c not in row]
         if missing:
-            raise ManifestError(f"{path}:{lineno}: missing keys {missing} (a row needs {list(REQUIRED_COLUMNS)})")
+            raise ManifestError(
+                f"{path}:{lineno}: missing keys {missing} (a row needs {list(REQUIRED_COLUMNS)})"
+            )
         lang = str(row["language"]).strip()
         try:
             espeak_voice(lang)

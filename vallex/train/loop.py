@@ -25,7 +25,14 @@ from vallex.train import engine as ds_engine
 log = logging.getLogger("vallex.train")
 
 # Per-language sums all-reduced across ranks, in this order.
-EVAL_FIELDS = ("ar_loss_sum", "ar_tokens", "ar_top10_correct", "nar_loss_sum", "nar_tokens", "nar_top10_correct")
+EVAL_FIELDS = (
+    "ar_loss_sum",
+    "ar_tokens",
+    "ar_top10_correct",
+    "nar_loss_sum",
+    "nar_tokens",
+    "nar_top10_correct",
+)
 STATE_FILE = "vallex_state.json"
 EXPORT_FILE = "model.pt"
 CHECKPOINT_TAG = "ckpt"
@@ -35,7 +42,9 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _validation_batches(tables: dict, language_ids: dict[str, int], num_codebooks: int, batch_size: int, rank: int, world: int):
+def _validation_batches(
+    tables: dict, language_ids: dict[str, int], num_codebooks: int, batch_size: int, rank: int, world: int
+):
     """This rank's slice of every language's validation rows, as collated batches per language."""
     out = {}
     for lang, table in tables.items():
@@ -51,7 +60,9 @@ def _validation_batches(tables: dict, language_ids: dict[str, int], num_codebook
     return out
 
 
-def evaluate(model_engine, valid_batches: dict[str, list], languages: list[str], device, train_stage: str) -> dict:
+def evaluate(
+    model_engine, valid_batches: dict[str, list], languages: list[str], device, train_stage: str
+) -> dict:
     """All-reduced per-language validation losses and top-10 accuracies.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively inside
@@ -76,7 +87,7 @@ def evaluate(model_engine, valid_batches: dict[str, list], languages: list[str],
     model_engine.train()
     result = {}
     for li, lang in enumerate(languages):
-        s = dict(zip(EVAL_FIELDS, sums[li].tolist()))
+        s = dict(zip(EVAL_FIELDS, sums[li].tolist(), strict=True))
         ar = s["ar_loss_sum"] / max(s["ar_tokens"], 1)
         nar = s["nar_loss_sum"] / max(s["nar_tokens"], 1)
         result[lang] = {
@@ -90,7 +101,9 @@ def evaluate(model_engine, valid_batches: dict[str, list], languages: list[str],
     return result
 
 
-def _save_checkpoint(model_engine, state: dict, metrics: dict, rank: int, zero_stage: int, export: bool) -> None:
+def _save_checkpoint(
+    model_engine, state: dict, metrics: dict, rank: int, zero_stage: int, export: bool
+) -> None:
     """Every rank writes its DeepSpeed shard to a fresh dir, then reports it to Ray Train.
 
     Ray Train registers the checkpoint only once every rank has reported it, and resumes only from
@@ -156,7 +169,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log.info("resumed from step %d", state["step"])
 
     valid_tables = ray.get(loop_config["valid_ref"])
-    valid_batches = _validation_batches(valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world)
+    valid_batches = _validation_batches(
+        valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world
+    )
     mix = MixStats()
     mix.counts.update(state["mix"])  # realized language counts so far, restored on resume
 
@@ -182,7 +197,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     continue
                 yield b
             if got == 0:
-                raise RuntimeError(f"rank {rank}: the training stream yielded no full batch of {cfg.train.batch_size}")
+                raise RuntimeError(
+                    f"rank {rank}: the training stream yielded no full batch of {cfg.train.batch_size}"
+                )
 
     stream = batches()
     step = state["step"]
@@ -208,7 +225,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             counts = torch.tensor([float(mix.counts.get(lang, 0)) for lang in languages], device=device)
             if dist.is_initialized():
                 dist.all_reduce(counts)
-            counts = dict(zip(languages, counts.tolist()))
+            counts = dict(zip(languages, counts.tolist(), strict=True))
             total = max(sum(counts.values()), 1)
             elapsed = time.perf_counter() - t_window
             record = {

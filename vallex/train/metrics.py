@@ -73,7 +73,9 @@ def loss_table(records: list[dict]) -> str:
     if not records:
         return "(no evaluations)"
     first, last = records[0], records[-1]
-    rows = [f"{'language':<10}{'first (step ' + str(first['step']) + ')':>18}{'last (step ' + str(last['step']) + ')':>18}{'change':>10}"]
+    rows = [
+        f"{'language':<10}{'first (step ' + str(first['step']) + ')':>18}{'last (step ' + str(last['step']) + ')':>18}{'change':>10}"
+    ]
     for lang in sorted(last["valid"]):
         a = first["valid"][lang]["loss"]
         b = last["valid"][lang]["loss"]
@@ -93,9 +95,11 @@ def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for lang in sorted(records[-1]["valid"]):
         steps = [r["step"] for r in records if lang in r["valid"]]
-        for ax, key in zip(axes, ("ar_loss", "nar_loss")):
-            ax.plot(steps, [r["valid"][lang][key] for r in records if lang in r["valid"]], marker=".", label=lang)
-    for ax, title in zip(axes, ("AR validation loss", "NAR validation loss")):
+        for ax, key in zip(axes, ("ar_loss", "nar_loss"), strict=True):
+            ax.plot(
+                steps, [r["valid"][lang][key] for r in records if lang in r["valid"]], marker=".", label=lang
+            )
+    for ax, title in zip(axes, ("AR validation loss", "NAR validation loss"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -15,7 +15,14 @@ import time
 from pathlib import Path
 
 from vallex.config import Config, save_config
-from vallex.train.metrics import build_report, format_record, loss_table, plot_losses, read_metrics, sink_on_this_node
+from vallex.train.metrics import (
+    build_report,
+    format_record,
+    loss_table,
+    plot_losses,
+    read_metrics,
+    sink_on_this_node,
+)
 
 log = logging.getLogger("vallex.train")
 
@@ -51,6 +58,38 @@ def _corpus_info(cfg: Config):
     return corpus, info
 
 
+def check_cluster_fits(cfg: Config) -> None:
+    """Fail fast instead of hanging when training would leave no CPU for Ray Data's read tasks."""
+    import os
+
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    reserved = cfg.train.num_workers * cfg.train.cpus_per_worker
+    if total - reserved >= 1.0:
+        return
+    msg = (
+        f"training reserves train.num_workers x train.cpus_per_worker = {reserved:g} of the cluster's "
+        f"{total:g} CPUs, leaving less than 1 for Ray Data to read and mix the training stream, so the "
+        f"run would wait forever; lower train.cpus_per_worker (e.g. train.cpus_per_worker="
+        f"{max(0.25, (total - 1) / cfg.train.num_workers):g}) or train.num_workers, or add CPUs"
+    )
+    if os.environ.get("RAY_ADDRESS"):  # a cluster that may autoscale: say it, don't refuse
+        log.warning("WARNING: %s", msg)
+    else:
+        raise ValueError(msg)
+
+
+def _ingest_options():
+    """Train's default ingest options, with the mixed stream's row order kept (same seed, same stream)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    options.verbose_progress = False
+    return options
+
+
 def _poll(sink, max_steps: int, stop: threading.Event) -> None:
     """Print each evaluation record as rank 0 sends it (runs in a driver thread during fit)."""
     import ray
@@ -68,17 +107,20 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training as configured; returns the report (also written to train_dir/report.json)."""
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from vallex.data.mixing import build_mixed_dataset
     from vallex.train.loop import EXPORT_FILE, train_loop_per_worker
 
+    check_cluster_fits(cfg)
     train_dir = cfg.train_dir
     train_dir.mkdir(parents=True, exist_ok=True)
     corpus, info = _corpus_info(cfg)
     save_config(cfg, train_dir / "config.yaml")
-    (train_dir / "weights.json").write_text(json.dumps({"weights": info["weights"], "counts": info["counts"]}, indent=2))
+    (train_dir / "weights.json").write_text(
+        json.dumps({"weights": info["weights"], "counts": info["counts"]}, indent=2)
+    )
     log.info(
         "languages %s; sampling weights %s",
         ", ".join(f"{lang} ({info['counts'][lang]} utt)" for lang in info["languages"]),
@@ -88,7 +130,7 @@ def train(cfg: Config) -> dict:
     # Enough mixed rows for the whole run, plus slack for drop_last and uneven worker splits.
     num_rows = math.ceil(info["budget_rows"] * 1.1) + cfg.train.batch_size * cfg.train.num_workers * 2
     train_ds = build_mixed_dataset(
-        corpus, info["weights"], num_rows=num_rows, seed=cfg.run.seed, block_rows=cfg.data.block_rows
+        corpus, info["weights"], num_rows=num_rows, seed=cfg.run.seed, window_rows=cfg.data.window_rows
     )
     valid_ref = ray.put({lang: corpus.read_split(lang, "valid") for lang in info["languages"]})
 
@@ -105,10 +147,14 @@ def train(cfg: Config) -> dict:
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            resources_per_worker={
+                "CPU": cfg.train.cpus_per_worker,
+                **({"GPU": 1} if cfg.train.use_gpu else {}),
+            },
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         datasets={"train": train_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options()),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage,
@@ -140,7 +186,11 @@ def train(cfg: Config) -> dict:
         {
             "weights": info["weights"],
             "train_counts": info["counts"],
-            "model": {"size": cfg.model.size, "languages": info["model_languages"], "num_symbols": info["num_symbols"]},
+            "model": {
+                "size": cfg.model.size,
+                "languages": info["model_languages"],
+                "num_symbols": info["num_symbols"],
+            },
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
             "model_file": str(model_path) if model_path else None,
             "wall_seconds": time.time() - t0,
@@ -151,5 +201,10 @@ def train(cfg: Config) -> dict:
     (train_dir / "report.json").write_text(json.dumps(report, indent=2))
     plot_losses(records, train_dir / "valid_loss.png")
     log.info("per-language validation loss (AR + NAR):\n%s", loss_table(records))
-    log.info("wrote %s, %s, %s", train_dir / "metrics.jsonl", train_dir / "report.json", train_dir / "valid_loss.png")
+    log.info(
+        "wrote %s, %s, %s",
+        train_dir / "metrics.jsonl",
+        train_dir / "report.json",
+        train_dir / "valid_loss.png",
+    )
     return report
