@@ -19,20 +19,13 @@ import torch.distributed as dist
 from vallex.config import Config, config_from_dict
 from vallex.data.collate import collate
 from vallex.data.mixing import MixStats
-from vallex.model.vallex import build_model
+from vallex.model.vallex import OUTPUT_KEYS, build_model
 from vallex.train import engine as ds_engine
 
 log = logging.getLogger("vallex.train")
 
-# Per-language sums all-reduced across ranks, in this order.
-EVAL_FIELDS = (
-    "ar_loss_sum",
-    "ar_tokens",
-    "ar_top10_correct",
-    "nar_loss_sum",
-    "nar_tokens",
-    "nar_top10_correct",
-)
+# Per-language sums all-reduced across ranks: the model's per-sample outputs, in its order.
+EVAL_FIELDS = OUTPUT_KEYS
 STATE_FILE = "vallex_state.json"
 EXPORT_FILE = "model.pt"
 CHECKPOINT_TAG = "ckpt"
@@ -44,19 +37,19 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 def _validation_batches(
     tables: dict, language_ids: dict[str, int], num_codebooks: int, batch_size: int, rank: int, world: int
-):
-    """This rank's slice of every language's validation rows, as collated batches per language."""
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """This rank's slice (every world-th row) of each language's validation table, as collated batches."""
     out = {}
     for lang, table in tables.items():
-        rows = table.slice(0)  # pyarrow table
-        idx = np.arange(rank, rows.num_rows, world)
-        part = rows.take(idx)
-        batches = []
-        for start in range(0, part.num_rows, batch_size):
-            chunk = part.slice(start, batch_size)
-            np_batch = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names}
-            batches.append(collate(np_batch, language_ids, num_codebooks))
-        out[lang] = batches
+        part = table.take(np.arange(rank, table.num_rows, world))
+        out[lang] = [
+            collate(
+                {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names},
+                language_ids,
+                num_codebooks,
+            )
+            for chunk in (part.slice(start, batch_size) for start in range(0, part.num_rows, batch_size))
+        ]
     return out
 
 
