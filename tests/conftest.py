@@ -18,6 +18,9 @@ def ray_cluster():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": a private cluster even if a test (or a person) started one with `ray start`
+        ray.init(
+            address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
     yield ray
     ray.shutdown()

@@ -11,6 +11,8 @@ log = logging.getLogger("vallex")
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (set by ``ray job submit``), else start a local one.
 
+    To run on an existing cluster from its head node, set ``RAY_ADDRESS=auto``.
+
     Worker output is not forwarded to the driver: vallex prints its own compact progress, and the
     frameworks' chatter stays in Ray's per-worker log files (``/tmp/ray/session_latest/logs``).
     """
@@ -23,7 +25,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            # "local": always a fresh cluster of this machine, never a stray `ray start` one by accident
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
         res = ray.cluster_resources()
         log.info(
             "Ray %s: %d CPU, %d GPU across %d node(s)",
