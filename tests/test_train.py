@@ -74,3 +74,32 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     records = read_metrics(cfg2.train_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 3, 6, 9]
     assert records[-1]["samples_seen"] == 2 * 4 * 9  # mix counts were restored with the checkpoint
+
+
+def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
+    """A baseline far better than anything reachable trips the guard at the first evaluation; with
+    action=stop both ZeRO-3 ranks checkpoint and end at that step (no rank left in a collective)."""
+    baseline = corpus_cfg / "baseline_report.json"
+    baseline.write_text(json.dumps({"languages": {"en": {"last": {"loss": 0.5}}}}))
+    cfg = _cfg(
+        corpus_cfg,
+        "run.name=guarded",
+        "train.zero_stage=3",
+        "train.max_steps=20",
+        f"train.guard.baseline={baseline}",
+        "train.guard.action=stop",
+    )
+    report = train(cfg)
+
+    records = read_metrics(cfg.train_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1]
+    assert records[0]["stopped_by_guard"] is True
+    en = records[0]["guard"]["en"]
+    assert en["tripped"] and en["reference_from"] == "baseline" and en["reference"] == 0.5
+    # languages without a baseline compare with their own best, which at the first evaluation is itself
+    assert not records[0]["guard"]["zh"]["tripped"] and records[0]["guard"]["zh"]["reference_from"] == "best"
+    assert report["guard"]["stopped"] and report["guard"]["verdict"] == "forgetting"
+    assert report["guard"]["trips"] == [{"step": 1, "languages": ["en"]}]
+    # ZeRO-3 holds a slice of every parameter per rank; the export gathers them into whole tensors
+    weights = torch.load(cfg.train_dir / "model.pt", weights_only=True)
+    assert weights["ar_language_embedding.word_embeddings.weight"].shape == (len(SIZES), 64)

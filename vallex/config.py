@@ -190,6 +190,27 @@ class ModelSection:
 
 
 @dataclass
+class GuardSection:
+    """Forgetting guard: compare each language's validation loss with its best (or a baseline run)."""
+
+    max_rise: float = 0.2
+    """Relative rise above the reference loss that trips the guard (0.2 = 20% worse)."""
+    per_language: dict[str, float] = field(default_factory=dict)
+    """Per-language overrides of max_rise, e.g. ``{ar: 0.5}`` for a language still being learned."""
+    baseline: str = ""
+    """An earlier run's report.json: its final losses are the references (else this run's best)."""
+    metric: Literal["loss", "ar_loss", "nar_loss"] = "loss"
+    """Which validation loss to watch (loss = AR + NAR)."""
+    action: Literal["warn", "stop"] = "warn"
+    """warn: log loudly and go on; stop: checkpoint and end the run at once."""
+
+    def __post_init__(self):
+        _require(self.max_rise > 0, "max_rise", "must be > 0")
+        for lang, v in self.per_language.items():
+            _require(v > 0, f"per_language.{lang}", "must be > 0")
+
+
+@dataclass
 class TrainSection:
     """Distributed training with Ray Train + DeepSpeed."""
 
@@ -227,6 +248,8 @@ class TrainSection:
     """Ray Train storage (local dir, NFS, s3://, gs://); empty means ``<output_dir>/ray_results``."""
     max_failures: int = 0
     """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
+    guard: GuardSection = field(default_factory=GuardSection)
+    """The forgetting guard."""
 
     def __post_init__(self):
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")

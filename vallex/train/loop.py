@@ -21,6 +21,7 @@ from vallex.data.collate import collate
 from vallex.data.mixing import MixStats
 from vallex.model.vallex import OUTPUT_KEYS, build_model
 from vallex.train import engine as ds_engine
+from vallex.train.guard import ForgettingGuard
 
 log = logging.getLogger("vallex.train")
 
@@ -152,7 +153,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     model_engine, _, _ = ds_engine.initialize(model, cfg.train)
 
-    state = {"step": 0, "consumed_batches": 0, "mix": {}}
+    state = {"step": 0, "consumed_batches": 0, "mix": {}, "guard_best": {}}
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -167,6 +168,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
     mix = MixStats()
     mix.counts.update(state["mix"])  # realized language counts so far, restored on resume
+    g = cfg.train.guard
+    guard = ForgettingGuard(
+        g.max_rise, g.per_language, loop_config.get("guard_baseline"), g.metric, best=state.get("guard_best")
+    )
 
     shard = ray.train.get_dataset_shard("train")
 
@@ -231,11 +236,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "samples_per_s": n_window * world / max(elapsed, 1e-9),
                 "time": time.time(),
             }
+            record["guard"] = guard.check(valid)
+            stop = g.action == "stop" and bool(ForgettingGuard.tripped(record["guard"]))
+            record["stopped_by_guard"] = stop
             if rank == 0 and sink is not None:
                 ray.get(sink.log.remote(record))
             t_window, n_window, loss_window = time.perf_counter(), 0, []
+            if stop:  # identical verdict on every rank (all-reduced losses): all stop here together
+                state["mix"], state["guard_best"] = dict(mix.counts), guard.best
+                _save_checkpoint(model_engine, state, {"step": step}, rank, cfg.train.zero_stage, export=True)
+                return
 
         if step % cfg.train.checkpoint_every == 0 or last:
-            state["mix"] = dict(mix.counts)
+            state["mix"], state["guard_best"] = dict(mix.counts), guard.best
             flat = {"step": step}
             _save_checkpoint(model_engine, state, flat, rank, cfg.train.zero_stage, export=last)

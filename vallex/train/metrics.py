@@ -20,12 +20,17 @@ import ray
 class MetricsSink:
     """Collects evaluation records from rank 0; appends them to metrics.jsonl as they arrive."""
 
-    def __init__(self, path: str, truncate: bool):
+    def __init__(self, path: str, truncate: bool, tensorboard_dir: str | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate and self.path.exists():
             self.path.unlink()
         self.pending: list[dict] = []
+        self.tb = None
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(tensorboard_dir)
 
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -33,20 +38,31 @@ class MetricsSink:
             f.flush()
             os.fsync(f.fileno())
         self.pending.append(record)
+        if self.tb is not None:
+            step = record["step"]
+            self.tb.add_scalar("train/loss", record["train_loss"], step)
+            self.tb.add_scalar("train/lr", record["lr"], step)
+            self.tb.add_scalar("train/samples_per_s", record["samples_per_s"], step)
+            for lang, v in record["valid"].items():
+                for key in ("loss", "ar_loss", "nar_loss", "ar_top10", "nar_top10"):
+                    self.tb.add_scalar(f"valid_{key}/{lang}", v[key], step)
+            for lang, f in record.get("realized_fractions", {}).items():
+                self.tb.add_scalar(f"mix_fraction/{lang}", f, step)
+            self.tb.flush()
 
     def drain(self) -> list[dict]:
         out, self.pending = self.pending, []
         return out
 
 
-def sink_on_this_node(path: str, truncate: bool):
+def sink_on_this_node(path: str, truncate: bool, tensorboard_dir: str | None = None):
     """A MetricsSink scheduled on the calling (driver) node."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     return MetricsSink.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-    ).remote(path, truncate)
+    ).remote(path, truncate, tensorboard_dir)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from vallex.config import Config, save_config
+from vallex.train.guard import ForgettingGuard, baseline_losses, describe_trips
 from vallex.train.metrics import (
     build_report,
     format_record,
@@ -58,6 +59,26 @@ def _corpus_info(cfg: Config):
     return corpus, info
 
 
+def guard_summary(records: list[dict], cfg: Config) -> dict:
+    """The forgetting guard's verdict for report.json: every trip, the final state, whether it stopped."""
+    trips = [
+        {"step": r["step"], "languages": ForgettingGuard.tripped(r["guard"])}
+        for r in records
+        if ForgettingGuard.tripped(r.get("guard", {}))
+    ]
+    return {
+        "action": cfg.train.guard.action,
+        "metric": cfg.train.guard.metric,
+        "max_rise": cfg.train.guard.max_rise,
+        "per_language": cfg.train.guard.per_language,
+        "baseline": cfg.train.guard.baseline or None,
+        "trips": trips,
+        "final": records[-1].get("guard", {}) if records else {},
+        "stopped": bool(records and records[-1].get("stopped_by_guard")),
+        "verdict": "forgetting" if trips else "ok",
+    }
+
+
 def check_cluster_fits(cfg: Config) -> None:
     """Fail fast instead of hanging when training would leave no CPU for Ray Data's read tasks."""
     import os
@@ -90,6 +111,17 @@ def _ingest_options():
     return options
 
 
+def show_record(rec: dict, max_steps: int) -> None:
+    """One line per evaluation; a loud extra line when the forgetting guard trips."""
+    log.info(format_record(rec, max_steps))
+    if ForgettingGuard.tripped(rec.get("guard", {})):
+        log.warning("FORGETTING GUARD at step %d: %s", rec["step"], describe_trips(rec["guard"]))
+        if rec.get("stopped_by_guard"):
+            log.warning(
+                "stopping the run (train.guard.action=stop); the last checkpoint holds step %d", rec["step"]
+            )
+
+
 def _poll(sink, max_steps: int, stop: threading.Event) -> None:
     """Print each evaluation record as rank 0 sends it (runs in a driver thread during fit)."""
     import ray
@@ -97,7 +129,7 @@ def _poll(sink, max_steps: int, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             for rec in ray.get(sink.drain.remote(), timeout=10):
-                log.info(format_record(rec, max_steps))
+                show_record(rec, max_steps)
         except Exception as e:  # the sink is best-effort display; the file is the record
             log.debug("metrics poll failed: %s", e)
         stop.wait(1.0)
@@ -114,6 +146,11 @@ def train(cfg: Config) -> dict:
     from vallex.train.loop import EXPORT_FILE, train_loop_per_worker
 
     check_cluster_fits(cfg)
+    guard_baseline = (
+        baseline_losses(cfg.train.guard.baseline, cfg.train.guard.metric)
+        if cfg.train.guard.baseline
+        else None
+    )
     train_dir = cfg.train_dir
     train_dir.mkdir(parents=True, exist_ok=True)
     corpus, info = _corpus_info(cfg)
@@ -137,13 +174,23 @@ def train(cfg: Config) -> dict:
     storage = cfg.storage_path
     run_dir = Path(storage) / cfg.run.name if "://" not in storage else None
     resuming = run_dir is not None and run_dir.exists() and any(run_dir.glob("checkpoint_*"))
-    sink = sink_on_this_node(str(train_dir / "metrics.jsonl"), truncate=not resuming)
+    sink = sink_on_this_node(
+        str(train_dir / "metrics.jsonl"),
+        truncate=not resuming,
+        tensorboard_dir=str(train_dir / "tensorboard"),
+    )
     if resuming:
         log.info("found checkpoints in %s: resuming", run_dir)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "corpus": info, "valid_ref": valid_ref, "sink": sink},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "corpus": info,
+            "valid_ref": valid_ref,
+            "sink": sink,
+            "guard_baseline": guard_baseline,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -172,7 +219,7 @@ def train(cfg: Config) -> dict:
         stop.set()
         poller.join(timeout=5)
     for rec in ray.get(sink.drain.remote()):
-        log.info(format_record(rec, cfg.train.max_steps))
+        show_record(rec, cfg.train.max_steps)
 
     records = read_metrics(train_dir / "metrics.jsonl")
     model_path = None
@@ -196,6 +243,7 @@ def train(cfg: Config) -> dict:
             "wall_seconds": time.time() - t0,
             "num_workers": cfg.train.num_workers,
             "zero_stage": cfg.train.zero_stage,
+            "guard": guard_summary(records, cfg),
         },
     )
     (train_dir / "report.json").write_text(json.dumps(report, indent=2))

@@ -1,0 +1,51 @@
+"""The forgetting guard's verdicts (pure logic; the stop path runs for real in test_train.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vallex.train.guard import ForgettingGuard, baseline_losses, describe_trips
+
+
+def _valid(**losses):
+    return {lang: {"loss": v, "ar_loss": v / 2, "nar_loss": v / 2} for lang, v in losses.items()}
+
+
+def test_rise_above_best_trips_and_best_only_improves():
+    g = ForgettingGuard(max_rise=0.1)
+    assert not ForgettingGuard.tripped(g.check(_valid(en=5.0, ar=6.0)))
+    assert not ForgettingGuard.tripped(g.check(_valid(en=4.0, ar=6.5)))  # ar +8.3%: under 10%
+    v = g.check(_valid(en=4.5, ar=5.0))  # en +12.5% above its best 4.0
+    assert ForgettingGuard.tripped(v) == ["en"]
+    assert v["en"]["reference"] == 4.0 and v["en"]["rise"] == pytest.approx(0.125)
+    assert g.best == {"en": 4.0, "ar": 5.0}
+    assert "en validation loss 4.500 is 12.5% above its best 4.000 (limit 10%)" in describe_trips(v)
+
+
+def test_per_language_threshold_and_metric():
+    g = ForgettingGuard(max_rise=0.1, per_language={"ar": 1.0}, metric="ar_loss")
+    g.check(_valid(en=4.0, ar=4.0))
+    v = g.check(_valid(en=4.0, ar=7.0))  # ar +75% but its own limit is 100%
+    assert not v["ar"]["tripped"] and v["ar"]["max_rise"] == 1.0 and v["ar"]["loss"] == 3.5
+
+
+def test_best_survives_a_resume():
+    g = ForgettingGuard(max_rise=0.1, best={"en": 2.0})
+    assert ForgettingGuard.tripped(g.check(_valid(en=3.0))) == ["en"]
+
+
+def test_baseline_report(tmp_path):
+    p = tmp_path / "report.json"
+    p.write_text(json.dumps({"languages": {"en": {"last": {"loss": 3.0, "ar_loss": 1.0}}}}))
+    assert baseline_losses(str(p), "loss") == {"en": 3.0}
+    g = ForgettingGuard(max_rise=0.2, baseline=baseline_losses(str(p), "loss"))
+    v = g.check(_valid(en=3.5, zh=9.0))
+    assert v["en"]["reference_from"] == "baseline" and not v["en"]["tripped"]  # +16.7%
+    assert v["zh"]["reference_from"] == "best"
+    with pytest.raises(FileNotFoundError, match="train.guard.baseline: .*missing.json does not exist"):
+        baseline_losses(str(tmp_path / "missing.json"), "loss")
+    p.write_text(json.dumps({"steps": 3}))
+    with pytest.raises(ValueError, match="not a vallex report.json"):
+        baseline_losses(str(p), "loss")
