@@ -103,3 +103,62 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
     # ZeRO-3 holds a slice of every parameter per rank; the export gathers them into whole tensors
     weights = torch.load(cfg.train_dir / "model.pt", weights_only=True)
     assert weights["ar_language_embedding.word_embeddings.weight"].shape == (len(SIZES), 64)
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of this test session's Ray Train worker processes (children of our own raylet)."""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for p in psutil.Process(raylet).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus_cfg):
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg = _cfg(
+        corpus_cfg,
+        "run.name=faulty",
+        "train.max_steps=60",
+        "train.eval_every=5",
+        "train.checkpoint_every=10",
+        "train.max_failures=2",
+    )
+    killed: list[int] = []
+
+    def kill_one_worker_after_step_15():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if any(r["step"] >= 15 for r in read_metrics(cfg.train_dir / "metrics.jsonl")):
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_one_worker_after_step_15, daemon=True)
+    watcher.start()
+    report = train(cfg)
+    watcher.join(timeout=5)
+
+    assert killed, "the run ended before a worker could be killed"
+    steps = [r["step"] for r in read_metrics(cfg.train_dir / "metrics.jsonl")]
+    assert steps[-1] == 60 and report["steps"] == 60
+    # The restart resumed from a checkpoint (step 10 or later), so some evaluation steps repeat, but
+    # the run never went back to step 1.
+    assert steps.count(1) == 1 and len(steps) > len(set(steps))
+    restart_at = next(b for a, b in zip(steps, steps[1:], strict=False) if b <= a)
+    assert restart_at >= 15
+    # The mix counts came back with the checkpoint: every optimizer step counted exactly once.
+    assert read_metrics(cfg.train_dir / "metrics.jsonl")[-1]["samples_seen"] == 2 * 4 * 60
