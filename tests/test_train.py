@@ -75,6 +75,16 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     assert [r["step"] for r in records] == [1, 3, 6, 9]
     assert records[-1]["samples_seen"] == 2 * 4 * 9  # mix counts were restored with the checkpoint
 
+    # Elastic: the same run continues on 1 worker. ZeRO-2 shards the optimizer per worker, so the
+    # weights come back and the optimizer moments restart.
+    cfg3 = _cfg(corpus_cfg, "train.max_steps=12", "train.num_workers=1")
+    train(cfg3)
+    records = read_metrics(cfg3.train_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 3, 6, 9, 12]
+    assert records[-1]["samples_seen"] == 2 * 4 * 9 + 1 * 4 * 3
+    # the weights were restored, not re-initialized: validation loss continues from where it was
+    assert records[-1]["valid"]["en"]["loss"] < records[0]["valid"]["en"]["loss"]
+
 
 def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
     """A baseline far better than anything reachable trips the guard at the first evaluation; with
@@ -103,6 +113,20 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
     # ZeRO-3 holds a slice of every parameter per rank; the export gathers them into whole tensors
     weights = torch.load(cfg.train_dir / "model.pt", weights_only=True)
     assert weights["ar_language_embedding.word_embeddings.weight"].shape == (len(SIZES), 64)
+
+    # A ZeRO-3 checkpoint can't be resharded on load: resuming on 1 worker fails at once, saying how.
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError, match="written by 2 workers and cannot be loaded by 1"):
+        train(
+            _cfg(
+                corpus_cfg,
+                "run.name=guarded",
+                "train.zero_stage=3",
+                "train.max_steps=20",
+                "train.num_workers=1",
+            )
+        )
 
 
 def _train_worker_pids() -> list[int]:

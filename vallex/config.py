@@ -215,7 +215,10 @@ class TrainSection:
     """Distributed training with Ray Train + DeepSpeed."""
 
     num_workers: int = 2
-    """Ray Train workers (data-parallel ranks)."""
+    """Ray Train workers (data-parallel ranks); the most workers when elastic (min_workers > 0)."""
+    min_workers: int = 0
+    """Elastic training: > 0 lets Ray Train run with min_workers..num_workers workers as nodes come and
+    go (spot), restarting from the latest checkpoint at the new size; 0 = always num_workers."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker."""
     use_gpu: bool = False
@@ -253,6 +256,11 @@ class TrainSection:
 
     def __post_init__(self):
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        _require(
+            0 <= self.min_workers <= self.num_workers,
+            "min_workers",
+            f"must be in [0, num_workers={self.num_workers}] (0 = fixed size)",
+        )
         _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         _require(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
         _require(

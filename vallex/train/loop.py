@@ -127,6 +127,45 @@ def consolidated_state_dict(model_engine, zero_stage: int) -> dict[str, torch.Te
     return {k: v.detach().float().cpu() for k, v in state.items()}
 
 
+def global_counts(mix: MixStats, languages: list[str], device) -> dict[str, int]:
+    """Rows drawn per language by all ranks together (a collective: every rank calls it)."""
+    counts = torch.tensor([float(mix.counts.get(lang, 0)) for lang in languages], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return {lang: int(c) for lang, c in zip(languages, counts.tolist(), strict=True)}
+
+
+def resume(model_engine, ckpt_dir: str, saved_world: int, world: int, zero_stage: int, rank: int) -> None:
+    """Load a checkpoint, also when the number of workers changed (elastic training).
+
+    ZeRO partitions optimizer state (stage 1-2) and parameters too (stage 3) by data-parallel rank, so a
+    checkpoint only loads whole at the world size that wrote it (bf16 at stage 0 shards its fp32 master
+    weights too). At another size, stages 0-2 restart
+    from the saved weights with fresh optimizer moments (rank 0's model file holds every weight);
+    stage 3 cannot, and says what to do instead.
+    """
+    if saved_world == world:
+        model_engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
+    elif zero_stage < 3:
+        if rank == 0:
+            log.warning(
+                "checkpoint was written by %d workers, resuming with %d: weights restored, optimizer "
+                "moments reset (ZeRO-%d shards them per worker)",
+                saved_world,
+                world,
+                zero_stage,
+            )
+        model_engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG, load_module_only=True)
+    else:
+        raise RuntimeError(
+            f"this ZeRO-3 checkpoint was written by {saved_world} workers and cannot be loaded by {world}: "
+            f"resume with train.num_workers={saved_world}, or convert it with DeepSpeed's ds_to_universal.py "
+            "and resume from the universal checkpoint, or use train.zero_stage=2 for elastic runs"
+        )
+    if rank == 0:
+        log.info("resumed from a checkpoint written by %d worker(s)", saved_world)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray
     import ray.train
@@ -157,17 +196,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            model_engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
             state = json.loads(Path(d, STATE_FILE).read_text())
-        if rank == 0:
-            log.info("resumed from step %d", state["step"])
+            resume(model_engine, d, state.get("world_size", world), world, cfg.train.zero_stage, rank)
+    state["world_size"] = world
 
     valid_tables = ray.get(loop_config["valid_ref"])
     valid_batches = _validation_batches(
         valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world
     )
     mix = MixStats()
-    mix.counts.update(state["mix"])  # realized language counts so far, restored on resume
+    if rank == 0:  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
+        mix.counts.update(state["mix"])
     g = cfg.train.guard
     guard = ForgettingGuard(
         g.max_rise, g.per_language, loop_config.get("guard_baseline"), g.metric, best=state.get("guard_best")
@@ -220,10 +259,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         last = step == cfg.train.max_steps
         if step == 1 or step % cfg.train.eval_every == 0 or last:
             valid = evaluate(model_engine, valid_batches, languages, device, cfg.train.train_stage)
-            counts = torch.tensor([float(mix.counts.get(lang, 0)) for lang in languages], device=device)
-            if dist.is_initialized():
-                dist.all_reduce(counts)
-            counts = dict(zip(languages, counts.tolist(), strict=True))
+            counts = global_counts(mix, languages, device)
             total = max(sum(counts.values()), 1)
             elapsed = time.perf_counter() - t_window
             record = {
@@ -243,11 +279,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 ray.get(sink.log.remote(record))
             t_window, n_window, loss_window = time.perf_counter(), 0, []
             if stop:  # identical verdict on every rank (all-reduced losses): all stop here together
-                state["mix"], state["guard_best"] = dict(mix.counts), guard.best
+                state["mix"], state["guard_best"] = global_counts(mix, languages, device), guard.best
                 _save_checkpoint(model_engine, state, {"step": step}, rank, cfg.train.zero_stage, export=True)
                 return
 
         if step % cfg.train.checkpoint_every == 0 or last:
-            state["mix"], state["guard_best"] = dict(mix.counts), guard.best
+            state["mix"], state["guard_best"] = global_counts(mix, languages, device), guard.best
             flat = {"step": step}
             _save_checkpoint(model_engine, state, flat, rank, cfg.train.zero_stage, export=last)

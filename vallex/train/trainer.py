@@ -86,7 +86,7 @@ def check_cluster_fits(cfg: Config) -> None:
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
-    reserved = cfg.train.num_workers * cfg.train.cpus_per_worker
+    reserved = (cfg.train.min_workers or cfg.train.num_workers) * cfg.train.cpus_per_worker
     if total - reserved >= 1.0:
         return
     msg = (
@@ -192,7 +192,9 @@ def train(cfg: Config) -> dict:
             "guard_baseline": guard_baseline,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
+            num_workers=(cfg.train.min_workers, cfg.train.num_workers)
+            if cfg.train.min_workers
+            else cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker={
                 "CPU": cfg.train.cpus_per_worker,
