@@ -151,6 +151,8 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
     import threading
     import time
 
+    # One validation row per language: rank 1 holds none and runs filler batches in lockstep with rank 0.
+    write_synthetic_corpus(corpus_cfg / "prepare", SIZES, valid_per_language=1, frames=(15, 40))
     cfg = _cfg(
         corpus_cfg,
         "run.name=faulty",

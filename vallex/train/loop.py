@@ -55,12 +55,18 @@ def _validation_batches(
 
 
 def evaluate(
-    model_engine, valid_batches: dict[str, list], languages: list[str], device, train_stage: str
+    model_engine,
+    valid_batches: dict[str, list],
+    languages: list[str],
+    device,
+    train_stage: str,
+    filler: dict[str, torch.Tensor],
 ) -> dict:
     """All-reduced per-language validation losses and top-10 accuracies.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively inside
-    forward), padding with a repeat of a real batch whose results are discarded.
+    forward); a rank with fewer batches (or none: fewer validation rows than workers) runs ``filler``,
+    a real batch whose results are discarded.
     """
     model_engine.eval()
     sums = torch.zeros(len(languages), len(EVAL_FIELDS), dtype=torch.float64, device=device)
@@ -69,7 +75,6 @@ def evaluate(
         dist.all_reduce(n_local, op=dist.ReduceOp.MAX)
     n_max = int(n_local.item())
     work = [(li, b) for li, lang in enumerate(languages) for b in valid_batches.get(lang, [])]
-    filler = work[0][1] if work else next(b for bs in valid_batches.values() for b in bs)
     with torch.no_grad():
         for i in range(n_max):
             li, batch = work[i] if i < len(work) else (None, filler)
@@ -204,6 +209,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     valid_batches = _validation_batches(
         valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world
     )
+    first = next(iter(valid_tables.values())).slice(0, 1)
+    filler = _validation_batches({"_": first}, language_ids, num_codebooks, 1, 0, 1)["_"][0]
     mix = MixStats()
     if rank == 0:  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
         mix.counts.update(state["mix"])
@@ -258,7 +265,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         last = step == cfg.train.max_steps
         if step == 1 or step % cfg.train.eval_every == 0 or last:
-            valid = evaluate(model_engine, valid_batches, languages, device, cfg.train.train_stage)
+            valid = evaluate(model_engine, valid_batches, languages, device, cfg.train.train_stage, filler)
             counts = global_counts(mix, languages, device)
             total = max(sum(counts.values()), 1)
             elapsed = time.perf_counter() - t_window
