@@ -55,6 +55,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
             assert v["ar_tokens"] > 0 and 0 < v["ar_loss"] < 50 and 0 < v["nar_loss"] < 50, (lang, v)
             assert 0.0 <= v["ar_top10"] <= 1.0
         assert sum(r["realized_fractions"].values()) == pytest.approx(1.0)
+    assert 1.0 < records[-1]["languages_per_batch"] <= 3.0  # batches mix languages
     # uniform weights: the 6-row language is drawn about as often as the others (upsampled 3x+)
     assert records[-1]["realized_fractions"]["ar"] > 0.2
     # The samples counted are every worker's: 2 workers x 4 per batch x steps.

@@ -140,6 +140,14 @@ def global_counts(mix: MixStats, languages: list[str], device) -> dict[str, int]
     return {lang: int(c) for lang, c in zip(languages, counts.tolist(), strict=True)}
 
 
+def languages_per_batch(mix: MixStats, device) -> float:
+    """Mean number of languages in a batch, over every rank's batches since this (re)start."""
+    t = torch.tensor([mix.mean_languages_per_batch * mix.batches, float(mix.batches)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return float(t[0] / t[1]) if t[1] > 0 else 0.0
+
+
 def resume(model_engine, ckpt_dir: str, saved_world: int, world: int, zero_stage: int, rank: int) -> None:
     """Load a checkpoint, also when the number of workers changed (elastic training).
 
@@ -276,6 +284,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 "valid": valid,
                 "realized_fractions": {lang: counts[lang] / total for lang in languages},
                 "samples_seen": int(total),
+                "languages_per_batch": languages_per_batch(mix, device),
                 "samples_per_s": n_window * world / max(elapsed, 1e-9),
                 "time": time.time(),
             }

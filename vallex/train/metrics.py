@@ -80,7 +80,7 @@ def format_record(rec: dict, max_steps: int) -> str:
     fr = " ".join(f"{lang}:{f:.2f}" for lang, f in sorted(rec.get("realized_fractions", {}).items()))
     return (
         f"step {rec['step']:>5}/{max_steps} | train {rec['train_loss']:.3f} | valid ar/nar {langs} | "
-        f"mix {fr} | {rec.get('samples_per_s', 0):.1f} utt/s"
+        f"mix {fr} ({rec.get('languages_per_batch', 0):.1f} lang/batch) | {rec.get('samples_per_s', 0):.1f} utt/s"
     )
 
 
