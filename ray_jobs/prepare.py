@@ -2,6 +2,11 @@
 
     python ray_jobs/prepare.py --config job.yaml
     python ray_jobs/prepare.py --config job.yaml corpus.source=/data/my_manifest.jsonl run.output_dir=runs/mine
+    python ray_jobs/prepare.py --config job.yaml corpus.source=/data/LJSpeech-1.1 corpus.language=en
+    python ray_jobs/prepare.py --config job.yaml corpus.source=/data/cv-corpus-17.0/fr   # Common Voice
+
+corpus.source is a manifest file (JSONL/CSV), an LJSpeech-style folder (metadata.csv + wavs/) or a Common
+Voice folder (validated.tsv + clips/); corpus.layout forces one when detection is not wanted.
 
 Output: <run.output_dir>/prepare/{manifest.json, symbols.json, <lang>/part-NNNNN.parquet}. Re-running
 skips finished shards; adding a language to an existing output writes only its shards.

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
 import wave
 from pathlib import Path
 
@@ -12,9 +18,11 @@ import pytest
 
 from vallex.config import CodecSection, PrepareSection
 from vallex.data.demo_corpus import make_demo_corpus
-from vallex.data.prepare import PrepareError, prepare_corpus
+from vallex.data.prepare import PrepareError, prepare_corpus, progress_postfix, read_shard_stats
 from vallex.data.schema import SHARD_SCHEMA, check_schema, codes_matrix
 from vallex.data.sources import ManifestError, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SETTINGS = PrepareSection(
     codec=CodecSection(pretrained=False), rows_per_shard=4, codec_actors=2, codec_batch_size=4
@@ -107,6 +115,12 @@ def test_prepare_writes_shards_manifest_and_counts_bad_input(ray_cluster, demo_m
     # 8 + 2 en rows with rows_per_shard=4 -> 3 shards (the bad rows are filtered before sharding or inside)
     shards = sorted((out / "en").glob("part-*.parquet"))
     assert [str(p.relative_to(out)) for p in shards] == en["shards"]
+    # per-shard split counts, parallel to the list of shards
+    assert list(en["shard_rows"]) == en["shards"]
+    for rel, counts in en["shard_rows"].items():
+        splits = pq.read_table(out / rel, columns=["split"])["split"].to_pylist()
+        assert counts == {"train": splits.count("train"), "valid": splits.count("valid")}
+    assert sum(c["train"] for c in en["shard_rows"].values()) == en["utterances"]["train"]
     table = pq.read_table(shards[0])
     check_schema(table.schema, str(shards[0]))
     assert table.schema.equals(SHARD_SCHEMA, check_metadata=False)
@@ -166,3 +180,79 @@ def test_manifest_errors_name_file_and_line(tmp_path):
     c.write_text("audio,text,lang,speaker\na.wav,hi,en,s\n")
     with pytest.raises(ManifestError, match="header lacks columns"):
         read_manifest(c)
+
+
+def _shards(out: Path) -> list[Path]:
+    return sorted(out.glob("*/part-*.parquet"))
+
+
+def test_resume_after_a_killed_run(ray_cluster, demo_manifest, tmp_path):
+    """Kill ray_jobs/prepare.py (SIGKILL, its whole process group) once some shards exist, plant what a
+    crash can leave (a temp file, a shard cut short at its final name), re-run: finished shards are kept
+    as they are, the rest are written, and the manifest is the one a clean run produces."""
+    src = _subset(demo_manifest, tmp_path / "m.jsonl", {"en": (4, 2)})
+    args = [
+        "--config",
+        str(ROOT / "job.yaml"),
+        f"corpus.source={src}",
+        "prepare.rows_per_shard=1",
+        "prepare.codec_actors=1",
+        "prepare.codec.pretrained=false",
+        "run.seed=0",
+    ]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    log = (tmp_path / "killed.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "ray_jobs" / "prepare.py"), *args, f"run.output_dir={killed}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the kill below reaches its Ray processes too
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(_shards(killed / "prepare")) < 2:
+            assert proc.poll() is None, (
+                f"prepare exited ({proc.returncode}) before it was killed: see {log.name}"
+            )
+            assert time.monotonic() < deadline, "no shard written in 120 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        log.close()
+    out = killed / "prepare"
+    finished = [p for p in _shards(out) if read_shard_stats(p)[0] is not None]
+    assert 2 <= len(finished) < 6, f"{len(finished)} of 6 shards finished: the kill came too late"
+    assert not (out / "manifest.json").exists()
+
+    # What a crash mid-write leaves: a temp file, and (from a non-atomic writer) a shard cut short.
+    cut = finished.pop()
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert read_shard_stats(cut) == (None, None)
+    tmp = cut.with_name(".part-00005.parquet.tmp-12345")
+    tmp.write_bytes(b"PAR1 half a shard")
+    mtimes = {p: p.stat().st_mtime_ns for p in finished}
+
+    main = runpy.run_path(str(ROOT / "ray_jobs" / "prepare.py"), run_name="vallex_test")["main"]
+    assert main([*args, f"run.output_dir={killed}"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in finished} == mtimes  # finished shards not rewritten
+    assert read_shard_stats(cut)[0] is not None and pq.read_table(cut).num_rows == 1  # the cut one is
+    assert not tmp.exists()
+
+    assert main([*args, f"run.output_dir={clean}"]) == 0
+    resumed = json.loads((out / "manifest.json").read_text())
+    reference = json.loads((clean / "prepare" / "manifest.json").read_text())
+    for m in (resumed, reference):
+        m.pop("created")
+    assert resumed == reference
+    en = resumed["languages"]["en"]
+    assert en["utterances"] == {"train": 4, "valid": 2} and len(en["shards"]) == 6
+
+
+def test_progress_postfix_gives_rates():
+    assert progress_postfix(7200.0, 100, 10.0) == (
+        "10.0 kept utt/s, 0.2000 audio-h/s (720.0x real time), 2.000 h done"
+    )

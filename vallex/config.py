@@ -63,14 +63,35 @@ class CorpusSection:
 
     source: str = "demo"
     """``demo`` synthesizes the embedded multilingual demo corpus with espeak-ng into ``<output_dir>/corpus``;
-    otherwise the path of a manifest (JSONL or CSV with audio, text, language, speaker[, split])."""
+    otherwise the path of a manifest (JSONL or CSV with audio, text, language, speaker[, split]), an
+    LJSpeech-style folder (metadata.csv + wavs/) or a Common Voice folder (validated.tsv + clips/)."""
+    layout: str = "auto"
+    """How ``source`` is laid out: ``manifest``, ``ljspeech``, ``commonvoice``, or ``auto`` (a file is a
+    manifest, a folder with validated.tsv is Common Voice, one with metadata.csv is LJSpeech)."""
+    language: str = ""
+    """ISO 639-1 code of a single-language corpus: required for ``ljspeech``; for ``commonvoice`` it
+    overrides the ``locale`` column. Unused for manifests (they name each row's language)."""
+    speaker: str = ""
+    """Speaker name of an ``ljspeech`` corpus (one speaker); empty uses the folder's name."""
     languages: list[str] = field(default_factory=list)
     """ISO 639-1 codes to prepare (``[en, zh]``); empty means every language in the source."""
     valid_fraction: float = 0.1
     """Fraction of each language's utterances held out for validation when the source has no split column."""
 
     def __post_init__(self):
-        _require(bool(self.source), "source", "must be 'demo' or the path of a manifest")
+        _require(bool(self.source), "source", "must be 'demo' or the path of a manifest or corpus folder")
+        _require(
+            self.layout in ("auto", "manifest", "ljspeech", "commonvoice"),
+            "layout",
+            f"must be one of auto, manifest, ljspeech, commonvoice (got {self.layout!r})",
+        )
+        if self.language:
+            from vallex.text.languages import espeak_voice
+
+            try:
+                espeak_voice(self.language)
+            except ValueError as e:
+                _require(False, "language", str(e))
         _require(0.0 < self.valid_fraction < 1.0, "valid_fraction", "must be in (0, 1)")
 
 
@@ -251,6 +272,9 @@ class TrainSection:
     """Ray Train storage (local dir, NFS, s3://, gs://); empty means ``<output_dir>/ray_results``."""
     max_failures: int = 0
     """Worker failures Ray Train recovers from by restarting from the latest checkpoint."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers: PACK (fewest nodes, Ray's default), SPREAD, STRICT_PACK (one node)
+    or STRICT_SPREAD (each worker on its own node: one GPU node per worker)."""
     guard: GuardSection = field(default_factory=GuardSection)
     """The forgetting guard."""
 

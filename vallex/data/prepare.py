@@ -10,7 +10,10 @@ Two passes, because the phoneme symbol table must be complete before any id is w
 
 Shards are deterministic in content and name (utterances sorted by id, chunked), and each carries a
 fingerprint of its job in the Parquet metadata, so a re-run skips the shards already written and a
-killed run resumes where it stopped. Every dropped utterance is counted by reason in ``manifest.json``.
+killed run resumes where it stopped (a shard is only ever renamed into place complete; temp files a
+kill leaves are removed, and a file that is not a complete shard is rewritten). Every dropped utterance
+is counted by reason in ``manifest.json``, which also lists each language's ``shards`` (paths) and, in
+parallel, ``shard_rows`` (path -> train/valid row counts).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ log = logging.getLogger("vallex.prepare")
 
 MAX_SKIP_EXAMPLES = 5
 SILENCE_PEAK = 1e-4  # a clip whose absolute peak stays below this is digital silence
+TMP_MARK = ".tmp-"  # a shard being written is ".<name>.tmp-<pid>", renamed into place when complete
 
 
 class PrepareError(RuntimeError):
@@ -223,21 +227,30 @@ class ShardEncoder:
         table = pa.Table.from_pydict({f.name: cols.get(f.name, []) for f in schema}, schema=schema)
         path = Path(job["path"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
         pq.write_table(table, tmp)
         os.replace(tmp, path)  # atomic: a reader never sees a half-written shard
         return stats
 
 
 def read_shard_stats(path: Path) -> tuple[str | None, dict | None]:
-    """(job fingerprint, stats) from a shard's Parquet metadata, or (None, None) if unreadable."""
+    """(job fingerprint, stats) from a shard's Parquet metadata, or (None, None) if the file is not a
+    complete shard: unreadable or cut short (no footer), no vallex metadata, or a row count that is not
+    the one its stats recorded. A re-run rewrites such a shard instead of taking it as finished."""
     try:
-        md = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowInvalid):
+        meta = pq.read_metadata(path)
+        md = meta.schema.to_arrow_schema().metadata or {}
+    except (OSError, pa.ArrowException, ValueError):
         return None, None
     if b"vallex_job" not in md or b"vallex_stats" not in md:
         return None, None
-    return md[b"vallex_job"].decode(), json.loads(md[b"vallex_stats"])
+    try:
+        stats = json.loads(md[b"vallex_stats"])
+    except json.JSONDecodeError:
+        return None, None
+    if stats.get("rows") != meta.num_rows:
+        return None, None
+    return md[b"vallex_job"].decode(), stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -318,6 +331,10 @@ def prepare_corpus(
         rows = sorted(by_lang[lang], key=lambda u: u.id)
         n_shards = max(1, math.ceil(len(rows) / settings.rows_per_shard))
         lang_dir = out / lang
+        # Half-written shards of a killed run: never read, never taken as finished; removed here.
+        for tmp in lang_dir.glob(f".part-*{TMP_MARK}*"):
+            log.info("removing %s, left by an interrupted run", tmp)
+            tmp.unlink(missing_ok=True)
         for index in range(n_shards):
             chunk = rows[index * settings.rows_per_shard : (index + 1) * settings.rows_per_shard]
             payload = [{**u.to_dict(), "phonemes": table.encode(phones[u.id])} for u in chunk]
@@ -391,25 +408,40 @@ def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool)
         num_cpus=1,
     )
     total = sum(len(j["rows"]) for j in jobs)
+    # The bar counts input utterances (kept or skipped), so its utt/s is the rate work gets done; the
+    # postfix gives the audio kept per wall-clock second, from the start of the pool (actor start-up
+    # included), in hours/s and as a multiple of real time.
     bar = _bar(total, "encode", "utt", progress)
     t0 = time.perf_counter()
     seconds = 0.0
+    kept = 0
     for row in ds.iter_rows():
         stats = json.loads(row["stats"])
         seconds += stats["seconds"]
+        kept += stats["rows"]
         bar.update(stats["input_rows"])
-        elapsed = max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"{seconds / elapsed:.1f} audio-s/s, {seconds / 3600:.3f} h done")
+        bar.set_postfix_str(progress_postfix(seconds, kept, time.perf_counter() - t0))
     bar.close()
     elapsed = time.perf_counter() - t0
     log.info(
-        "encoded %d utterances (%.1f min of audio) in %.0f s: %.1f audio-seconds/s on %d %s actor(s)",
+        "encoded %d of %d utterances (%.1f min of audio) in %.1f s: %.1f utt/s, %.1f audio-s/s on %d %s actor(s)",
+        kept,
         total,
         seconds / 60,
         elapsed,
+        kept / max(elapsed, 1e-9),
         seconds / max(elapsed, 1e-9),
         n_actors,
         "GPU" if use_gpu else "CPU",
+    )
+
+
+def progress_postfix(audio_seconds: float, kept: int, elapsed: float) -> str:
+    """The encode bar's postfix: kept utterances/s, audio-hours/s (and x real time), hours done."""
+    elapsed = max(elapsed, 1e-9)
+    return (
+        f"{kept / elapsed:.1f} kept utt/s, {audio_seconds / 3600 / elapsed:.4f} audio-h/s "
+        f"({audio_seconds / elapsed:.1f}x real time), {audio_seconds / 3600:.3f} h done"
     )
 
 
@@ -420,6 +452,7 @@ def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dic
         counter = skips[lang]
         entry = {
             "shards": [],
+            "shard_rows": {},  # shard path -> {"train": n, "valid": m}
             "utterances": {"train": 0, "valid": 0},
             "hours": 0.0,
             "frames": 0,
@@ -430,7 +463,9 @@ def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dic
             _, stats = read_shard_stats(path)
             if stats is None:
                 raise PrepareError(f"{path}: shard has no vallex metadata; delete it and re-run preparation")
-            entry["shards"].append(str(path.relative_to(out)))
+            rel = str(path.relative_to(out))
+            entry["shards"].append(rel)
+            entry["shard_rows"][rel] = {s: int(stats["splits"].get(s, 0)) for s in ("train", "valid")}
             for split, n in stats["splits"].items():
                 entry["utterances"][split] += n
             entry["hours"] += stats["seconds"] / 3600
@@ -453,6 +488,15 @@ def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dic
             )
         langs_out[lang] = entry
     for lang, entry in langs_out.items():
+        if "shard_rows" not in entry:  # kept from a manifest written before shard_rows existed
+            entry["shard_rows"] = {}
+            for rel in entry["shards"]:
+                _, stats = read_shard_stats(out / rel)
+                if stats is None:
+                    raise PrepareError(
+                        f"{out / rel}: shard of {lang!r} is unreadable; re-run preparation for it"
+                    )
+                entry["shard_rows"][rel] = {s: int(stats["splits"].get(s, 0)) for s in ("train", "valid")}
         if entry["skipped_total"]:
             log.info(
                 "%s: skipped %d utterance(s): %s",
@@ -487,8 +531,9 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def prepare_from_config(cfg, progress: bool = True) -> dict:
-    """Resolve the configured corpus (the embedded demo, or a manifest) and prepare it."""
-    from vallex.data.sources import read_manifest
+    """Resolve the configured corpus (the embedded demo, a manifest, an LJSpeech or a Common Voice
+    folder) and prepare it."""
+    from vallex.data.sources import read_corpus, read_manifest
 
     if cfg.corpus.source == "demo":
         from vallex.data.demo_corpus import make_demo_corpus
@@ -496,9 +541,15 @@ def prepare_from_config(cfg, progress: bool = True) -> dict:
         manifest_path = make_demo_corpus(
             cfg.corpus_dir, seed=cfg.run.seed, languages=cfg.corpus.languages or None, progress=progress
         )
+        utts = read_manifest(manifest_path, cfg.corpus.languages)
     else:
-        manifest_path = cfg.corpus.source
-    utts = read_manifest(manifest_path, cfg.corpus.languages)
+        utts = read_corpus(
+            cfg.corpus.source,
+            cfg.corpus.layout,
+            language=cfg.corpus.language,
+            speaker=cfg.corpus.speaker,
+            languages=cfg.corpus.languages,
+        )
     return prepare_corpus(
         utts,
         cfg.prepare_dir,
