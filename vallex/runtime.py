@@ -16,7 +16,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     Worker output is not forwarded to the driver: vallex prints its own compact progress, and the
     frameworks' chatter stays in Ray's per-worker log files (``/tmp/ray/session_latest/logs``).
     """
+    # torch before joining a cluster: importing it after ray.init() in a `ray job submit` driver was
+    # seen to abort with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (issue 8 notes).
     import ray
+    import torch  # noqa: F401
     from ray.data import DataContext
 
     if not ray.is_initialized():

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from vallex.config import Config, save_config
+from vallex.storage import check_storage
 from vallex.train.guard import ForgettingGuard, baseline_losses, describe_trips
 from vallex.train.metrics import (
     build_report,
@@ -146,6 +147,7 @@ def train(cfg: Config) -> dict:
     from vallex.train.loop import EXPORT_FILE, train_loop_per_worker
 
     check_cluster_fits(cfg)
+    check_storage(cfg)
     guard_baseline = (
         baseline_losses(cfg.train.guard.baseline, cfg.train.guard.metric)
         if cfg.train.guard.baseline
@@ -200,6 +202,7 @@ def train(cfg: Config) -> dict:
                 "CPU": cfg.train.cpus_per_worker,
                 **({"GPU": 1} if cfg.train.use_gpu else {}),
             },
+            placement_strategy=cfg.train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         datasets={"train": train_ds},
