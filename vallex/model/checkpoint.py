@@ -1,0 +1,327 @@
+"""Model files: the public VALL-E X checkpoint format, vallex's own format, and growing the embeddings.
+
+Two formats, both read with ``torch.load(weights_only=True)`` (tensors and plain containers only, no
+pickled code):
+
+- **Public VALL-E X** (Plachtaa/VALL-E-X ``vallex-checkpoint.pt``): ``{"model": state_dict}``. Our
+  ``paper`` size with ``num_phonemes=2048, num_languages=3`` has its exact keys and shapes, so import and
+  export are a checked ``load_state_dict`` / ``{"model": model.state_dict()}``; no renaming. The file
+  carries no metadata: its id tables are the reference's, documented below, not ours.
+- **vallex** (``save_checkpoint`` / ``load_checkpoint``): the same state dict plus everything needed to
+  rebuild the model without guessing: the full ``VallexConfig``, the named size it came from, the ordered
+  language list (position = language id) and the phoneme symbol list with its table version and
+  fingerprint.
+
+Using the public checkpoint's weights with vallex's data (facts from Plachtaa/VALL-E-X ``macros.py``,
+``models/vallex.py``, ``utils/generation.py``):
+
+- Languages: ``{"en": 0, "zh": 1, "ja": 2}`` (``PUBLIC_LANGUAGES``). Keep that order as the first three
+  entries of the run's language list; ``grow_languages`` appends more rows (e.g. ``ar``) from their mean.
+- Text: ``NUM_TEXT_TOKENS = 2048`` ids from the reference's own tokenizer (``utils/g2p`` symbols,
+  ``PhonemeBpeTokenizer``), a vocabulary that does not match vallex's espeak symbol table id for id.
+  There are two honest ways on: (1) phonemize with the reference's tokenizer and pass its ids (the model
+  needs no change: ids < 2048 embed as trained); or (2) keep vallex's table and *retrain the text
+  embeddings*: ``resize_phonemes(model, len(table))`` then fine-tune on all languages together (the
+  ``ar/nar_text_embedding`` rows no longer mean the reference's tokens; everything else transfers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from vallex.model.vallex import MODEL_SIZES, VallexConfig, VallexModel, paper_config
+
+FORMAT = "vallex"
+FORMAT_VERSION = 1
+PUBLIC_LANGUAGES = ("en", "zh", "ja")  # VALLE.language_ID in the reference
+PUBLIC_NUM_TEXT_TOKENS = 2048  # models/macros.py NUM_TEXT_TOKENS
+LANGUAGE_TABLES = ("ar_language_embedding", "nar_language_embedding")
+PHONEME_TABLES = ("ar_text_embedding", "nar_text_embedding")
+
+
+class CheckpointError(ValueError):
+    """A model file is missing, of the wrong format, or does not fit the model (names what is wrong)."""
+
+
+# ------------------------------------------------------------------------------------- state dicts
+
+
+def load_weights(model: VallexModel, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)`` after checking every key and shape; a mismatch is one error that
+    lists every missing, unexpected and mis-shaped tensor (expected vs got) and names ``source``."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shaped = [
+        f"  {k}: expected {tuple(want[k].shape)}, got {tuple(state[k].shape)}"
+        for k in sorted(set(want) & set(state))
+        if not isinstance(state[k], torch.Tensor) or state[k].shape != want[k].shape
+    ]
+    if missing or unexpected or shaped:
+        c = model.config
+        lines = [
+            f"{source} does not fit the model (d_model={c.d_model}, nhead={c.nhead}, num_layers={c.num_layers}, "
+            f"num_phonemes={c.num_phonemes}, num_languages={c.num_languages}):"
+        ]
+        if shaped:
+            lines += [f"{len(shaped)} tensor(s) with other shapes:", *shaped]
+        if missing:
+            lines.append(f"{len(missing)} missing key(s): {missing}")
+        if unexpected:
+            lines.append(f"{len(unexpected)} unexpected key(s): {unexpected}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state)
+
+
+def _read(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure is "not a weights-only file"
+        raise CheckpointError(
+            f"checkpoint {path} is not a weights-only torch file ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(data).__name__}, expected a dict")
+    return data
+
+
+# -------------------------------------------------------------------------------- public format
+
+
+def import_public(path: str | os.PathLike, config: VallexConfig | None = None) -> VallexModel:
+    """A model holding the public VALL-E X checkpoint's weights (``{"model": state_dict}``).
+
+    ``config`` defaults to the reference's: ``paper`` with 2048 text tokens and 3 languages; pass another
+    (e.g. ``dropout=0.0``) to import into it, and get a ``CheckpointError`` naming every tensor that does
+    not fit. Ids follow the reference (languages ``PUBLIC_LANGUAGES``): see the module docstring.
+    """
+    data = _read(path)
+    if "model" not in data or not isinstance(data["model"], dict):
+        raise CheckpointError(
+            f"checkpoint {path} has keys {sorted(data)[:8]}; the public VALL-E X format is {{'model': state_dict}}"
+        )
+    if config is None:
+        config = paper_config(num_phonemes=PUBLIC_NUM_TEXT_TOKENS, num_languages=len(PUBLIC_LANGUAGES))
+    model = VallexModel(config)
+    load_weights(model, data["model"], f"public VALL-E X checkpoint {path}")
+    return model
+
+
+def export_public(model: VallexModel, path: str | os.PathLike) -> None:
+    """Write ``{"model": state_dict}`` with the reference's key names (identical to ours)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
+# ---------------------------------------------------------------------------------- vallex format
+
+
+def save_checkpoint(
+    model: VallexModel,
+    path: str | os.PathLike,
+    *,
+    languages: Sequence[str],
+    symbols: Sequence[str],
+    symbols_version: int,
+    size: str | None = None,
+) -> None:
+    """Weights + what rebuilding needs: config, size name, languages (id order), phoneme symbols."""
+    from vallex.text.symbols import symbols_fingerprint
+
+    c = model.config
+    if len(languages) != c.num_languages:
+        raise CheckpointError(
+            f"{len(languages)} languages {list(languages)} for a model with {c.num_languages} language rows"
+        )
+    if len(symbols) != c.num_phonemes:
+        raise CheckpointError(
+            f"{len(symbols)} symbols for a model with {c.num_phonemes} phoneme rows; "
+            "resize_phonemes(model, len(table)) first"
+        )
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "size": size,
+        "config": dataclasses.asdict(c),
+        "languages": list(languages),
+        "symbols": {
+            "version": int(symbols_version),
+            "fingerprint": symbols_fingerprint(symbols),
+            "list": list(symbols),
+        },
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a reader never sees half a file
+
+
+def load_checkpoint(
+    path: str | os.PathLike, *, symbols: Sequence[str] | None = None, **config_overrides
+) -> tuple[VallexModel, dict]:
+    """(model, metadata) from a vallex checkpoint; metadata = the file's ``size``, ``config``,
+    ``languages``, ``symbols`` (version, fingerprint, list).
+
+    ``symbols``: the table the caller will encode text with. The same list is fine; a table that extends
+    the checkpoint's (append-only growth) grows the phoneme embeddings to fit (new rows = mean of the old);
+    any other table is an error, since ids would mean other phonemes. ``config_overrides`` replace
+    behaviour-only fields (e.g. ``dropout=0.0``); shapes come from the file.
+    """
+    data = _read(path)
+    if data.get("format") != FORMAT:
+        hint = " (a public VALL-E X checkpoint: use import_public)" if set(data) == {"model"} else ""
+        raise CheckpointError(f"checkpoint {path} is not a vallex checkpoint{hint}")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format_version {data.get('format_version')}; this vallex reads {FORMAT_VERSION}"
+        )
+    fields = {f.name for f in dataclasses.fields(VallexConfig)}
+    unknown = sorted(set(config_overrides) - fields)
+    if unknown:
+        raise CheckpointError(f"unknown model option(s) {unknown}; VallexConfig fields are {sorted(fields)}")
+    config = VallexConfig(**{**{k: v for k, v in data["config"].items() if k in fields}, **config_overrides})
+    model = VallexModel(config)
+    load_weights(model, data["model"], f"vallex checkpoint {path}")
+    meta = {k: data[k] for k in ("size", "config", "languages", "symbols")}
+    if symbols is not None:
+        saved = meta["symbols"]["list"]
+        symbols = list(symbols)
+        if symbols[: len(saved)] != saved:
+            pairs = enumerate(zip(saved, symbols, strict=False))
+            first = next((i for i, (a, b) in pairs if a != b), min(len(saved), len(symbols)))
+            raise CheckpointError(
+                f"the symbol table ({len(symbols)} symbols) is not the checkpoint's ({len(saved)} symbols, "
+                f"version {meta['symbols']['version']}) nor an extension of it (first difference at id {first}); "
+                "use the symbols.json of the data the model was trained on"
+            )
+        if len(symbols) > len(saved):
+            resize_phonemes(model, len(symbols))
+    return model, meta
+
+
+def load_training_export(
+    path: str | os.PathLike,
+    *,
+    symbols: Sequence[str],
+    report: str | os.PathLike | None = None,
+    **config_overrides,
+) -> tuple[VallexModel, dict]:
+    """(model, metadata) from a training run's ``model.pt`` (a plain state dict) and its ``report.json``
+    (default: beside it), which names the size and the languages; the metadata is ``load_checkpoint``'s.
+
+    Width and depth are read from the tensors; the head count cannot be (it changes no shape), so it is the
+    size's unless ``nhead=`` is given. ``symbols`` is the run's symbol table (it may have grown since).
+    """
+    import json
+
+    path = Path(path)
+    report = Path(report) if report else path.with_name("report.json")
+    data = _read(path)
+    if not report.is_file():
+        raise CheckpointError(
+            f"{path} is a bare state dict; its run's report.json ({report}) is needed and missing"
+        )
+    info = json.loads(report.read_text()).get("model") or {}
+    missing = [k for k in ("size", "languages", "num_symbols") if k not in info]
+    if missing:
+        raise CheckpointError(f"{report}: the 'model' section lacks {missing}")
+    if "ar_text_embedding.word_embeddings.weight" not in data:
+        raise CheckpointError(f"{path} is not a vallex model state dict (no ar_text_embedding)")
+    d_model = data["ar_text_embedding.word_embeddings.weight"].shape[1]
+    layers = {int(k.split(".")[2]) for k in data if k.startswith("ar_decoder.layers.")}
+    n = int(info["num_symbols"])
+    symbols = list(symbols)
+    if len(symbols) < n:
+        raise CheckpointError(
+            f"the symbol table has {len(symbols)} symbols but the model in {path} was trained with {n}: "
+            "use the symbols.json of the data it was trained on"
+        )
+    config = MODEL_SIZES[info["size"]](
+        num_phonemes=n,
+        num_languages=len(info["languages"]),
+        d_model=d_model,
+        num_layers=max(layers) + 1,
+        **config_overrides,
+    )
+    model = VallexModel(config)
+    load_weights(model, data, f"training export {path}")
+    from vallex.text.symbols import symbols_fingerprint
+
+    meta = {
+        "size": info["size"],
+        "config": dataclasses.asdict(config),
+        "languages": list(info["languages"]),
+        # The table's version when the model saw it is not recorded in report.json; the ids are its first n.
+        "symbols": {"version": None, "fingerprint": symbols_fingerprint(symbols[:n]), "list": symbols[:n]},
+    }
+    if len(symbols) > n:
+        resize_phonemes(model, len(symbols))
+    return model, meta
+
+
+def load_any(
+    path: str | os.PathLike, *, symbols: Sequence[str], **config_overrides
+) -> tuple[VallexModel, dict]:
+    """A vallex checkpoint, or a training run's ``model.pt`` with its ``report.json`` beside it."""
+    data = _read(path)
+    if data.get("format") == FORMAT:
+        return load_checkpoint(path, symbols=symbols, **config_overrides)
+    if set(data) == {"model"}:
+        raise CheckpointError(
+            f"{path} is a public VALL-E X checkpoint: its text ids are the reference's tokenizer's, not a vallex "
+            "symbol table; import_public() it, then resize_phonemes + fine-tune (see vallex.model.checkpoint)"
+        )
+    return load_training_export(path, symbols=symbols, **config_overrides)
+
+
+# ---------------------------------------------------------------------------------- growing tables
+
+
+def _grow(module: nn.Module, rows: int) -> None:
+    """Give a TokenEmbedding ``rows`` rows: old rows kept bit for bit, new rows = mean of the old ones.
+
+    The mean (not noise) starts a new language/phoneme where the model's existing ones are on average,
+    so its first outputs are an average of known behaviour rather than an out-of-distribution input.
+    """
+    old = module.word_embeddings
+    n, d = old.weight.shape
+    if rows < n:
+        raise CheckpointError(f"cannot shrink an embedding from {n} to {rows} rows (ids would be lost)")
+    if rows == n:
+        return
+    new = nn.Embedding(rows, d, device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight[:n] = old.weight
+        new.weight[n:] = old.weight.mean(0, keepdim=True)
+    new.weight.requires_grad_(old.weight.requires_grad)
+    module.word_embeddings = new
+
+
+def grow_languages(model: VallexModel, num_languages: int) -> VallexModel:
+    """Grow the AR and NAR language embeddings to ``num_languages`` rows (in place; returns the model).
+
+    Existing rows are untouched, so every old language's outputs are bit-identical; build the optimizer
+    after growing (its state refers to the old parameter tensors)."""
+    for name in LANGUAGE_TABLES:
+        _grow(getattr(model, name), num_languages)
+    model.config.num_languages = num_languages
+    return model
+
+
+def resize_phonemes(model: VallexModel, num_phonemes: int) -> VallexModel:
+    """Grow the AR and NAR phoneme embeddings to ``num_phonemes`` rows (in place; returns the model),
+    after an append-only symbol table grew: old ids keep their rows, new ids start from the mean row."""
+    for name in PHONEME_TABLES:
+        _grow(getattr(model, name), num_phonemes)
+    model.config.num_phonemes = num_phonemes
+    return model
