@@ -24,12 +24,7 @@ SYMBOLS = [*SPECIALS, *(f"p{i}" for i in range(36))]  # 40 symbols
 LANGS = ["en", "zh", "fr"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides):

@@ -10,13 +10,7 @@ from vallex.model.vallex import MODEL_SIZES, OUTPUT_KEYS, VallexConfig, build_mo
 NUM_PHONEMES, NUM_LANGUAGES, Q, K = 40, 3, 8, 1024
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine spinning OpenMP threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides):

@@ -20,12 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello there.", "A second, longer sentence to say."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

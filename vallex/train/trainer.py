@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -78,6 +77,31 @@ def guard_summary(records: list[dict], cfg: Config) -> dict:
         "stopped": bool(records and records[-1].get("stopped_by_guard")),
         "verdict": "forgetting" if trips else "ok",
     }
+
+
+def write_model_file(weights_path: Path, out: Path, cfg: Config, corpus, info: dict) -> None:
+    """The consolidated fp32 weights as a self-describing vallex checkpoint (config, languages in id
+    order, the phoneme symbol table): what ray_jobs/synthesize.py and add-language load."""
+    import torch
+
+    from vallex.model.checkpoint import load_weights, save_checkpoint
+    from vallex.model.vallex import build_model
+
+    model = build_model(
+        cfg.model.size,
+        num_phonemes=info["num_symbols"],
+        num_languages=len(info["model_languages"]),
+        **cfg.model.overrides(),
+    )
+    load_weights(model, torch.load(weights_path, weights_only=True), str(weights_path))
+    save_checkpoint(
+        model,
+        out,
+        languages=info["model_languages"],
+        symbols=corpus.symbols,
+        symbols_version=int(corpus.manifest["symbols_version"]),
+        size=cfg.model.size,
+    )
 
 
 def check_cluster_fits(cfg: Config) -> None:
@@ -232,7 +256,7 @@ def train(cfg: Config) -> dict:
         with result.checkpoint.as_directory() as d:
             if (Path(d) / EXPORT_FILE).exists():
                 model_path = train_dir / EXPORT_FILE
-                shutil.copyfile(Path(d) / EXPORT_FILE, model_path)
+                write_model_file(Path(d) / EXPORT_FILE, model_path, cfg, corpus, info)
     report = build_report(
         records,
         {
