@@ -384,8 +384,9 @@ def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool)
     ds = ray.data.from_items(
         [{"job": json.dumps(j, ensure_ascii=False)} for j in jobs], override_num_blocks=len(jobs)
     )
-    # Settings travel as class attributes, not constructor arguments: Ray keeps restartable actors'
-    # constructor arguments in the object store and warns about it on every run.
+    # Settings travel as class attributes of a per-run subclass, so the actor needs no constructor
+    # arguments. (Ray Data still stores the class itself in the object store, and Ray's core worker
+    # prints one "constructor arguments in the object store" line per run; harmless.)
     encoder = type(
         "ShardEncoder",
         (ShardEncoder,),
