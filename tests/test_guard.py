@@ -49,3 +49,8 @@ def test_baseline_report(tmp_path):
     p.write_text(json.dumps({"steps": 3}))
     with pytest.raises(ValueError, match="not a vallex report.json"):
         baseline_losses(str(p), "loss")
+
+
+def test_a_stage_not_trained_is_not_judged():
+    g = ForgettingGuard(max_rise=0.1, metric="nar_loss")
+    assert g.check({"en": {"loss": 3.0, "ar_loss": 3.0, "nar_loss": None}}) == {}

@@ -192,3 +192,14 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
     assert restart_at >= 15
     # The mix counts came back with the checkpoint: every optimizer step counted exactly once.
     assert read_metrics(cfg.train_dir / "metrics.jsonl")[-1]["samples_seen"] == 2 * 4 * 60
+
+
+def test_ar_only_stage_reports_no_nar_figures(ray_cluster, corpus_cfg):
+    cfg = _cfg(
+        corpus_cfg, "run.name=ar-only", "train.num_workers=1", "train.max_steps=3", "train.train_stage=ar"
+    )
+    train(cfg)
+    for r in read_metrics(cfg.train_dir / "metrics.jsonl"):
+        for v in r["valid"].values():
+            assert v["nar_loss"] is None and v["nar_top10"] is None and v["nar_tokens"] == 0
+            assert v["ar_loss"] > 0 and v["loss"] == v["ar_loss"]

@@ -55,6 +55,8 @@ class ForgettingGuard:
         """Verdict per language: reference, loss, relative rise, whether it tripped."""
         verdict = {}
         for lang, v in sorted(valid.items()):
+            if v[self.metric] is None:  # the watched stage isn't trained in this run: nothing to judge
+                continue
             loss = float(v[self.metric])
             if lang in self.baseline:
                 ref, source = self.baseline[lang], "baseline"

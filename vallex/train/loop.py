@@ -87,15 +87,17 @@ def evaluate(
     result = {}
     for li, lang in enumerate(languages):
         s = dict(zip(EVAL_FIELDS, sums[li].tolist(), strict=True))
-        ar = s["ar_loss_sum"] / max(s["ar_tokens"], 1)
-        nar = s["nar_loss_sum"] / max(s["nar_tokens"], 1)
+        # A stage not run (train.train_stage=ar or nar) scored no tokens: its figures are None, not 0.
+        ar = s["ar_loss_sum"] / s["ar_tokens"] if s["ar_tokens"] else None
+        nar = s["nar_loss_sum"] / s["nar_tokens"] if s["nar_tokens"] else None
         result[lang] = {
             "ar_loss": ar,
             "nar_loss": nar,
-            "loss": (ar if s["ar_tokens"] else 0.0) + (nar if s["nar_tokens"] else 0.0),
-            "ar_top10": s["ar_top10_correct"] / max(s["ar_tokens"], 1),
-            "nar_top10": s["nar_top10_correct"] / max(s["nar_tokens"], 1),
+            "loss": (ar or 0.0) + (nar or 0.0),
+            "ar_top10": s["ar_top10_correct"] / s["ar_tokens"] if s["ar_tokens"] else None,
+            "nar_top10": s["nar_top10_correct"] / s["nar_tokens"] if s["nar_tokens"] else None,
             "ar_tokens": int(s["ar_tokens"]),
+            "nar_tokens": int(s["nar_tokens"]),
         }
     return result
 

@@ -45,7 +45,8 @@ class MetricsSink:
             self.tb.add_scalar("train/samples_per_s", record["samples_per_s"], step)
             for lang, v in record["valid"].items():
                 for key in ("loss", "ar_loss", "nar_loss", "ar_top10", "nar_top10"):
-                    self.tb.add_scalar(f"valid_{key}/{lang}", v[key], step)
+                    if v[key] is not None:
+                        self.tb.add_scalar(f"valid_{key}/{lang}", v[key], step)
             for lang, f in record.get("realized_fractions", {}).items():
                 self.tb.add_scalar(f"mix_fraction/{lang}", f, step)
             self.tb.flush()
@@ -72,10 +73,14 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def format_record(rec: dict, max_steps: int) -> str:
     """One compact terminal line: step, train loss, per-language valid AR/NAR loss, throughput."""
     langs = " ".join(
-        f"{lang} {v['ar_loss']:.2f}/{v['nar_loss']:.2f}" for lang, v in sorted(rec["valid"].items())
+        f"{lang} {_fmt(v['ar_loss'])}/{_fmt(v['nar_loss'])}" for lang, v in sorted(rec["valid"].items())
     )
     fr = " ".join(f"{lang}:{f:.2f}" for lang, f in sorted(rec.get("realized_fractions", {}).items()))
     return (
@@ -112,9 +117,8 @@ def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
     for lang in sorted(records[-1]["valid"]):
         steps = [r["step"] for r in records if lang in r["valid"]]
         for ax, key in zip(axes, ("ar_loss", "nar_loss"), strict=True):
-            ax.plot(
-                steps, [r["valid"][lang][key] for r in records if lang in r["valid"]], marker=".", label=lang
-            )
+            values = [r["valid"][lang][key] for r in records if lang in r["valid"]]
+            ax.plot(steps, [float("nan") if v is None else v for v in values], marker=".", label=lang)
     for ax, title in zip(axes, ("AR validation loss", "NAR validation loss"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
