@@ -16,7 +16,6 @@ def parse_config(
     sections: tuple[str, ...],
     argv: list[str] | None = None,
     default_config: str | None = "job.yaml",
-    add_arguments=None,
 ) -> tuple[Config, argparse.Namespace]:
     """Parse ``--config FILE key=value ...``; exit with a clear message on a bad config."""
     parser = argparse.ArgumentParser(
@@ -31,8 +30,6 @@ def parse_config(
         help=f"YAML config file (default: {default_config}); its sections are listed below",
     )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override one config field")
-    if add_arguments:
-        add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

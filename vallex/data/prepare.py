@@ -42,6 +42,7 @@ from vallex.data.schema import (
     shard_name,
 )
 from vallex.data.sources import Utterance
+from vallex.files import write_text_atomic
 
 log = logging.getLogger("vallex.prepare")
 
@@ -371,7 +372,7 @@ def prepare_corpus(
         _run_jobs(jobs, codec, settings, progress)
 
     manifest = _build_manifest(out, languages, skips, codec, table, old_manifest)
-    _write_json_atomic(out / MANIFEST_NAME, manifest)
+    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
 
 
@@ -523,12 +524,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise PrepareError(f"{path}: corrupt JSON ({e}); delete it to rebuild") from None
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def prepare_from_config(cfg, progress: bool = True) -> dict:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from vallex.files import write_text_atomic
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # pad id 0
 
@@ -97,19 +98,8 @@ class SymbolTable:
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temporary file in the same folder + ``os.replace``): a reader, or a run
         killed mid-write, sees the old table or the new one, never half of one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"version": self.version, "symbols": self.symbols, "fingerprint": self.fingerprint}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(payload, f, ensure_ascii=False, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=1))
         self._changed = False
 
     # ------------------------------------------------------------------------------------- content

@@ -269,7 +269,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             model_engine.step()
             state["consumed_batches"] += 1
             n_window += len(np_batch["language"])
-            loss_window.append(float(out["loss"].detach()))
+            loss_window.append(out["loss"].detach())  # no host sync per step; read at evaluation
         step += 1
         state["step"] = step
 
@@ -281,7 +281,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             elapsed = time.perf_counter() - t_window
             record = {
                 "step": step,
-                "train_loss": float(np.mean(loss_window)) if loss_window else float("nan"),
+                "train_loss": float(torch.stack(loss_window).float().mean()) if loss_window else float("nan"),
                 "lr": float(model_engine.get_lr()[0]),
                 "valid": valid,
                 "realized_fractions": {lang: counts[lang] / total for lang in languages},

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from vallex.config import Config, save_config
+from vallex.files import write_text_atomic
 from vallex.storage import check_storage
 from vallex.train.guard import ForgettingGuard, baseline_losses, describe_trips
 from vallex.train.metrics import (
@@ -41,7 +42,8 @@ def _corpus_info(cfg: Config):
             f"data.languages: {unknown} have no prepared shards in {cfg.prepare_dir} "
             f"(prepared: {sorted(corpus.languages)}); run ray_jobs/prepare.py for them first"
         )
-    counts = {lang: corpus.counts("train")[lang] for lang in languages}
+    train_counts = corpus.counts("train")
+    counts = {lang: train_counts[lang] for lang in languages}
     budget = cfg.train.max_steps * cfg.train.grad_accum * cfg.train.batch_size * cfg.train.num_workers
     weights = resolve_weights(cfg.data.weights, counts, alpha=cfg.data.alpha, budget=budget)
     # The model's language rows: one per trained language, in a fixed (sorted) order.
@@ -181,8 +183,9 @@ def train(cfg: Config) -> dict:
     train_dir.mkdir(parents=True, exist_ok=True)
     corpus, info = _corpus_info(cfg)
     save_config(cfg, train_dir / "config.yaml")
-    (train_dir / "weights.json").write_text(
-        json.dumps({"weights": info["weights"], "counts": info["counts"]}, indent=2)
+    write_text_atomic(
+        train_dir / "weights.json",
+        json.dumps({"weights": info["weights"], "counts": info["counts"]}, indent=2),
     )
     log.info(
         "languages %s; sampling weights %s",
@@ -275,7 +278,7 @@ def train(cfg: Config) -> dict:
             "guard": guard_summary(records, cfg),
         },
     )
-    (train_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(train_dir / "report.json", json.dumps(report, indent=2))
     plot_losses(records, train_dir / "valid_loss.png")
     log.info("per-language validation loss (AR + NAR):\n%s", loss_table(records))
     log.info(
