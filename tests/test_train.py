@@ -203,3 +203,43 @@ def test_ar_only_stage_reports_no_nar_figures(ray_cluster, corpus_cfg):
         for v in r["valid"].values():
             assert v["nar_loss"] is None and v["nar_top10"] is None and v["nar_tokens"] == 0
             assert v["ar_loss"] > 0 and v["loss"] == v["ar_loss"]
+
+
+def test_init_from_keeps_old_ids_and_watches_languages_it_does_not_train(ray_cluster, tmp_path):
+    """train.init_from: start from a trained model, add a language, train on it alone (the naive way);
+    every language the model knew is still evaluated, from step 0, against its step-0 loss."""
+    write_synthetic_corpus(tmp_path / "prepare", SIZES, valid_per_language=5, frames=(15, 40))
+    one = ["train.num_workers=1", "train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=3"]
+    base = _cfg(tmp_path, "run.name=base", "data.languages=[zh, en]", *one)
+    base_report = train(base)
+    assert base_report["model"]["languages"] == ["en", "zh"]
+
+    grown = _cfg(
+        tmp_path / "grown",
+        "run.name=grown",
+        f"run.prepared_dir={tmp_path / 'prepare'}",
+        f"train.init_from={base.train_dir / 'model.pt'}",
+        "data.languages=[ar]",
+        *one,
+    )
+    report = train(grown)
+    records = read_metrics(grown.train_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 3]
+    zero = records[0]
+    assert zero["train_loss"] is None and set(zero["valid"]) == {"en", "zh", "ar"}
+    # Step 0 is the base model itself: same weights, same validation rows, same loss.
+    for lang in ("en", "zh"):
+        assert zero["valid"][lang]["loss"] == pytest.approx(
+            base_report["languages"][lang]["last"]["loss"], 1e-5
+        )
+        assert records[-1]["guard"][lang]["reference_from"] == "initial"
+        assert records[-1]["guard"][lang]["reference"] == pytest.approx(zero["valid"][lang]["loss"])
+    assert records[-1]["guard"]["ar"]["reference_from"] == "best"
+    assert all(r["realized_fractions"] == {"ar": 1.0} for r in records[1:])  # trained on ar alone
+    assert report["trained_languages"] == ["ar"] and report["model"]["languages"] == ["en", "zh", "ar"]
+
+    from vallex.model.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(grown.train_dir / "model.pt")
+    assert meta["languages"] == ["en", "zh", "ar"]  # old ids kept, the new language appended
+    assert model.ar_language_embedding.word_embeddings.weight.shape[0] == 3

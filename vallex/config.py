@@ -51,6 +51,9 @@ class RunSection:
     """Root of this run's files: ``corpus/`` (demo audio), ``prepare/`` (shards), ``train/`` (metrics, report)."""
     seed: int = 0
     """Seed for data splits, mixing order and model init; the same seed gives the same run."""
+    prepared_dir: str = ""
+    """Prepared shards to train on (``ray_jobs/prepare.py`` output); empty means ``<output_dir>/prepare``.
+    Lets several runs (Tune trials, add-language) share one prepared corpus."""
 
     def __post_init__(self):
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
@@ -275,6 +278,11 @@ class TrainSection:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     """How Ray places the workers: PACK (fewest nodes, Ray's default), SPREAD, STRICT_PACK (one node)
     or STRICT_SPREAD (each worker on its own node: one GPU node per worker)."""
+    init_from: str = ""
+    """Start from a trained model: a vallex checkpoint or a run's ``model.pt`` (its report.json beside it).
+    Its languages keep their ids, new ones in ``data.languages`` get new rows; the phoneme embedding grows
+    if the corpus's symbol table extends the model's; the shape is the checkpoint's (``model.size`` is
+    ignored). Every language the model knows is evaluated, trained or not, first at step 0."""
     guard: GuardSection = field(default_factory=GuardSection)
     """The forgetting guard."""
 
@@ -349,7 +357,7 @@ class Config:
 
     @property
     def prepare_dir(self) -> Path:
-        return self.output_dir / "prepare"
+        return Path(self.run.prepared_dir) if self.run.prepared_dir else self.output_dir / "prepare"
 
     @property
     def train_dir(self) -> Path:

@@ -108,7 +108,7 @@ def check_storage(cfg) -> None:
     """The early storage check of a training run (``cfg`` is a :class:`vallex.config.Config`).
 
     ``train.storage_path``: a URI must have a known scheme; a local path must be visible from every
-    live node when there are several. The prepared corpus (``<run.output_dir>/prepare``) is always a
+    live node when there are several. The prepared corpus (``run.prepared_dir``, default ``<run.output_dir>/prepare``) is always a
     local path and gets the same visibility check.
     """
     nodes = _alive_nodes()
@@ -118,7 +118,8 @@ def check_storage(cfg) -> None:
     else:
         check_shared(storage, "train.storage_path", nodes)
     if cfg.prepare_dir.exists():
-        check_shared(cfg.prepare_dir.resolve(), "run.output_dir (its prepare/ shards)", nodes)
+        key = "run.prepared_dir" if cfg.run.prepared_dir else "run.output_dir (its prepare/ shards)"
+        check_shared(cfg.prepare_dir.resolve(), key, nodes)
     if len(nodes) == 1 and not is_uri(storage) and os.environ.get("RAY_ADDRESS"):
         log.info(
             "storage %s is local: fine on this one-node cluster; nodes that join later (autoscaling) "

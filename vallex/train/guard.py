@@ -1,8 +1,9 @@
 """The forgetting guard: notice the moment a language starts to be forgotten.
 
 After every evaluation each language's validation loss is compared with a reference: the best loss
-this run has seen for it, or the language's final loss in an earlier run's ``report.json`` (for
-instance the base model before a new language was added). A rise of more than ``max_rise`` (relative)
+this run has seen for it, the language's final loss in an earlier run's ``report.json``, or — when the
+run starts from a trained model (``train.init_from``) — the loss the model had at step 0, before this
+run trained it (so adding a language is judged against the model it started from). A rise of more than ``max_rise`` (relative)
 trips the guard: the driver prints a loud warning, and with ``action: stop`` every rank stops after
 checkpointing. The validation losses are all-reduced, so every rank reaches the same verdict and stops
 at the same step: no rank is left waiting in a collective.
@@ -41,12 +42,14 @@ class ForgettingGuard:
         baseline: dict[str, float] | None = None,
         metric: str = "loss",
         best: dict[str, float] | None = None,
+        source: str = "baseline",
     ):
         self.max_rise = max_rise
         self.per_language = dict(per_language or {})
         self.baseline = dict(baseline or {})
         self.metric = metric
         self.best: dict[str, float] = dict(best or {})  # restored from a checkpoint on resume
+        self.source = source  # what the baseline losses are: "baseline" (a report.json) or "initial"
 
     def threshold(self, lang: str) -> float:
         return self.per_language.get(lang, self.max_rise)
@@ -59,7 +62,7 @@ class ForgettingGuard:
                 continue
             loss = float(v[self.metric])
             if lang in self.baseline:
-                ref, source = self.baseline[lang], "baseline"
+                ref, source = self.baseline[lang], self.source
             else:
                 ref, source = self.best.get(lang, loss), "best"
             rise = (loss - ref) / ref if ref > 0 and math.isfinite(ref) else 0.0

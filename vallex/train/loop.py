@@ -19,9 +19,11 @@ import torch.distributed as dist
 from vallex.config import Config, config_from_dict
 from vallex.data.collate import collate
 from vallex.data.mixing import MixStats
-from vallex.model.vallex import OUTPUT_KEYS, build_model
+from vallex.model.checkpoint import load_weights
+from vallex.model.vallex import OUTPUT_KEYS, VallexConfig, VallexModel
 from vallex.train import engine as ds_engine
 from vallex.train.guard import ForgettingGuard
+from vallex.train.metrics import flat_metrics
 
 log = logging.getLogger("vallex.train")
 
@@ -187,10 +189,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg: Config = config_from_dict(loop_config["config"])
     info = loop_config["corpus"]
-    languages: list[str] = info["languages"]
+    languages: list[str] = info["languages"]  # trained (mixed) languages
+    eval_languages: list[str] = info.get("eval_languages", languages)
     language_ids: dict[str, int] = info["language_ids"]
     num_codebooks: int = info["num_codebooks"]
     sink = loop_config.get("sink")
+    objective = loop_config.get("objective")
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -199,16 +203,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not cfg.train.use_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
-    model = build_model(
-        cfg.model.size,
-        num_phonemes=info["num_symbols"],
-        num_languages=len(info["model_languages"]),
-        **cfg.model.overrides(),
-    )
+    model = VallexModel(VallexConfig(**info["model_config"]))
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and loop_config.get("init_state") is not None:  # train.init_from, grown by the driver
+        load_weights(model, ray.get(loop_config["init_state"]), cfg.train.init_from)
     model_engine, _, _ = ds_engine.initialize(model, cfg.train)
 
-    state = {"step": 0, "consumed_batches": 0, "mix": {}, "guard_best": {}}
-    ckpt = ray.train.get_checkpoint()
+    state = {"step": 0, "consumed_batches": 0, "mix": {}, "guard_best": {}, "initial": None}
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = json.loads(Path(d, STATE_FILE).read_text())
@@ -225,9 +226,64 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if rank == 0:  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
         mix.counts.update(state["mix"])
     g = cfg.train.guard
-    guard = ForgettingGuard(
-        g.max_rise, g.per_language, loop_config.get("guard_baseline"), g.metric, best=state.get("guard_best")
-    )
+
+    def make_guard(initial: dict | None) -> ForgettingGuard:
+        # Reference per language: train.guard.baseline's file, else (init_from) the loss the languages the
+        # model already knew had before this run trained it, else the run's own best.
+        from_file = loop_config.get("guard_baseline")
+        return ForgettingGuard(
+            g.max_rise,
+            g.per_language,
+            from_file or initial,
+            g.metric,
+            best=state.get("guard_best"),
+            source="baseline" if from_file else "initial",
+        )
+
+    guard = make_guard(state.get("initial"))
+
+    def evaluation(step: int, train_loss: float | None, t_window: float, n_window: int) -> dict:
+        """Evaluate every language; the record metrics.jsonl keeps (identical on every rank)."""
+        valid = evaluate(model_engine, valid_batches, eval_languages, device, cfg.train.train_stage, filler)
+        counts = global_counts(mix, languages, device)
+        total = max(sum(counts.values()), 1)
+        elapsed = time.perf_counter() - t_window
+        return {
+            "step": step,
+            "train_loss": train_loss,
+            "lr": float(model_engine.get_lr()[0]),
+            "valid": valid,
+            "realized_fractions": {lang: counts[lang] / total for lang in languages},
+            "samples_seen": int(sum(counts.values())),
+            "languages_per_batch": languages_per_batch(mix, device),
+            "samples_per_s": n_window * world / max(elapsed, 1e-9),
+            "time": time.time(),
+        }
+
+    def publish(record: dict) -> dict:
+        """Send the record to the driver's sink (rank 0); the flat metrics every rank reports."""
+        if rank == 0 and sink is not None:
+            ray.get(sink.log.remote(record))
+        metrics = flat_metrics(record)
+        if objective:
+            from vallex.tune.objective import score
+
+            metrics.update(score(record["valid"], **objective))
+        return metrics
+
+    if cfg.train.init_from and ckpt is None:
+        # Step 0: where every language stands before this run trains the model (the forgetting baseline).
+        record = evaluation(0, None, time.perf_counter(), 0)
+        known = set(info.get("init_languages", []))
+        state["initial"] = {
+            lang: v[g.metric]
+            for lang, v in record["valid"].items()
+            if lang in known and v[g.metric] is not None
+        }
+        guard = make_guard(state["initial"])
+        record["guard"] = guard.check(record["valid"])
+        record["stopped_by_guard"] = False
+        ray.train.report(publish(record))
 
     shard = ray.train.get_dataset_shard("train")
 
@@ -274,34 +330,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state["step"] = step
 
         last = step == cfg.train.max_steps
-        if step == 1 or step % cfg.train.eval_every == 0 or last:
-            valid = evaluate(model_engine, valid_batches, languages, device, cfg.train.train_stage, filler)
-            counts = global_counts(mix, languages, device)
-            total = max(sum(counts.values()), 1)
-            elapsed = time.perf_counter() - t_window
-            record = {
-                "step": step,
-                "train_loss": float(torch.stack(loss_window).float().mean()) if loss_window else float("nan"),
-                "lr": float(model_engine.get_lr()[0]),
-                "valid": valid,
-                "realized_fractions": {lang: counts[lang] / total for lang in languages},
-                "samples_seen": int(total),
-                "languages_per_batch": languages_per_batch(mix, device),
-                "samples_per_s": n_window * world / max(elapsed, 1e-9),
-                "time": time.time(),
-            }
-            record["guard"] = guard.check(valid)
-            stop = g.action == "stop" and bool(ForgettingGuard.tripped(record["guard"]))
-            record["stopped_by_guard"] = stop
-            if rank == 0 and sink is not None:
-                ray.get(sink.log.remote(record))
-            t_window, n_window, loss_window = time.perf_counter(), 0, []
-            if stop:  # identical verdict on every rank (all-reduced losses): all stop here together
-                state["mix"], state["guard_best"] = global_counts(mix, languages, device), guard.best
-                _save_checkpoint(model_engine, state, {"step": step}, rank, cfg.train.zero_stage, export=True)
-                return
-
-        if step % cfg.train.checkpoint_every == 0 or last:
+        checkpoint = step % cfg.train.checkpoint_every == 0 or last
+        # Every checkpoint is evaluated too, so each one carries its metrics (keep-best, Tune).
+        if not (step == 1 or step % cfg.train.eval_every == 0 or checkpoint):
+            continue
+        train_loss = float(torch.stack(loss_window).float().mean()) if loss_window else None
+        record = evaluation(step, train_loss, t_window, n_window)
+        record["guard"] = guard.check(record["valid"])
+        stop = g.action == "stop" and bool(ForgettingGuard.tripped(record["guard"]))
+        record["stopped_by_guard"] = stop
+        metrics = publish(record)
+        t_window, n_window, loss_window = time.perf_counter(), 0, []
+        if stop or checkpoint:  # the verdict is identical on every rank (all-reduced losses)
             state["mix"], state["guard_best"] = global_counts(mix, languages, device), guard.best
-            flat = {"step": step}
-            _save_checkpoint(model_engine, state, flat, rank, cfg.train.zero_stage, export=last)
+            _save_checkpoint(model_engine, state, metrics, rank, cfg.train.zero_stage, export=last or stop)
+        else:
+            ray.train.report(metrics)  # a barrier: every rank reports at the same steps
+        if stop:
+            return

@@ -40,7 +40,8 @@ class MetricsSink:
         self.pending.append(record)
         if self.tb is not None:
             step = record["step"]
-            self.tb.add_scalar("train/loss", record["train_loss"], step)
+            if record["train_loss"] is not None:  # None at step 0 (evaluated before training)
+                self.tb.add_scalar("train/loss", record["train_loss"], step)
             self.tb.add_scalar("train/lr", record["lr"], step)
             self.tb.add_scalar("train/samples_per_s", record["samples_per_s"], step)
             for lang, v in record["valid"].items():
@@ -66,6 +67,23 @@ def sink_on_this_node(path: str, truncate: bool, tensorboard_dir: str | None = N
     ).remote(path, truncate, tensorboard_dir)
 
 
+def flat_metrics(record: dict) -> dict[str, float]:
+    """What every rank reports to Ray Train at an evaluation (Tune sees rank 0's): step, train loss,
+    ``<loss>/<lang>`` for loss, ar_loss, nar_loss, and the mean and max of ``loss`` over languages."""
+    out: dict[str, float] = {"step": record["step"]}
+    if record["train_loss"] is not None:
+        out["train_loss"] = record["train_loss"]
+    for lang, v in sorted(record["valid"].items()):
+        for key in ("loss", "ar_loss", "nar_loss"):
+            if v[key] is not None:
+                out[f"{key}/{lang}"] = v[key]
+    losses = [v["loss"] for v in record["valid"].values()]
+    if losses:
+        out["loss_mean"] = sum(losses) / len(losses)
+        out["loss_max"] = max(losses)
+    return out
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     p = Path(path)
     if not p.exists():
@@ -84,7 +102,7 @@ def format_record(rec: dict, max_steps: int) -> str:
     )
     fr = " ".join(f"{lang}:{f:.2f}" for lang, f in sorted(rec.get("realized_fractions", {}).items()))
     return (
-        f"step {rec['step']:>5}/{max_steps} | train {rec['train_loss']:.3f} | valid ar/nar {langs} | "
+        f"step {rec['step']:>5}/{max_steps} | train {_fmt(rec['train_loss'])} | valid ar/nar {langs} | "
         f"mix {fr} ({rec.get('languages_per_batch', 0):.1f} lang/batch) | {rec.get('samples_per_s', 0):.1f} utt/s"
     )
 

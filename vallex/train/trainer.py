@@ -6,6 +6,7 @@ touches tensors itself: workers run :func:`vallex.train.loop.train_loop_per_work
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,9 +31,15 @@ log = logging.getLogger("vallex.train")
 
 
 def _corpus_info(cfg: Config):
-    """Open the prepared corpus, choose languages, resolve sampling weights."""
+    """Open the prepared corpus, choose languages, resolve sampling weights, fix the model's shape.
+
+    Returns ``(corpus, info, init_state)``: ``init_state`` is the state dict to start from
+    (``train.init_from``, grown to this run's languages and symbols) or None for a fresh model.
+    """
     from vallex.data.corpus import PreparedCorpus
     from vallex.data.weights import resolve_weights
+    from vallex.model.checkpoint import grow_languages
+    from vallex.model.vallex import MODEL_SIZES
 
     corpus = PreparedCorpus.open(cfg.prepare_dir)
     languages = list(cfg.data.languages) or list(corpus.languages)
@@ -46,19 +53,76 @@ def _corpus_info(cfg: Config):
     counts = {lang: train_counts[lang] for lang in languages}
     budget = cfg.train.max_steps * cfg.train.grad_accum * cfg.train.batch_size * cfg.train.num_workers
     weights = resolve_weights(cfg.data.weights, counts, alpha=cfg.data.alpha, budget=budget)
-    # The model's language rows: one per trained language, in a fixed (sorted) order.
-    model_languages = sorted(languages)
+    init_state, init_languages = None, []
+    if cfg.train.init_from:
+        model, meta = _initial_model(cfg, corpus)
+        init_languages = list(meta["languages"])
+        # The checkpoint's languages keep their ids; new ones get the next rows.
+        model_languages = init_languages + sorted(set(languages) - set(init_languages))
+        grow_languages(model, len(model_languages))
+        unwatched = sorted(set(init_languages) - set(corpus.languages))
+        if unwatched:
+            log.warning(
+                "WARNING: the model knows %s but %s has no validation data for them: their forgetting "
+                "cannot be watched; prepare them too (a small replay subset is enough)",
+                unwatched,
+                cfg.prepare_dir,
+            )
+        model_config = dataclasses.asdict(model.config)
+        size = meta["size"] or cfg.model.size
+        init_state = model.state_dict()
+        log.info(
+            "starting from %s (%s, languages %s); model languages now %s",
+            cfg.train.init_from,
+            size,
+            init_languages,
+            model_languages,
+        )
+    else:
+        model_languages = sorted(languages)
+        size = cfg.model.size
+        model_config = dataclasses.asdict(
+            MODEL_SIZES[size](
+                num_phonemes=corpus.num_symbols, num_languages=len(model_languages), **cfg.model.overrides()
+            )
+        )
+    # Every language the model knows and the corpus can validate is evaluated, trained or not.
+    eval_languages = sorted(set(languages) | (set(init_languages) & set(corpus.languages)))
     info = {
         "languages": sorted(languages),
+        "eval_languages": eval_languages,
+        "init_languages": init_languages,
         "model_languages": model_languages,
         "language_ids": {lang: i for i, lang in enumerate(model_languages)},
+        "model_config": model_config,
+        "size": size,
         "num_symbols": corpus.num_symbols,
         "num_codebooks": corpus.num_codebooks,
         "counts": counts,
         "weights": weights,
         "budget_rows": budget,
     }
-    return corpus, info
+    return corpus, info, init_state
+
+
+def _initial_model(cfg: Config, corpus):
+    """The ``train.init_from`` model, its phoneme table grown to the corpus's symbols; (model, meta)."""
+    from vallex.model.checkpoint import load_any
+
+    path = Path(cfg.train.init_from)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"train.init_from: {path} does not exist (expected a vallex checkpoint or a run's model.pt)"
+        )
+    try:
+        return load_any(
+            path,
+            symbols=corpus.symbols,
+            dropout=cfg.model.dropout,
+            activation_checkpointing=cfg.model.activation_checkpointing,
+        )
+    except ValueError as e:
+        raise ValueError(f"train.init_from: {e}") from None
 
 
 def guard_summary(records: list[dict], cfg: Config) -> dict:
@@ -73,7 +137,8 @@ def guard_summary(records: list[dict], cfg: Config) -> dict:
         "metric": cfg.train.guard.metric,
         "max_rise": cfg.train.guard.max_rise,
         "per_language": cfg.train.guard.per_language,
-        "baseline": cfg.train.guard.baseline or None,
+        "baseline": cfg.train.guard.baseline
+        or (f"step-0 losses of {cfg.train.init_from}" if cfg.train.init_from else None),
         "trips": trips,
         "final": records[-1].get("guard", {}) if records else {},
         "stopped": bool(records and records[-1].get("stopped_by_guard")),
@@ -87,14 +152,9 @@ def write_model_file(weights_path: Path, out: Path, cfg: Config, corpus, info: d
     import torch
 
     from vallex.model.checkpoint import load_weights, save_checkpoint
-    from vallex.model.vallex import build_model
+    from vallex.model.vallex import VallexConfig, VallexModel
 
-    model = build_model(
-        cfg.model.size,
-        num_phonemes=info["num_symbols"],
-        num_languages=len(info["model_languages"]),
-        **cfg.model.overrides(),
-    )
+    model = VallexModel(VallexConfig(**info["model_config"]))
     load_weights(model, torch.load(weights_path, weights_only=True), str(weights_path))
     save_checkpoint(
         model,
@@ -102,7 +162,7 @@ def write_model_file(weights_path: Path, out: Path, cfg: Config, corpus, info: d
         languages=info["model_languages"],
         symbols=corpus.symbols,
         symbols_version=int(corpus.manifest["symbols_version"]),
-        size=cfg.model.size,
+        size=info["size"],
     )
 
 
@@ -162,8 +222,13 @@ def _poll(sink, max_steps: int, stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training as configured; returns the report (also written to train_dir/report.json)."""
+def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
+    """Run (or resume) training as configured; returns the report (also written to train_dir/report.json).
+
+    ``callbacks``: extra Ray Train callbacks (Tune passes its ``TuneReportCallback``). ``objective``:
+    keyword arguments of :func:`vallex.tune.objective.score`, computed by the workers at every evaluation
+    and reported with the metrics (what a Tune search minimizes).
+    """
     import ray
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -181,7 +246,7 @@ def train(cfg: Config) -> dict:
     )
     train_dir = cfg.train_dir
     train_dir.mkdir(parents=True, exist_ok=True)
-    corpus, info = _corpus_info(cfg)
+    corpus, info, init_state = _corpus_info(cfg)
     save_config(cfg, train_dir / "config.yaml")
     write_text_atomic(
         train_dir / "weights.json",
@@ -198,7 +263,8 @@ def train(cfg: Config) -> dict:
     train_ds = build_mixed_dataset(
         corpus, info["weights"], num_rows=num_rows, seed=cfg.run.seed, window_rows=cfg.data.window_rows
     )
-    valid_ref = ray.put({lang: corpus.read_split(lang, "valid") for lang in info["languages"]})
+    valid_ref = ray.put({lang: corpus.read_split(lang, "valid") for lang in info["eval_languages"]})
+    init_ref = ray.put(init_state) if init_state is not None else None
 
     storage = cfg.storage_path
     run_dir = Path(storage) / cfg.run.name if "://" not in storage else None
@@ -219,6 +285,8 @@ def train(cfg: Config) -> dict:
             "valid_ref": valid_ref,
             "sink": sink,
             "guard_baseline": guard_baseline,
+            "init_state": init_ref,
+            "objective": objective,
         },
         scaling_config=ScalingConfig(
             num_workers=(cfg.train.min_workers, cfg.train.num_workers)
@@ -239,6 +307,7 @@ def train(cfg: Config) -> dict:
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
         ),
     )
     stop = threading.Event()
@@ -266,7 +335,7 @@ def train(cfg: Config) -> dict:
             "weights": info["weights"],
             "train_counts": info["counts"],
             "model": {
-                "size": cfg.model.size,
+                "size": info["size"],
                 "languages": info["model_languages"],
                 "num_symbols": info["num_symbols"],
             },
@@ -275,6 +344,8 @@ def train(cfg: Config) -> dict:
             "wall_seconds": time.time() - t0,
             "num_workers": cfg.train.num_workers,
             "zero_stage": cfg.train.zero_stage,
+            "init_from": cfg.train.init_from or None,
+            "trained_languages": info["languages"],
             "guard": guard_summary(records, cfg),
         },
     )

@@ -1,0 +1,430 @@
+"""Add a language to a trained model without forgetting the ones it already speaks.
+
+The recipe, one :func:`add_language` call (``ray_jobs/add_language.py`` is its command line):
+
+1. **baseline**: the run starts from the trained model (``train.init_from``) and evaluates every
+   language it can validate at step 0, before any update: the old languages' losses there are the
+   reference the forgetting guard and the report compare against;
+2. **grow**: the AR and NAR language embeddings get a row per new language, and the phoneme embeddings
+   grow when the new language brought symbols the model has never seen; old rows are untouched, so
+   the old languages' outputs are bit-identical before training (``vallex.model.checkpoint``);
+3. **train on a mix** of the new and old languages (``data.weights``, a replay ratio, or a Tune
+   ``best_weights.json``) with the guard on — or, with ``mode="naive"``, on the new language alone,
+   which is what fails;
+4. **evaluate again**, and write ``<out>/forgetting_report.json`` (per language: baseline, final and
+   relative change, the new language's curve, the guard's verdict) and ``<out>/forgetting.png``.
+
+Everything runs through :func:`vallex.train.trainer.train`: Ray Data mixing, Ray Train + DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vallex.config import WEIGHT_POLICIES, Config, config_from_dict
+from vallex.files import write_text_atomic
+
+log = logging.getLogger("vallex.add_language")
+
+MODES = ("vallex", "naive")
+REPORT_NAME = "forgetting_report.json"
+FIGURE_NAME = "forgetting.png"
+
+
+class AddLanguageError(ValueError):
+    """The add-language request cannot work as given; the message names the file, key or language."""
+
+
+@dataclass
+class AddLanguagePlan:
+    """What an add-language run will do, decided before any Ray work starts."""
+
+    mode: str
+    base: str
+    """The checkpoint the run starts from."""
+    out_dir: str
+    old_languages: list[str]
+    """The base model's languages, in id order."""
+    new_languages: list[str]
+    trained_languages: list[str]
+    """What the training stream mixes: the new languages (naive), or those plus the old ones with shards."""
+    unwatched: list[str]
+    """Old languages without prepared validation data: their forgetting cannot be measured."""
+    weights: str | dict[str, float]
+    """``data.weights`` of the training run."""
+    replay_ratio: float | None
+    new_phonemes: int
+    """Symbols the prepared corpus adds to the base model's phoneme table."""
+    config: Config = field(repr=False)
+    """The training run's config (``train.init_from`` = base, ``data.languages`` = trained languages)."""
+
+    def describe(self) -> str:
+        w = (
+            ", ".join(f"{lang}={v:.3f}" for lang, v in self.weights.items())
+            if isinstance(self.weights, dict)
+            else str(self.weights)
+        )
+        return (
+            f"mode {self.mode}: model languages {self.old_languages} + new {self.new_languages}"
+            f"{f' (+{self.new_phonemes} phoneme symbols)' if self.new_phonemes else ''}; "
+            f"training on {self.trained_languages} with weights {w}; "
+            f"{self.config.train.max_steps} steps, guard max_rise {self.config.train.guard.max_rise:g} "
+            f"({self.config.train.guard.action})"
+        )
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def replay_weights(
+    counts: dict[str, int], old: list[str], new: list[str], ratio: float, alpha: float
+) -> dict[str, float]:
+    """Explicit weights: the old languages share ``ratio`` of the stream, the new ones ``1 - ratio``;
+    within each group by temperature sampling (p ~ n ** alpha), so a big old language is not all of it."""
+    from vallex.data.weights import resolve_weights
+
+    if not 0.0 < ratio < 1.0:
+        raise AddLanguageError(
+            f"replay ratio {ratio:g}: must be in (0, 1), the old languages' share of the training stream "
+            "(0 trains the new language alone: that is --naive)"
+        )
+    out: dict[str, float] = {}
+    for group, share in ((old, ratio), (new, 1.0 - ratio)):
+        for lang, w in resolve_weights("temperature", {g: counts[g] for g in group}, alpha=alpha).items():
+            out[lang] = share * w
+    return out
+
+
+def _base_languages(base: Path, symbols: list[str]) -> tuple[list[str], int]:
+    """The base checkpoint's languages (id order) and how many symbols the corpus adds to its table.
+
+    Loading it here also checks, before any Ray work, that the corpus's symbol table extends the
+    model's (same ids for the same phonemes)."""
+    from vallex.model.checkpoint import CheckpointError, load_any
+
+    if not base.is_file():
+        raise AddLanguageError(
+            f"base model {base} does not exist (expected a vallex checkpoint, e.g. a run's train/model.pt)"
+        )
+    try:
+        model, meta = load_any(base, symbols=symbols)
+    except CheckpointError as e:
+        raise AddLanguageError(f"base model {base}: {e}") from None
+    known = len(meta["symbols"]["list"])
+    return list(meta["languages"]), model.config.num_phonemes - known
+
+
+def plan_add_language(
+    cfg: Config,
+    *,
+    base: str | os.PathLike,
+    new_languages: list[str],
+    out_dir: str | os.PathLike,
+    mode: str = "vallex",
+    replay_ratio: float | None = None,
+    run_name: str | None = None,
+) -> AddLanguagePlan:
+    """Check the request against the base model and the prepared corpus; build the training config.
+
+    ``cfg`` supplies everything else (prepared corpus ``run.prepared_dir`` or ``<run.output_dir>/prepare``,
+    training, guard, ``data.weights`` when no ``replay_ratio`` is given). The run writes under ``out_dir``.
+    """
+    from vallex.data.corpus import PreparedCorpus
+
+    if mode not in MODES:
+        raise AddLanguageError(f"mode {mode!r}: must be one of {MODES}")
+    new = sorted(dict.fromkeys(new_languages))
+    if not new:
+        raise AddLanguageError("no new language given (e.g. --new ar)")
+    base = Path(base)
+    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    old, new_phonemes = _base_languages(base, corpus.symbols)
+    manifest = Path(cfg.prepare_dir) / "manifest.json"
+    missing = [lang for lang in new if lang not in corpus.languages]
+    if missing:
+        raise AddLanguageError(
+            f"new language(s) {missing} have no prepared shards in {manifest} (prepared: {corpus.languages}); "
+            "prepare them into the same folder first (ray_jobs/prepare.py corpus.languages=[...]): it appends "
+            "their phonemes to the shared symbol table"
+        )
+    known = [lang for lang in new if lang in old]
+    if known:
+        raise AddLanguageError(
+            f"{known} already belong to the base model {base} (its languages: {old}); to keep training them "
+            "use ray_jobs/train.py with train.init_from"
+        )
+    with_data = [lang for lang in old if lang in corpus.languages]
+    unwatched = [lang for lang in old if lang not in corpus.languages]
+    if mode == "vallex" and not with_data:
+        raise AddLanguageError(
+            f"none of the base model's languages {old} has shards in {manifest}: mixing needs at least a "
+            "replay subset of them (prepare a few hundred utterances per old language), or run --naive"
+        )
+    counts = corpus.counts("train")
+    if mode == "naive":
+        trained = new
+        # Only the new languages are in the stream: a policy still applies, a map or file of old ones can't.
+        policy = isinstance(cfg.data.weights, str) and cfg.data.weights in WEIGHT_POLICIES
+        weights: str | dict[str, float] = cfg.data.weights if policy else "uniform"
+        if replay_ratio is not None:
+            raise AddLanguageError("--replay-ratio mixes old languages in: it cannot go with --naive")
+    else:
+        trained = sorted(with_data + new)
+        if replay_ratio is not None:
+            weights = replay_weights(counts, with_data, new, replay_ratio, cfg.data.alpha)
+        else:
+            weights = cfg.data.weights
+    if isinstance(weights, dict):
+        absent = [lang for lang in new if weights.get(lang, 0) <= 0]
+        if absent:
+            raise AddLanguageError(
+                f"data.weights gives the new language(s) {absent} no weight ({weights}): they would not be trained"
+            )
+
+    data = cfg.to_dict()
+    data["run"].update(
+        output_dir=str(out_dir),
+        name=run_name or f"add-{'-'.join(new)}-{mode}",
+        prepared_dir=str(Path(cfg.prepare_dir).resolve()),
+    )
+    data["corpus"]["languages"] = []  # the corpus is already prepared; every prepared language may be used
+    data["data"].update(languages=trained, weights=weights)
+    data["train"]["init_from"] = str(base.resolve())
+    try:
+        run_cfg = config_from_dict(data)
+    except ValueError as e:
+        raise AddLanguageError(f"config: {e}") from None
+    return AddLanguagePlan(
+        mode=mode,
+        base=str(base),
+        out_dir=str(out_dir),
+        old_languages=old,
+        new_languages=new,
+        trained_languages=trained,
+        unwatched=unwatched,
+        weights=weights,
+        replay_ratio=replay_ratio,
+        new_phonemes=new_phonemes,
+        config=run_cfg,
+    )
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def forgetting_report(records: list[dict], train_report: dict, plan: AddLanguagePlan) -> dict:
+    """``forgetting_report.json``: every language's loss at step 0 (baseline) and at the end, its relative
+    change and verdict, the new languages' curves, and the guard's verdict.
+
+    An old language is *kept* when its final loss is at most ``max_rise`` (the guard's threshold for it)
+    above its baseline, else *forgotten*; a new language is *learned* when its loss fell."""
+    if not records or records[0]["step"] != 0:
+        raise AddLanguageError(
+            f"{plan.config.train_dir / 'metrics.jsonl'}: no step-0 evaluation (the baseline); "
+            "was the run started with train.init_from?"
+        )
+    g = plan.config.train.guard
+    metric = g.metric
+    first, last = records[0], records[-1]
+    guard = train_report.get("guard") or {}
+    trips: dict[str, list[int]] = {}
+    for t in guard.get("trips", []):
+        for lang in t["languages"]:
+            trips.setdefault(lang, []).append(t["step"])
+    languages: dict[str, dict[str, Any]] = {}
+    curves: dict[str, list[dict]] = {}
+    for lang in sorted(last["valid"]):
+        if lang not in first["valid"]:
+            continue
+        curves[lang] = [
+            {
+                "step": r["step"],
+                "loss": r["valid"][lang][metric],
+                "ar_loss": r["valid"][lang]["ar_loss"],
+                "nar_loss": r["valid"][lang]["nar_loss"],
+            }
+            for r in records
+            if lang in r["valid"]
+        ]
+        baseline, final = first["valid"][lang][metric], last["valid"][lang][metric]
+        if baseline is None or final is None:
+            continue
+        change = (final - baseline) / baseline if baseline > 0 else math.nan
+        limit = g.per_language.get(lang, g.max_rise)
+        role = "new" if lang in plan.new_languages else "old"
+        if role == "old":
+            verdict = "kept" if change <= limit else "forgotten"
+        else:
+            verdict = "learned" if change < 0 else "not learned"
+        best = min(curves[lang], key=lambda p: p["loss"])
+        languages[lang] = {
+            "role": role,
+            "trained": lang in plan.trained_languages,
+            "baseline": baseline,
+            "final": final,
+            "relative_change": change,
+            "best": best["loss"],
+            "best_step": best["step"],
+            "max_rise": limit,
+            "verdict": verdict,
+            "guard_trips": trips.get(lang, []),
+        }
+    forgotten = sorted(lang for lang, v in languages.items() if v["verdict"] == "forgotten")
+    return {
+        "mode": plan.mode,
+        "base": plan.base,
+        "old_languages": plan.old_languages,
+        "new_languages": plan.new_languages,
+        "trained_languages": plan.trained_languages,
+        "unwatched_languages": plan.unwatched,
+        "new_phoneme_symbols": plan.new_phonemes,
+        "weights": train_report.get("weights"),
+        "replay_ratio": plan.replay_ratio,
+        "realized_fractions": last.get("realized_fractions", {}),
+        "metric": metric,
+        "baseline_step": first["step"],
+        "final_step": last["step"],
+        "languages": languages,
+        "new_language_curve": {lang: curves[lang] for lang in plan.new_languages if lang in curves},
+        "curves": curves,
+        "forgotten": forgotten,
+        "verdict": "forgetting" if forgotten else "ok",
+        "guard": guard,
+        "model_file": train_report.get("model_file"),
+        "wall_seconds": train_report.get("wall_seconds"),
+    }
+
+
+def report_table(report: dict) -> str:
+    """The report as a terminal table, one language a row."""
+    rows = [f"{'language':<10}{'role':<6}{'baseline':>10}{'final':>10}{'change':>9}  verdict"]
+    for lang, v in report["languages"].items():
+        rows.append(
+            f"{lang:<10}{v['role']:<6}{v['baseline']:>10.3f}{v['final']:>10.3f}"
+            f"{v['relative_change'] * 100:>+8.1f}%  {v['verdict']}"
+            + (f" (guard tripped at steps {v['guard_trips']})" if v["guard_trips"] else "")
+        )
+    return "\n".join(rows)
+
+
+def _title(report: dict) -> str:
+    new = ", ".join(report["new_languages"])
+    if report["mode"] == "naive":
+        return f"naive: {new} alone"
+    fr = report.get("realized_fractions") or {}
+    old_share = sum(f for lang, f in fr.items() if lang not in report["new_languages"])
+    return f"vallex: {new} + {old_share * 100:.0f}% replay of the old languages"
+
+
+def plot_forgetting(reports: list[dict], path: str | os.PathLike) -> None:
+    """PNG, one panel per report: each language's validation loss relative to its step-0 baseline.
+    Old languages solid, new ones dashed, the guard's limit as a red line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(reports), figsize=(5.2 * len(reports), 4), sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    langs = sorted({lang for r in reports for lang in r["curves"]})
+    for ax, rep in zip(axes[0], reports, strict=True):
+        for i, lang in enumerate(langs):
+            curve = rep["curves"].get(lang)
+            if not curve or lang not in rep["languages"]:
+                continue
+            base = rep["languages"][lang]["baseline"]
+            new = rep["languages"][lang]["role"] == "new"
+            ax.plot(
+                [p["step"] for p in curve],
+                [(p["loss"] / base - 1) * 100 for p in curve],
+                linestyle="--" if new else "-",
+                marker=".",
+                color=colors[i % len(colors)],
+                label=f"{lang} (new)" if new else lang,
+            )
+        limit = rep["guard"].get("max_rise", 0.2) * 100 if rep.get("guard") else 20.0
+        ax.axhline(limit, color="red", linewidth=1, linestyle=":", label=f"guard limit +{limit:.0f}%")
+        ax.axhline(0, color="gray", linewidth=0.8)
+        ax.set_title(_title(rep), fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation loss vs. step 0 (%)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def comparison_table(naive: dict, vallex: dict) -> str:
+    """Markdown: each language's baseline, and its final loss and change in both modes."""
+    rows = [
+        "| language | role | baseline (step 0) | naive: final | naive: change | vallex: final | vallex: change |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for lang, v in vallex["languages"].items():
+        n = naive["languages"].get(lang)
+        role = "new" if v["role"] == "new" else "old"
+        naive_cells = (
+            f"{n['final']:.3f} | {n['relative_change'] * 100:+.1f}% ({n['verdict']})" if n else "- | -"
+        )
+        rows.append(
+            f"| {lang} | {role} | {v['baseline']:.3f} | {naive_cells} | "
+            f"{v['final']:.3f} | {v['relative_change'] * 100:+.1f}% ({v['verdict']}) |"
+        )
+    rows.append(
+        f"| guard | | | | {naive['guard'].get('verdict', '-')} | | {vallex['guard'].get('verdict', '-')} |"
+    )
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+
+def add_language(plan: AddLanguagePlan) -> dict:
+    """Train as planned (Ray Train + DeepSpeed), then write the forgetting report and its figure."""
+    from vallex.train.metrics import read_metrics
+    from vallex.train.trainer import train
+
+    cfg = plan.config
+    log.info("add language: %s", plan.describe())
+    if plan.unwatched:
+        log.warning(
+            "WARNING: %s have no prepared validation data: their forgetting is not measured", plan.unwatched
+        )
+    if plan.mode == "naive":
+        log.warning(
+            "naive mode: training on %s alone; the old languages are only evaluated (this is the "
+            "recipe that forgets)",
+            plan.new_languages,
+        )
+    train_report = train(cfg)
+    records = read_metrics(cfg.train_dir / "metrics.jsonl")
+    report = forgetting_report(records, train_report, plan)
+    out = Path(plan.out_dir)
+    write_text_atomic(out / REPORT_NAME, json.dumps(report, indent=2))
+    plot_forgetting([report], out / FIGURE_NAME)
+    log.info(
+        "%s mode: validation %s at step 0 (baseline) and step %d:\n%s",
+        plan.mode,
+        report["metric"],
+        report["final_step"],
+        report_table(report),
+    )
+    log.info(
+        "verdict: %s; guard: %s; wrote %s and %s",
+        "old languages kept" if report["verdict"] == "ok" else f"forgot {report['forgotten']}",
+        report["guard"].get("verdict", "-"),
+        out / REPORT_NAME,
+        out / FIGURE_NAME,
+    )
+    return report
