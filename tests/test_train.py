@@ -221,10 +221,16 @@ def test_init_from_keeps_old_ids_and_watches_languages_it_does_not_train(ray_clu
         f"train.init_from={base.train_dir / 'model.pt'}",
         "data.languages=[ar]",
         *one,
+        "train.checkpoint_every=1",
+        "train.keep_checkpoints=1",
+        "train.keep_best_by=loss/en",  # what the naive mode endangers
+        # A learning rate far too high: updates make en worse, so the best checkpoint is not the newest.
+        "train.lr=0.5",
+        "train.warmup_steps=0",
     )
     report = train(grown)
     records = read_metrics(grown.train_dir / "metrics.jsonl")
-    assert [r["step"] for r in records] == [0, 1, 3]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]  # every checkpoint is evaluated
     zero = records[0]
     assert zero["train_loss"] is None and set(zero["valid"]) == {"en", "zh", "ar"}
     # Step 0 is the base model itself: same weights, same validation rows, same loss.
@@ -243,3 +249,19 @@ def test_init_from_keeps_old_ids_and_watches_languages_it_does_not_train(ray_clu
     model, meta = load_checkpoint(grown.train_dir / "model.pt")
     assert meta["languages"] == ["en", "zh", "ar"]  # old ids kept, the new language appended
     assert model.ar_language_embedding.word_embeddings.weight.shape[0] == 3
+
+    # Keep-best: the kept best checkpoint is the one with the lowest loss/en (step 0 has no checkpoint),
+    # written as best_model.pt; storage holds it and the newest one only.
+    best_step = min(records[1:], key=lambda r: r["valid"]["en"]["loss"])["step"]
+    assert best_step < 3
+    assert report["best_checkpoint"]["step"] == best_step
+    assert report["best_checkpoint"]["value"] == pytest.approx(records[best_step]["valid"]["en"]["loss"])
+    best, meta = load_checkpoint(grown.train_dir / "best_model.pt")
+    assert meta["languages"] == ["en", "zh", "ar"]
+    kept = [p for p in (tmp_path / "grown" / "ray_results" / "grown").glob("checkpoint_*") if p.is_dir()]
+    assert len(kept) == 2
+
+    with pytest.raises(ValueError, match=r"train.keep_best_by: 'loss/de' is not a reported metric"):
+        train(
+            _cfg(tmp_path / "bad", f"run.prepared_dir={tmp_path / 'prepare'}", "train.keep_best_by=loss/de")
+        )

@@ -164,6 +164,15 @@ class DataSection:
     ratios hold over the run and every batch holds several languages (larger = fewer shard re-reads)."""
     shuffle_buffer: int = 256
     """Rows in the local shuffle buffer each worker draws batches from."""
+    max_tokens: int = 0
+    """Token budget per batch (like lhotse's max-duration); 0 = off: every batch holds train.batch_size
+    rows. Above 0 a batch holds rows of similar length while rows x (longest phoneme sequence + longest
+    frame count) <= max_tokens, and at most train.batch_size rows (raise it so that the budget binds).
+    Phonemes count because the AR and NAR run over [phonemes ; frames]: that padded width is what memory
+    pays for. An utterance costing more than the budget alone stops the run, naming it."""
+    bucket_rows: int = 1024
+    """With max_tokens: rows each worker gathers and sorts by length before cutting them into batches,
+    emitted in a seeded random order. Larger = less padding, more memory per worker."""
 
     def __post_init__(self):
         if isinstance(self.weights, str):
@@ -177,6 +186,8 @@ class DataSection:
         _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
         _require(self.window_rows >= 1, "window_rows", "must be >= 1")
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
+        _require(self.max_tokens >= 0, "max_tokens", "must be >= 0 (0 = fixed batches of train.batch_size)")
+        _require(self.bucket_rows >= 1, "bucket_rows", "must be >= 1")
 
 
 @dataclass
@@ -271,6 +282,12 @@ class TrainSection:
     """Evaluate every language's validation split every this many steps (and at the first and last step)."""
     checkpoint_every: int = 100
     """Save a DeepSpeed checkpoint and report it to Ray Train every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in storage; the newest (what a restart resumes from) is always kept besides."""
+    keep_best_by: str = ""
+    """Keep the best checkpoints by this metric, lower is better: ``loss_mean``, ``loss_max``,
+    ``loss/<lang>`` (also ``ar_loss/``, ``nar_loss/``); each then holds a model.pt and the run ends with
+    ``best_model.pt`` beside ``model.pt``. Empty keeps the newest."""
     storage_path: str = ""
     """Ray Train storage (local dir, NFS, s3://, gs://); empty means ``<output_dir>/ray_results``."""
     max_failures: int = 0
@@ -298,7 +315,14 @@ class TrainSection:
         _require(
             self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
         )
-        for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every"):
+        for key in (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             _require(getattr(self, key) >= 1, key, "must be >= 1")
         _require(self.lr > 0, "lr", "must be > 0")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -309,18 +333,74 @@ class TrainSection:
 
 @dataclass
 class TuneSection:
-    """Ray Tune search over the language sampling weights."""
+    """Ray Tune search over the language sampling weights (``ray_jobs/tune.py``): short training runs,
+    one per trial, scored on the per-language validation losses; writes ``<output_dir>/tune/``."""
 
     num_samples: int = 8
-    """Trials to run."""
+    """Search trials (the baselines and reference runs come on top of these)."""
     max_steps_per_trial: int = 100
-    """Training steps per trial."""
+    """Training steps per trial; every baseline and reference run gets the same budget."""
+    eval_every: int = 25
+    """Evaluate every this many steps inside a trial: where ASHA may stop a poor trial early."""
     objective: Literal["normalized_max", "max", "mean", "spread"] = "normalized_max"
-    """What the search minimizes over the per-language validation losses."""
+    """What the search minimizes: normalized_max = the worst language's loss relative to its
+    ``reference`` (the default: balances the languages' remaining progress, not their raw difficulty);
+    max / mean = worst / mean raw loss; spread = max - min raw loss (gameable: every language equally
+    bad scores well). The mean loss breaks ties."""
+    normalize: Literal["excess", "ratio"] = "excess"
+    """normalized_max: ``loss - reference`` (excess loss, as DoReMi) or ``loss / reference``."""
+    reference: str | dict[str, float] = "solo"
+    """Per-language reference losses for normalized_max: ``solo`` runs one short reference run per
+    language with the whole trial budget on that language alone (what it reaches at best); or a map
+    ``{en: 5.1, ar: 6.3}``; or the path of a training run's report.json (its last losses)."""
+    metric: Literal["loss", "ar_loss", "nar_loss"] = "loss"
+    """Which validation loss is scored (loss = AR + NAR)."""
+    tie_tolerance: float = 0.01
+    """Objectives within this fraction of the best count as tied; the lowest mean loss wins among them."""
+    space: Literal["stick", "logits", "temperature"] = "stick"
+    """Search space: stick (stick-breaking, uniform over the weight simplex), logits (softmax of
+    per-language logits) or temperature (one alpha, p ~ n ** alpha)."""
+    min_weight: float = 0.01
+    """Every language keeps at least this weight in a search trial (0 lets the search drop one)."""
+    search: Literal["optuna", "random"] = "optuna"
+    """optuna = Optuna's TPE (told how the baselines scored); random = independent random draws."""
+    scheduler: Literal["asha", "none"] = "asha"
+    """asha stops trials that trail the others at an evaluation (time = training step); none runs all."""
+    grace_steps: int = 0
+    """ASHA never stops a trial before this step; 0 means half of max_steps_per_trial."""
+    baselines: list[str] = field(default_factory=lambda: ["uniform", "proportional", "temperature", "unimax"])
+    """Weight policies trained with the same budget and reported beside the search (``data.weights``
+    policies; temperature uses ``baseline_alpha``)."""
+    baseline_alpha: float = 0.3
+    """The temperature baseline's alpha."""
+    max_concurrent_trials: int = 0
+    """Trials at once; 0 derives it from the cluster: each trial needs train.num_workers x
+    train.cpus_per_worker CPUs (and GPUs) plus 1 CPU for Ray Data."""
+    max_failures: int = 1
+    """Times a failed trial is retried; a trial that still fails is recorded (trials.csv) and the
+    search goes on. Re-running the same command resumes an interrupted search."""
 
     def __post_init__(self):
         _require(self.num_samples >= 1, "num_samples", "must be >= 1")
         _require(self.max_steps_per_trial >= 1, "max_steps_per_trial", "must be >= 1")
+        _require(self.eval_every >= 1, "eval_every", "must be >= 1")
+        _require(
+            0 <= self.grace_steps <= self.max_steps_per_trial,
+            "grace_steps",
+            f"must be in [0, max_steps_per_trial={self.max_steps_per_trial}]",
+        )
+        _require(self.tie_tolerance >= 0, "tie_tolerance", "must be >= 0")
+        _require(0.0 <= self.min_weight < 1.0, "min_weight", "must be in [0, 1)")
+        _require(0.0 <= self.baseline_alpha <= 1.0, "baseline_alpha", "must be in [0, 1]")
+        for i, name in enumerate(self.baselines):
+            _require(name in WEIGHT_POLICIES, f"baselines[{i}]", f"must be one of {WEIGHT_POLICIES}")
+        _require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0 (0 = derive)")
+        _require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
+        if isinstance(self.reference, str):
+            _require(bool(self.reference), "reference", "must be 'solo', a map or a report.json path")
+        else:
+            for lang, v in self.reference.items():
+                _require(math.isfinite(v), f"reference.{lang}", f"must be a finite loss, got {v}")
 
 
 @dataclass

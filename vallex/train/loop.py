@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from vallex.config import Config, config_from_dict
+from vallex.data.batching import PaddingStats, train_batches, validation_indices
 from vallex.data.collate import collate
 from vallex.data.mixing import MixStats
 from vallex.model.checkpoint import load_weights
@@ -39,19 +40,23 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 def _validation_batches(
-    tables: dict, language_ids: dict[str, int], num_codebooks: int, batch_size: int, rank: int, world: int
+    tables: dict,
+    language_ids: dict[str, int],
+    num_codebooks: int,
+    batch_size: int,
+    rank: int,
+    world: int,
+    max_tokens: int = 0,
 ) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """This rank's slice (every world-th row) of each language's validation table, as collated batches."""
+    """This rank's slice (every world-th row) of each language's validation table, as collated batches
+    (under ``data.max_tokens`` too when set: see vallex.data.batching.validation_indices)."""
     out = {}
     for lang, table in tables.items():
         part = table.take(np.arange(rank, table.num_rows, world))
+        rows = {c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}
         out[lang] = [
-            collate(
-                {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in chunk.column_names},
-                language_ids,
-                num_codebooks,
-            )
-            for chunk in (part.slice(start, batch_size) for start in range(0, part.num_rows, batch_size))
+            collate({c: v[idx] for c, v in rows.items()}, language_ids, num_codebooks)
+            for idx in validation_indices(rows, batch_size, max_tokens)
         ]
     return out
 
@@ -152,6 +157,14 @@ def languages_per_batch(mix: MixStats, device) -> float:
     return float(t[0] / t[1]) if t[1] > 0 else 0.0
 
 
+def padding_fraction(padding: PaddingStats, device) -> float | None:
+    """Share of padding in every rank's collated batches since the last evaluation (None: no batch)."""
+    t = torch.tensor([float(padding.real), float(padding.padded)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return float(1 - t[0] / t[1]) if t[1] > 0 else None
+
+
 def resume(model_engine, ckpt_dir: str, saved_world: int, world: int, zero_stage: int, rank: int) -> None:
     """Load a checkpoint, also when the number of workers changed (elastic training).
 
@@ -218,11 +231,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     valid_tables = ray.get(loop_config["valid_ref"])
     valid_batches = _validation_batches(
-        valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world
+        valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world, cfg.data.max_tokens
     )
     first = next(iter(valid_tables.values())).slice(0, 1)
     filler = _validation_batches({"_": first}, language_ids, num_codebooks, 1, 0, 1)["_"][0]
     mix = MixStats()
+    padding = PaddingStats()  # since the last evaluation
     if rank == 0:  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
         mix.counts.update(state["mix"])
     g = cfg.train.guard
@@ -256,6 +270,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "realized_fractions": {lang: counts[lang] / total for lang in languages},
             "samples_seen": int(sum(counts.values())),
             "languages_per_batch": languages_per_batch(mix, device),
+            "padding_fraction": padding_fraction(padding, device),
             "samples_per_s": n_window * world / max(elapsed, 1e-9),
             "time": time.time(),
         }
@@ -287,31 +302,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
 
-    def batches():
-        # Ray Data has no mid-stream position: after a resume, skip the batches this rank already used
-        # (same count, not necessarily the same rows: see docs in vallex.data.mixing).
-        skip = state["consumed_batches"]
-        while True:
-            it = shard.iter_batches(
-                batch_size=cfg.train.batch_size,
-                batch_format="numpy",
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                local_shuffle_seed=cfg.run.seed + rank if cfg.data.shuffle_buffer else None,
-                drop_last=True,
-            )
-            got = 0
-            for b in it:
-                got += 1
-                if skip:
-                    skip -= 1
-                    continue
-                yield b
-            if got == 0:
-                raise RuntimeError(
-                    f"rank {rank}: the training stream yielded no full batch of {cfg.train.batch_size}"
-                )
-
-    stream = batches()
+    # Ray Data has no mid-stream position: after a resume, skip the batches this rank already used
+    # (same count, not necessarily the same rows: see docs in vallex.data.mixing). With data.max_tokens
+    # the batch sizes vary, but the batches are a function of the stream, so the same count is skipped.
+    stream = train_batches(
+        shard,
+        batch_size=cfg.train.batch_size,
+        max_tokens=cfg.data.max_tokens,
+        bucket_rows=cfg.data.bucket_rows,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.run.seed,
+        rank=rank,
+        skip=state["consumed_batches"],
+    )
     step = state["step"]
     t_window, n_window, loss_window = time.perf_counter(), 0, []
     model_engine.train()
@@ -319,8 +322,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for _ in range(cfg.train.grad_accum):
             np_batch = next(stream)
             mix.update(np_batch)
+            padding.update(np_batch)
             batch = _to_device(collate(np_batch, language_ids, num_codebooks), device)
             out = model_engine(batch, train_stage=cfg.train.train_stage)
+            # A token mean over this batch; DeepSpeed weighs every micro-batch alike (1/grad_accum, mean
+            # over ranks), whatever its rows: see vallex.data.batching on what data.max_tokens does to that.
             model_engine.backward(out["loss"])
             model_engine.step()
             state["consumed_batches"] += 1
@@ -341,9 +347,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         record["stopped_by_guard"] = stop
         metrics = publish(record)
         t_window, n_window, loss_window = time.perf_counter(), 0, []
+        padding.reset()
         if stop or checkpoint:  # the verdict is identical on every rank (all-reduced losses)
             state["mix"], state["guard_best"] = global_counts(mix, languages, device), guard.best
-            _save_checkpoint(model_engine, state, metrics, rank, cfg.train.zero_stage, export=last or stop)
+            export = last or stop or bool(cfg.train.keep_best_by)  # keep-best: each may be the one kept
+            _save_checkpoint(model_engine, state, metrics, rank, cfg.train.zero_stage, export=export)
         else:
             ray.train.report(metrics)  # a barrier: every rank reports at the same steps
         if stop:

@@ -166,6 +166,18 @@ def write_model_file(weights_path: Path, out: Path, cfg: Config, corpus, info: d
     )
 
 
+def check_keep_best_by(metric: str, eval_languages: list[str], with_objective: bool) -> None:
+    """train.keep_best_by must name a metric every checkpoint reports (see metrics.flat_metrics)."""
+    if not metric:
+        return
+    known = ["loss_mean", "loss_max", "train_loss", *(["objective"] if with_objective else [])]
+    known += [f"{k}/{lang}" for lang in eval_languages for k in ("loss", "ar_loss", "nar_loss")]
+    if metric not in known:
+        raise ValueError(
+            f"train.keep_best_by: {metric!r} is not a reported metric; choose one of {', '.join(known)}"
+        )
+
+
 def check_cluster_fits(cfg: Config) -> None:
     """Fail fast instead of hanging when training would leave no CPU for Ray Data's read tasks."""
     import os
@@ -222,6 +234,22 @@ def _poll(sink, max_steps: int, stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
+def _best_checkpoint(result, metric: str) -> dict | None:
+    """The kept checkpoint with the lowest ``metric`` (with a model.pt): checkpoint, step, value, path."""
+    scored = [
+        (m[metric], m["step"], c)
+        for c, m in (result.best_checkpoints or [])
+        if metric in m and c is not None and math.isfinite(m[metric])
+    ]
+    if not scored:
+        return None
+    value, step, ckpt = min(scored, key=lambda t: (t[0], -t[1]))
+    with ckpt.as_directory() as d:
+        if not (Path(d) / "model.pt").exists():
+            return None
+    return {"checkpoint": ckpt, "step": step, "value": value, "metric": metric, "path": ckpt.path}
+
+
 def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     """Run (or resume) training as configured; returns the report (also written to train_dir/report.json).
 
@@ -247,6 +275,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     train_dir = cfg.train_dir
     train_dir.mkdir(parents=True, exist_ok=True)
     corpus, info, init_state = _corpus_info(cfg)
+    check_keep_best_by(cfg.train.keep_best_by, info["eval_languages"], objective is not None)
     save_config(cfg, train_dir / "config.yaml")
     write_text_atomic(
         train_dir / "weights.json",
@@ -258,8 +287,17 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
         ", ".join(f"{lang}={w:.3f}" for lang, w in info["weights"].items()),
     )
 
-    # Enough mixed rows for the whole run, plus slack for drop_last and uneven worker splits.
-    num_rows = math.ceil(info["budget_rows"] * 1.1) + cfg.train.batch_size * cfg.train.num_workers * 2
+    # Enough mixed rows for the whole run, plus slack for drop_last and uneven worker splits (and, with
+    # data.max_tokens, a bucket pool per worker: no rank may run out first; see vallex.data.batching).
+    from vallex.data.batching import stream_rows
+
+    num_rows = stream_rows(
+        info["budget_rows"],
+        cfg.train.batch_size,
+        cfg.train.num_workers,
+        cfg.data.max_tokens,
+        cfg.data.bucket_rows,
+    )
     train_ds = build_mixed_dataset(
         corpus, info["weights"], num_rows=num_rows, seed=cfg.run.seed, window_rows=cfg.data.window_rows
     )
@@ -305,7 +343,11 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.train.keep_best_by or None,
+                checkpoint_score_order="min",
+            ),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks),
         ),
@@ -329,6 +371,20 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
             if (Path(d) / EXPORT_FILE).exists():
                 model_path = train_dir / EXPORT_FILE
                 write_model_file(Path(d) / EXPORT_FILE, model_path, cfg, corpus, info)
+    best = None
+    if cfg.train.keep_best_by:
+        best = _best_checkpoint(result, cfg.train.keep_best_by)
+        if best is not None:
+            with best["checkpoint"].as_directory() as d:
+                write_model_file(Path(d) / EXPORT_FILE, train_dir / "best_model.pt", cfg, corpus, info)
+            log.info(
+                "best checkpoint by %s: step %d (%s = %.4f) -> %s",
+                cfg.train.keep_best_by,
+                best["step"],
+                cfg.train.keep_best_by,
+                best["value"],
+                train_dir / "best_model.pt",
+            )
     report = build_report(
         records,
         {
@@ -340,6 +396,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
                 "num_symbols": info["num_symbols"],
             },
             "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "best_checkpoint": {k: v for k, v in best.items() if k != "checkpoint"} if best else None,
             "model_file": str(model_path) if model_path else None,
             "wall_seconds": time.time() - t0,
             "num_workers": cfg.train.num_workers,
