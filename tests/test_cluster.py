@@ -400,12 +400,23 @@ def test_deepspeed_presets_are_configs_and_match_the_engine(path):
 
 
 def test_zero3_offload_preset_is_zero3_plus_offload_only():
-    """The offload preset is a DeepSpeed JSON (vallex has no offload key yet): the ZeRO-3 config vallex
-    builds plus the CPU offload settings, nothing else."""
-    offload = json.loads((CLUSTER / "deepspeed" / "zero3_offload.json").read_text())
+    """train.offload=all adds exactly the CPU offload settings to the ZeRO-3 config (pinned on GPUs)."""
+    offload = deepspeed_config(load_config(CLUSTER / "deepspeed" / "zero3_offload.yaml").train)
     zero3 = deepspeed_config(load_config(CLUSTER / "deepspeed" / "zero3.yaml").train)
     zero = offload.pop("zero_optimization")
     assert offload.pop("zero_force_ds_cpu_optimizer") is False  # vallex passes a torch AdamW
     assert offload == {k: v for k, v in zero3.items() if k != "zero_optimization"}
-    assert zero.pop("offload_optimizer")["device"] == "cpu" and zero.pop("offload_param")["device"] == "cpu"
+    host = {"device": "cpu", "pin_memory": True}
+    assert zero.pop("offload_optimizer") == host and zero.pop("offload_param") == host
     assert zero == zero3["zero_optimization"] == {"stage": 3}
+
+
+def test_offload_needs_the_right_zero_stage():
+    from vallex.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match="train.offload: offloading the weights .* needs train.zero_stage=3"
+    ):
+        load_config(None, ["train.zero_stage=2", "train.offload=all"])
+    with pytest.raises(ConfigError, match="train.offload: optimizer offload needs train.zero_stage >= 1"):
+        load_config(None, ["train.zero_stage=0", "train.offload=optimizer"])

@@ -265,3 +265,31 @@ def test_init_from_keeps_old_ids_and_watches_languages_it_does_not_train(ray_clu
         train(
             _cfg(tmp_path / "bad", f"run.prepared_dir={tmp_path / 'prepare'}", "train.keep_best_by=loss/de")
         )
+
+
+def test_zero3_with_cpu_offload_trains(ray_cluster, corpus_cfg):
+    """train.offload=all: ZeRO-3 with optimizer states and weights offloaded to host memory."""
+    cfg = _cfg(
+        corpus_cfg,
+        "run.name=offload",
+        "train.zero_stage=3",
+        "train.offload=all",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.checkpoint_every=4",
+    )
+    train(cfg)
+    records = read_metrics(cfg.train_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 4]
+    # DeepSpeed's own account of what it ran (sent with the first record)
+    assert records[0]["engine"] == {
+        "zero_stage": 3,
+        "offload_optimizer": True,
+        "offload_param": True,
+        "bf16": False,
+        "world_size": 2,
+    }
+    assert "engine" not in records[1]
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    weights = torch.load(cfg.train_dir / "model.pt", weights_only=True)["model"]
+    assert weights["ar_language_embedding.word_embeddings.weight"].shape == (len(SIZES), 64)

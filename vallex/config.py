@@ -262,6 +262,9 @@ class TrainSection:
     """fp32 or bf16 (bf16 works on CPU and GPU)."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage: 0 (plain DDP), 1, 2 or 3."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """ZeRO-Offload to host RAM: ``optimizer`` (optimizer states, stage >= 1) or ``all`` (optimizer
+    states and weights, stage 3): bigger models per GPU at the cost of step time (no gain on CPU-only runs)."""
     max_steps: int = 300
     """Optimizer steps in the run."""
     batch_size: int = 8
@@ -324,6 +327,10 @@ class TrainSection:
             "keep_checkpoints",
         ):
             _require(getattr(self, key) >= 1, key, "must be >= 1")
+        if self.offload == "optimizer":
+            _require(self.zero_stage >= 1, "offload", "optimizer offload needs train.zero_stage >= 1")
+        if self.offload == "all":
+            _require(self.zero_stage == 3, "offload", "offloading the weights (all) needs train.zero_stage=3")
         _require(self.lr > 0, "lr", "must be > 0")
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")

@@ -28,6 +28,14 @@ def deepspeed_config(train: TrainSection) -> dict[str, Any]:
     }
     if train.grad_clip > 0:
         cfg["gradient_clipping"] = train.grad_clip
+    if train.offload != "none":
+        # Pinned host buffers speed up GPU<->host copies; on a CPU run there is nothing to pin for.
+        host = {"device": "cpu", "pin_memory": train.use_gpu}
+        cfg["zero_optimization"]["offload_optimizer"] = dict(host)
+        if train.offload == "all":
+            cfg["zero_optimization"]["offload_param"] = dict(host)
+        # Keep the torch AdamW above: DeepSpeedCPUAdam is faster but a compiled op.
+        cfg["zero_force_ds_cpu_optimizer"] = False
     return cfg
 
 

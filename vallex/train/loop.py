@@ -221,6 +221,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if ckpt is None and loop_config.get("init_state") is not None:  # train.init_from, grown by the driver
         load_weights(model, ray.get(loop_config["init_state"]), cfg.train.init_from)
     model_engine, _, _ = ds_engine.initialize(model, cfg.train)
+    # What DeepSpeed actually runs (not what was asked): sent with the first record of each (re)start.
+    engine_facts = {
+        "zero_stage": model_engine.zero_optimization_stage(),
+        "offload_optimizer": model_engine.zero_offload_optimizer() is not None,
+        "offload_param": model_engine.zero_offload_param() is not None,
+        "bf16": bool(model_engine.bfloat16_enabled()),
+        "world_size": world,
+    }
 
     state = {"step": 0, "consumed_batches": 0, "mix": {}, "guard_best": {}, "initial": None}
     if ckpt is not None:
@@ -278,6 +286,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def publish(record: dict) -> dict:
         """Send the record to the driver's sink (rank 0); the flat metrics every rank reports."""
         if rank == 0 and sink is not None:
+            if engine_facts:
+                record = {**record, "engine": dict(engine_facts)}
+                engine_facts.clear()
             ray.get(sink.log.remote(record))
         metrics = flat_metrics(record)
         if objective:
