@@ -92,7 +92,9 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
 
 def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
     """A baseline far better than anything reachable trips the guard at the first evaluation; with
-    action=stop both ZeRO-3 ranks checkpoint and end at that step (no rank left in a collective)."""
+    action=stop both ZeRO-3 ranks checkpoint and end at that step (no rank left in a collective).
+    The run uses the zero3_offload preset's settings (CPU offload of weights and optimizer states,
+    activation checkpointing), so they are shown to train and export under DeepSpeed too."""
     baseline = corpus_cfg / "baseline_report.json"
     baseline.write_text(json.dumps({"languages": {"en": {"last": {"loss": 0.5}}}}))
     cfg = _cfg(
@@ -102,12 +104,22 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
         "train.max_steps=20",
         f"train.guard.baseline={baseline}",
         "train.guard.action=stop",
+        "train.offload=all",
+        "model.activation_checkpointing=true",
     )
     report = train(cfg)
 
     records = read_metrics(cfg.train_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1]
     assert records[0]["stopped_by_guard"] is True
+    # DeepSpeed's own account of what it ran (sent with the first record of the run)
+    assert records[0]["engine"] == {
+        "zero_stage": 3,
+        "offload_optimizer": True,
+        "offload_param": True,
+        "bf16": False,
+        "world_size": 2,
+    }
     en = records[0]["guard"]["en"]
     assert en["tripped"] and en["reference_from"] == "baseline" and en["reference"] == 0.5
     # languages without a baseline compare with their own best, which at the first evaluation is itself
@@ -265,31 +277,3 @@ def test_init_from_keeps_old_ids_and_watches_languages_it_does_not_train(ray_clu
         train(
             _cfg(tmp_path / "bad", f"run.prepared_dir={tmp_path / 'prepare'}", "train.keep_best_by=loss/de")
         )
-
-
-def test_zero3_with_cpu_offload_trains(ray_cluster, corpus_cfg):
-    """train.offload=all: ZeRO-3 with optimizer states and weights offloaded to host memory."""
-    cfg = _cfg(
-        corpus_cfg,
-        "run.name=offload",
-        "train.zero_stage=3",
-        "train.offload=all",
-        "train.max_steps=4",
-        "train.eval_every=2",
-        "train.checkpoint_every=4",
-    )
-    train(cfg)
-    records = read_metrics(cfg.train_dir / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 4]
-    # DeepSpeed's own account of what it ran (sent with the first record)
-    assert records[0]["engine"] == {
-        "zero_stage": 3,
-        "offload_optimizer": True,
-        "offload_param": True,
-        "bf16": False,
-        "world_size": 2,
-    }
-    assert "engine" not in records[1]
-    assert records[-1]["train_loss"] < records[0]["train_loss"]
-    weights = torch.load(cfg.train_dir / "model.pt", weights_only=True)["model"]
-    assert weights["ar_language_embedding.word_embeddings.weight"].shape == (len(SIZES), 64)
