@@ -333,3 +333,44 @@ def test_generate_with_a_cross_lingual_prompt():
         prompt_language=torch.tensor([2]), prompt_phoneme_lens=torch.tensor([6]), top_k=1, max_frames=10,
     )[0]  # fmt: skip
     assert out.shape != same.shape or not torch.equal(out, same)
+
+
+def test_batched_generation_equals_one_at_a_time():
+    """Batched AR decoding (one KV cache, padded text hidden, each sample stopping at its own EOS or
+    limit) gives the same greedy codes as decoding each sample alone, with and without a shared prompt."""
+    model = tiny().eval()
+    b = make_batch([9, 4, 13, 6], [1, 1, 1, 1], seed=3)
+    args = (b["phonemes"], b["phoneme_lens"], b["language"])
+    alone = model.generate(*args, top_k=1, max_frames=40, batched=False)
+    together = model.generate(*args, top_k=1, max_frames=40, batched=True)
+    lengths = [a.shape[0] for a in alone]
+    assert 40 in lengths and min(lengths) < 40 and len(set(lengths)) >= 3  # EOS and limit both met
+    assert all(torch.equal(a, t) for a, t in zip(alone, together, strict=True))
+
+    prompt = make_batch([5], [12], seed=8)
+    phonemes = torch.cat([prompt["phonemes"].expand(4, -1), b["phonemes"]], dim=1)
+    # each row: the prompt's 5 phonemes, then its own text (padding moved after the text)
+    for i, n in enumerate(b["phoneme_lens"].tolist()):
+        phonemes[i, 5 : 5 + n] = b["phonemes"][i, :n]
+        phonemes[i, 5 + n :] = 0
+    kwargs = dict(
+        prompt_codes=prompt["codes"].expand(4, -1, -1),
+        prompt_language=torch.zeros(4, dtype=torch.long),
+        prompt_phoneme_lens=torch.full((4,), 5),
+        top_k=1,
+        max_frames=30,
+    )
+    lens = b["phoneme_lens"] + 5
+    alone = model.generate(phonemes, lens, b["language"], **kwargs, batched=False)
+    together = model.generate(phonemes, lens, b["language"], **kwargs)  # auto: equal prompt lengths
+    assert all(torch.equal(a, t) for a, t in zip(alone, together, strict=True))
+
+    with pytest.raises(ValueError, match="batched decoding needs prompts of one length"):
+        model.generate(
+            phonemes,
+            lens,
+            b["language"],
+            **kwargs,
+            prompt_code_lens=torch.tensor([12, 11, 12, 12]),
+            batched=True,
+        )

@@ -422,6 +422,7 @@ class VallexModel(nn.Module):
         max_frames: int | None = None,
         min_frames: int = 1,
         generator: torch.Generator | None = None,
+        batched: bool | None = None,
     ) -> list[torch.Tensor]:
         """Synthesize codes: AR sampling of codebook 1, then NAR argmax of codebooks 2..Q. One Long[T, Q] per sample.
 
@@ -434,7 +435,11 @@ class VallexModel(nn.Module):
         top_k: keep the k most likely tokens (0 = all, the reference's default; 1 = greedy). top_p: nucleus mass.
         max_frames: new AR frames at most (default 16 per phoneme, as the reference). min_frames: EOS is
         refused before this many frames (the reference raises instead when EOS comes first).
-        Samples are decoded one at a time with a KV cache, in eval mode (no dropout) whatever the model's mode.
+        batched: decode the AR for all samples at once (one KV cache, padded text keys hidden; each sample
+        stops at its own EOS), which needs equal prompt lengths; None = batched when they are equal. Greedy
+        codes are the same either way; sampled codes are reproducible per seed but differ between the two,
+        since the batch draws its random numbers together. Runs in eval mode (no dropout) whatever the
+        model's mode.
         """
         c = self.config
         B = phonemes.shape[0]
@@ -455,52 +460,97 @@ class VallexModel(nn.Module):
             raise ValueError(
                 "each sample needs target phonemes after its prompt: prompt_phoneme_lens < phoneme_lens"
             )
+        same_prompt_len = bool((prompt_code_lens == prompt_code_lens[0]).all())
+        if batched and not same_prompt_len:
+            raise ValueError("batched decoding needs prompts of one length; pass batched=None or False")
+        batched = same_prompt_len if batched is None else batched
 
+        S = phonemes.shape[1]
+        positions = torch.arange(S, device=device)[None]
+        text_valid = positions < phoneme_lens[:, None]
+        langs = torch.where(
+            positions < prompt_phoneme_lens[:, None], prompt_language[:, None], language[:, None]
+        )
+        limits = torch.full((B,), max_frames, device=device) if max_frames is not None else 16 * phoneme_lens
+        sampling = dict(top_k=top_k, top_p=top_p, temperature=temperature, generator=generator)
         was_training = self.training
         self.eval()
         try:
+            if batched:
+                Tp = int(prompt_code_lens[0])
+                text = phonemes.long().masked_fill(~text_valid, 0)
+                firsts = self._ar_generate(
+                    text, text_valid, langs, prompt_codes[:, :Tp, 0].long(), limits, min_frames, sampling
+                )
+            else:
+                firsts = []
+                for i in range(B):
+                    n, Tp = int(phoneme_lens[i]), int(prompt_code_lens[i])
+                    firsts += self._ar_generate(
+                        phonemes[i : i + 1, :n].long(),
+                        text_valid[i : i + 1, :n],
+                        langs[i : i + 1, :n],
+                        prompt_codes[i : i + 1, :Tp, 0].long(),
+                        limits[i : i + 1],
+                        min_frames,
+                        sampling,
+                    )
             results = []
             for i in range(B):
-                S = int(phoneme_lens[i])
-                text = phonemes[i : i + 1, :S].long()
-                is_prompt = torch.arange(S, device=device) < prompt_phoneme_lens[i]
-                lang = torch.where(is_prompt, prompt_language[i], language[i])[None]  # per phoneme
-                prompt = prompt_codes[i : i + 1, : int(prompt_code_lens[i])].long()
-                limit = max_frames if max_frames is not None else 16 * S
-                sampling = dict(top_k=top_k, top_p=top_p, temperature=temperature, generator=generator)
-                first = self._ar_generate(text, lang, prompt[..., 0], limit, min_frames, sampling)
-                results.append(self._nar_generate(text, lang, prompt, first))
+                n, Tp = int(phoneme_lens[i]), int(prompt_code_lens[i])
+                prompt = prompt_codes[i : i + 1, :Tp].long()
+                results.append(
+                    self._nar_generate(
+                        phonemes[i : i + 1, :n].long(), langs[i : i + 1, :n], prompt, firsts[i]
+                    )
+                )
             return results
         finally:
             self.train(was_training)
 
-    def _ar_generate(self, text, lang, prompt_first, max_frames: int, min_frames: int, sampling: dict):
-        """Codebook 1, Long[1, Tg], continuing [BOS, prompt] one frame at a time with a KV cache."""
+    def _ar_generate(
+        self, text, text_valid, lang, prompt_first, limits, min_frames: int, sampling: dict
+    ) -> list[torch.Tensor]:
+        """Codebook 1 for each sample, Long[1, Tg_b], continuing [BOS, prompt] one frame at a time with a
+        KV cache. Padded text (``text_valid`` False) is hidden from every query; a sample that has ended
+        (EOS or its frame limit) keeps decoding a dummy token until the last one ends, and is cut at its end.
+        """
         c = self.config
+        B = text.shape[0]
         x = self._text("ar", text, lang)
         inputs = F.pad(prompt_first, (1, 0), value=c.bos_id)
         y = self.ar_audio_position(self.ar_audio_embedding(inputs))
-        mask = self._ar_mask(
-            torch.ones_like(text, dtype=torch.bool), torch.ones_like(inputs, dtype=torch.bool)
+        audio_valid = torch.ones_like(inputs, dtype=torch.bool)
+        h, cache = self.ar_decoder(
+            torch.cat([x, y], dim=1), self._ar_mask(text_valid, audio_valid), use_cache=True
         )
-        h, cache = self.ar_decoder(torch.cat([x, y], dim=1), mask, use_cache=True)
-        frames = []
+        keys = torch.cat([text_valid, audio_valid], dim=1)  # what later frames may attend to
+        lengths = torch.zeros(B, dtype=torch.long, device=text.device)
+        done = torch.zeros(B, dtype=torch.bool, device=text.device)
+        frames: list[torch.Tensor] = []
         while True:
             logits = self.ar_predict_layer(h[:, -1]).float()
             if len(frames) < min_frames:
                 logits[:, c.eos_id] = float("-inf")
             token = sample_token(logits, **sampling)
-            if int(token) == c.eos_id:
-                break
+            ended = ~done & (token == c.eos_id)
+            lengths = torch.where(ended, len(frames), lengths)
+            done = done | ended
+            token = token.masked_fill(done, 0)  # a finished sample's dummy input; cut below
             frames.append(token)
-            if len(frames) >= max_frames:
+            full = ~done & (len(frames) >= limits)
+            lengths = torch.where(full, len(frames), lengths)
+            done = done | full
+            if bool(done.all()):
                 break
-            # The new frame sits at audio position len(BOS + prompt) + len(frames) - 1 and may see everything.
+            # The new frame sits at audio position len(BOS + prompt) + len(frames) - 1 and sees every real key.
+            keys = F.pad(keys, (0, 1), value=True)
             y = self.ar_audio_position(
                 self.ar_audio_embedding(token[:, None]), offset=inputs.shape[1] + len(frames) - 1
             )
-            h, cache = self.ar_decoder(y, None, past_kvs=cache, use_cache=True)
-        return torch.stack(frames, dim=1)
+            h, cache = self.ar_decoder(y, keys[:, None, None, :], past_kvs=cache, use_cache=True)
+        out = torch.stack(frames, dim=1)
+        return [out[i : i + 1, : int(lengths[i])] for i in range(B)]
 
     def _nar_generate(self, text, lang, prompt, first) -> torch.Tensor:
         """Codebooks 2..Q by argmax, stage by stage, after the prompt prefix. Returns Long[Tg, Q]."""
