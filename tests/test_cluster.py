@@ -125,7 +125,7 @@ def two_nodes():
 
     2 logical CPUs per node, not 1: each node hosts one Train worker (0.5 CPU) and Ray Data's read
     tasks need a whole free CPU on some node; with 1 CPU each, 0.5 + 0.5 free never fits one and the
-    run waits forever (train.check_cluster_fits only sees the cluster's total)."""
+    run waits forever (train.check_cluster_fits refuses that layout up front)."""
     temp_dir = tempfile.mkdtemp(prefix="vxc", dir="/tmp")  # short: Ray's unix socket paths must fit
     ports = _port_block(3 + 2 * 40)
     gcs, dash, client = ports[:3]
@@ -290,6 +290,40 @@ def test_check_storage_accepts_cloud_uri_and_checks_local(ray_cluster, tmp_path)
     with pytest.raises(StorageError, match="unsupported scheme"):
         check_storage(load_config(None, [f"run.output_dir={tmp_path}", "train.storage_path=ftp://x/y"]))
     check_storage(load_config(None, [f"run.output_dir={tmp_path}"]))  # one local node: fine
+
+
+def test_room_for_data_needs_a_whole_cpu_on_one_node():
+    from vallex.train.trainer import room_for_data
+
+    assert room_for_data([2.0], 2, 0.5, "PACK")  # 1 CPU for the workers, 1 left
+    assert not room_for_data([2.0], 2, 1.0, "PACK")  # nothing left
+    # Two 1-CPU nodes: packing both workers on one node frees the other; one per node frees neither.
+    assert room_for_data([1.0, 1.0], 2, 0.5, "PACK")
+    assert not room_for_data([1.0, 1.0], 2, 0.5, "STRICT_SPREAD")
+    assert room_for_data([2.0, 2.0], 2, 0.5, "STRICT_SPREAD")
+    # 3 CPUs in all, 2 reserved: a CPU is left in total, but half of one on each node.
+    assert not room_for_data([1.5, 1.5], 2, 1.0, "PACK")
+    assert room_for_data([1.5, 1.5], 2, 0.75, "PACK")  # both on one node: the other keeps 1.5
+    assert room_for_data([0.0, 4.0], 3, 1.0, "SPREAD")  # a head without CPUs holds nothing
+
+
+def test_check_cluster_fits_names_the_fix(ray_cluster, tmp_path, monkeypatch):
+    """On the real (one-node, 4-CPU) test cluster: what fits passes; what can't is refused up front."""
+    from vallex.train.trainer import check_cluster_fits
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_cluster_fits(load_config(None, ["train.num_workers=2", "train.cpus_per_worker=1.5"]))
+    with pytest.raises(
+        ValueError, match=r"reserves .* = 4 of the cluster's 4 CPUs.*train.cpus_per_worker=1\.5"
+    ):
+        check_cluster_fits(load_config(None, ["train.num_workers=2", "train.cpus_per_worker=2"]))
+    with pytest.raises(ValueError, match=r"STRICT_SPREAD on nodes of 4 CPUs leave no node a whole free CPU"):
+        check_cluster_fits(
+            load_config(
+                None,
+                ["train.num_workers=2", "train.cpus_per_worker=1", "train.placement_strategy=STRICT_SPREAD"],
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------------

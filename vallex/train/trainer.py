@@ -178,22 +178,52 @@ def check_keep_best_by(metric: str, eval_languages: list[str], with_objective: b
         )
 
 
+def room_for_data(node_cpus: list[float], workers: int, per_worker: float, strategy: str) -> bool:
+    """Whether ``workers`` training workers of ``per_worker`` CPUs can be placed on nodes with
+    ``node_cpus`` CPUs so that some node still has a whole CPU for Ray Data's read tasks (a task needs
+    its CPU on one node: half a CPU free on each of two nodes is not room). STRICT_SPREAD puts at most
+    one worker per node; the other strategies may put several on a node."""
+    eps = 1e-9
+    for keep in range(len(node_cpus)):  # the node that keeps a CPU for Ray Data
+        caps = [c - (1.0 if n == keep else 0.0) for n, c in enumerate(node_cpus)]
+        if caps[keep] < -eps:
+            continue
+        if strategy == "STRICT_SPREAD":
+            slots = sum(1 for c in caps if c + eps >= per_worker)
+        else:
+            slots = sum(int((c + eps) // per_worker) for c in caps if c > 0)
+        if slots >= workers:
+            return True
+    return False
+
+
 def check_cluster_fits(cfg: Config) -> None:
-    """Fail fast instead of hanging when training would leave no CPU for Ray Data's read tasks."""
+    """Fail fast instead of hanging when training would leave no node a CPU for Ray Data's read tasks."""
     import os
 
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0.0)
-    reserved = (cfg.train.min_workers or cfg.train.num_workers) * cfg.train.cpus_per_worker
-    if total - reserved >= 1.0:
+    workers = cfg.train.min_workers or cfg.train.num_workers
+    per_worker = cfg.train.cpus_per_worker
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    if room_for_data(nodes, workers, per_worker, cfg.train.placement_strategy):
         return
-    msg = (
-        f"training reserves train.num_workers x train.cpus_per_worker = {reserved:g} of the cluster's "
-        f"{total:g} CPUs, leaving less than 1 for Ray Data to read and mix the training stream, so the "
-        f"run would wait forever; lower train.cpus_per_worker (e.g. train.cpus_per_worker="
-        f"{max(0.25, (total - 1) / cfg.train.num_workers):g}) or train.num_workers, or add CPUs"
-    )
+    total = sum(nodes)
+    reserved = workers * per_worker
+    if total - reserved >= 1.0:  # enough CPUs in all, but split so that no node keeps a whole one
+        msg = (
+            f"{workers} workers x train.cpus_per_worker={per_worker:g} with train.placement_strategy="
+            f"{cfg.train.placement_strategy} on nodes of {', '.join(f'{c:g}' for c in nodes)} CPUs leave no "
+            "node a whole free CPU for Ray Data's read tasks, so the run would wait forever; lower "
+            "train.cpus_per_worker, use another placement_strategy, or add a node"
+        )
+    else:
+        msg = (
+            f"training reserves train.num_workers x train.cpus_per_worker = {reserved:g} of the cluster's "
+            f"{total:g} CPUs, leaving less than 1 for Ray Data to read and mix the training stream, so the "
+            f"run would wait forever; lower train.cpus_per_worker (e.g. train.cpus_per_worker="
+            f"{max(0.25, (total - 1) / cfg.train.num_workers):g}) or train.num_workers, or add CPUs"
+        )
     if os.environ.get("RAY_ADDRESS"):  # a cluster that may autoscale: say it, don't refuse
         log.warning("WARNING: %s", msg)
     else:
