@@ -141,14 +141,21 @@ def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(ray_cluster
     mtimes = {p: p.stat().st_mtime_ns for p in en_shards}
     symbols_before = json.loads((out / "symbols.json").read_text())
 
-    # Same input again: nothing is rewritten.
-    prepare_corpus(read_manifest(first), out, SETTINGS, progress=False)
+    # Same input again: nothing is rewritten, nothing phonemized again.
+    again = prepare_corpus(read_manifest(first), out, SETTINGS, progress=False)
     assert {p: p.stat().st_mtime_ns for p in en_shards} == mtimes
+    assert again["last_run"] == {
+        "phonemized": 0,
+        "cached": 6,
+        "shards_written": 0,
+        "shards_reused": len(en_shards),
+    }
 
     # Add Chinese: only its shards are written, old ids stay, the table grows and its version bumps.
     added = _subset(demo_manifest, tmp_path / "b.jsonl", {"zh": (3, 2)})
     manifest = prepare_corpus(read_manifest(added), out, SETTINGS, progress=False)
     assert {p: p.stat().st_mtime_ns for p in en_shards} == mtimes
+    assert manifest["last_run"]["phonemized"] == 5 and manifest["last_run"]["cached"] == 0
     assert set(manifest["languages"]) == {"en", "zh"}
     symbols_after = json.loads((out / "symbols.json").read_text())
     n = len(symbols_before["symbols"])
@@ -245,8 +252,15 @@ def test_resume_after_a_killed_run(ray_cluster, demo_manifest, tmp_path):
     assert main([*args, f"run.output_dir={clean}"]) == 0
     resumed = json.loads((out / "manifest.json").read_text())
     reference = json.loads((clean / "prepare" / "manifest.json").read_text())
+    # The resumed run phonemized nothing (the killed run cached it) and wrote only the missing shards.
+    # (Reused may exceed len(finished): a codec actor can land one more shard as the kill spreads.)
+    run = resumed["last_run"]
+    assert run["phonemized"] == 0 and run["cached"] == 6
+    assert run["shards_written"] + run["shards_reused"] == 6 and run["shards_reused"] >= len(finished)
+    assert run["shards_written"] >= 1  # at least the cut shard
     for m in (resumed, reference):
         m.pop("created")
+        m.pop("last_run")
     assert resumed == reference
     en = resumed["languages"]["en"]
     assert en["utterances"] == {"train": 4, "valid": 2} and len(en["shards"]) == 6

@@ -111,18 +111,77 @@ def _phonemize_batch(batch: dict[str, np.ndarray], phonemizer) -> dict[str, np.n
     return {"id": batch["id"], "symbols": out}
 
 
-def phonemize_all(utts: list[Utterance], progress: bool) -> dict[str, list[str]]:
-    """Utterance id -> phoneme symbols ([] when the text yields none), computed on Ray Data."""
+PHONEME_CACHE = ".phonemes.parquet"  # text -> symbols of earlier runs, so a re-run phonemizes only new text
+
+
+def _phoneme_key(language: str, text: str, context: str) -> str:
+    """Cache key: the text, its language and everything else that decides its phonemes (``context``)."""
+    return hashlib.sha1(f"{context}\x1f{language}\x1f{text}".encode()).hexdigest()
+
+
+def _phonemizer_context(phonemizer) -> str:
+    """The phonemizer's settings and the espeak-ng build: a change in either invalidates the cache."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        espeak = version("espeakng-loader")
+    except PackageNotFoundError:
+        espeak = "unknown"
+    return json.dumps({"settings": phonemizer.__getstate__(), "espeakng-loader": espeak}, sort_keys=True)
+
+
+def _read_phoneme_cache(path: Path | None) -> dict[str, list[str]]:
+    if path is None or not path.exists():
+        return {}
+    try:
+        table = pq.read_table(path)
+        return dict(zip(table.column("key").to_pylist(), table.column("symbols").to_pylist(), strict=True))
+    except (pa.ArrowInvalid, OSError, KeyError) as e:  # a damaged cache costs a re-phonemization, no more
+        log.warning("ignoring the phoneme cache %s (%s); phonemizing everything", path, e)
+        return {}
+
+
+def _write_phoneme_cache(path: Path, entries: dict[str, list[str]]) -> None:
+    table = pa.table(
+        {"key": list(entries), "symbols": list(entries.values())},
+        schema=pa.schema([("key", pa.string()), ("symbols", pa.list_(pa.string()))]),
+    )
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)  # a reader sees the old cache or the new one, never half of one
+
+
+def phonemize_all(
+    utts: list[Utterance], progress: bool, cache: Path | None = None
+) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """(utterance id -> phoneme symbols ([] when the text yields none), counts), computed on Ray Data.
+
+    With ``cache`` (a Parquet file), texts phonemized by an earlier run with the same phonemizer
+    settings and espeak build are looked up instead; new results are added to it. ``counts`` says
+    how many utterances were ``phonemized`` and how many came from the cache (``cached``).
+    """
     import ray
 
     from vallex.text.phonemize import Phonemizer
 
-    todo = [{"id": u.id, "language": u.language, "text": u.text} for u in utts if u.text.strip()]
+    phonemizer = Phonemizer()
+    context = _phonemizer_context(phonemizer)
+    known = _read_phoneme_cache(cache)
     result: dict[str, list[str]] = {u.id: [] for u in utts}
+    keys = {u.id: _phoneme_key(u.language, u.text, context) for u in utts if u.text.strip()}
+    todo = []
+    for u in utts:
+        if u.id not in keys:
+            continue
+        if keys[u.id] in known:
+            result[u.id] = list(known[keys[u.id]])
+        else:
+            todo.append({"id": u.id, "language": u.language, "text": u.text})
+    counts = {"phonemized": len(todo), "cached": len(keys) - len(todo)}
     if not todo:
-        return result
+        return result, counts
     ds = ray.data.from_items(todo).map_batches(
-        _phonemize_batch, fn_kwargs={"phonemizer": Phonemizer()}, batch_size=256, batch_format="numpy"
+        _phonemize_batch, fn_kwargs={"phonemizer": phonemizer}, batch_size=256, batch_format="numpy"
     )
     bar = _bar(len(todo), "phonemize", "utt", progress)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -130,7 +189,10 @@ def phonemize_all(utts: list[Utterance], progress: bool) -> dict[str, list[str]]
             result[str(uid)] = json.loads(sym)
         bar.update(len(batch["id"]))
     bar.close()
-    return result
+    if cache is not None:
+        known.update({keys[row["id"]]: result[row["id"]] for row in todo})
+        _write_phoneme_cache(cache, known)
+    return result, counts
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,7 +369,14 @@ def prepare_corpus(
     log.info("preparing %d utterances in %s -> %s", len(utts), ", ".join(languages), out)
 
     # Pass 1: phonemes, then the shared symbol table (append-only).
-    phones = phonemize_all(utts, progress)
+    for tmp in out.glob(f"{PHONEME_CACHE}{TMP_MARK}*"):  # a cache write a kill cut short
+        tmp.unlink(missing_ok=True)
+    phones, phonemized = phonemize_all(utts, progress, cache=out / PHONEME_CACHE)
+    log.info(
+        "phonemes: %d utterance(s) phonemized, %d from earlier runs",
+        phonemized["phonemized"],
+        phonemized["cached"],
+    )
     skips = {lang: SkipCounter() for lang in languages}
     ready = []
     for u in utts:
@@ -372,6 +441,8 @@ def prepare_corpus(
         _run_jobs(jobs, codec, settings, progress)
 
     manifest = _build_manifest(out, languages, skips, codec, table, old_manifest)
+    # What this run did (a re-run of finished work shows zeros).
+    manifest["last_run"] = {**phonemized, "shards_written": len(jobs), "shards_reused": len(reused)}
     write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
 
