@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vallex.data.collate import PAD_ID, collate
+from vallex.data.collate import PAD_ID, collate, row_lengths
 from vallex.data.corpus import PreparedCorpus
 from vallex.data.mixing import build_mixed_dataset
 from vallex.data.schema import codes_matrix
@@ -114,3 +114,11 @@ def test_missing_column_is_named(corpus, rows_by_id):
     del batch["frames"]
     with pytest.raises(KeyError, match=r"batch has no 'frames' column"):
         collate(batch, language_ids(corpus), Q)
+
+
+def test_row_lengths_of_both_shapes_ray_gives():
+    ragged = np.empty(3, dtype=object)
+    ragged[:] = [np.arange(2), np.arange(5), np.arange(0)]
+    assert row_lengths(ragged).tolist() == [2, 5, 0]
+    # Every row the same length: Ray hands a 2-D array, whose rows are the columns' width, not 2 rows.
+    assert row_lengths(np.zeros((4, 7), dtype=np.int32)).tolist() == [7, 7, 7, 7]

@@ -167,9 +167,10 @@ class DataSection:
     max_tokens: int = 0
     """Token budget per batch (like lhotse's max-duration); 0 = off: every batch holds train.batch_size
     rows. Above 0 a batch holds rows of similar length while rows x (longest phoneme sequence + longest
-    frame count) <= max_tokens, and at most train.batch_size rows (raise it so that the budget binds).
-    Phonemes count because the AR and NAR run over [phonemes ; frames]: that padded width is what memory
-    pays for. An utterance costing more than the budget alone stops the run, naming it."""
+    frame count) <= max_tokens, and train.batch_size becomes the most rows a batch may hold (set it high
+    enough that the budget binds first). Phonemes count because the AR and NAR run over
+    [phonemes ; frames]: that padded width is what memory pays for. An utterance costing more than the
+    budget alone stops the run, naming it."""
     bucket_rows: int = 1024
     """With max_tokens: rows each worker gathers and sorts by length before cutting them into batches,
     emitted in a seeded random order. Larger = less padding, more memory per worker."""

@@ -26,6 +26,13 @@ def _lengths(rows: list[np.ndarray]) -> np.ndarray:
     return np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
 
 
+def row_lengths(column) -> np.ndarray:
+    """Length of every row of a variable-length list column (as Ray gives it), int64."""
+    if isinstance(column, np.ndarray) and column.dtype != object and column.ndim == 2:
+        return np.full(column.shape[0], column.shape[1], dtype=np.int64)
+    return _lengths(_as_rows(column))
+
+
 def pad_rows(rows: list[np.ndarray], lengths: np.ndarray, width: int) -> np.ndarray:
     """``[B, width]`` int64, row ``i`` = ``rows[i]`` then PAD_ID."""
     out = np.full((len(rows), width), PAD_ID, dtype=np.int64)

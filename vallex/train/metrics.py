@@ -101,9 +101,11 @@ def format_record(rec: dict, max_steps: int) -> str:
         f"{lang} {_fmt(v['ar_loss'])}/{_fmt(v['nar_loss'])}" for lang, v in sorted(rec["valid"].items())
     )
     fr = " ".join(f"{lang}:{f:.2f}" for lang, f in sorted(rec.get("realized_fractions", {}).items()))
+    pad = rec.get("padding_fraction")
     return (
         f"step {rec['step']:>5}/{max_steps} | train {_fmt(rec['train_loss'])} | valid ar/nar {langs} | "
-        f"mix {fr} ({rec.get('languages_per_batch', 0):.1f} lang/batch) | {rec.get('samples_per_s', 0):.1f} utt/s"
+        f"mix {fr} ({rec.get('languages_per_batch', 0):.1f} lang/batch, "
+        f"{'-' if pad is None else f'{pad:.0%}'} padding) | {rec.get('samples_per_s', 0):.1f} utt/s"
     )
 
 
