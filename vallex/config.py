@@ -269,7 +269,7 @@ class TrainSection:
     max_steps: int = 300
     """Optimizer steps in the run."""
     batch_size: int = 8
-    """Utterances per worker per micro-step."""
+    """Utterances per worker per micro-step (with data.max_tokens: the most a micro-step may hold)."""
     grad_accum: int = 1
     """Micro-steps accumulated per optimizer step."""
     lr: float = 1e-3

@@ -44,6 +44,8 @@ class MetricsSink:
                 self.tb.add_scalar("train/loss", record["train_loss"], step)
             self.tb.add_scalar("train/lr", record["lr"], step)
             self.tb.add_scalar("train/samples_per_s", record["samples_per_s"], step)
+            if record.get("padding_fraction") is not None:
+                self.tb.add_scalar("train/padding_fraction", record["padding_fraction"], step)
             for lang, v in record["valid"].items():
                 for key in ("loss", "ar_loss", "nar_loss", "ar_top10", "nar_top10"):
                     if v[key] is not None:
@@ -73,6 +75,8 @@ def flat_metrics(record: dict) -> dict[str, float]:
     out: dict[str, float] = {"step": record["step"]}
     if record["train_loss"] is not None:
         out["train_loss"] = record["train_loss"]
+    if record.get("padding_fraction") is not None:
+        out["padding_fraction"] = record["padding_fraction"]
     for lang, v in sorted(record["valid"].items()):
         for key in ("loss", "ar_loss", "nar_loss"):
             if v[key] is not None:
