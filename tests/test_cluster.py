@@ -119,17 +119,15 @@ def _node_ports(ports: list[int]) -> list[str]:
     ]
 
 
-@pytest.fixture
-def two_nodes():
-    """A head (2 CPUs) and a worker node (2 CPUs) joined to it, on loopback; yields the dashboard URL.
-
-    2 logical CPUs per node, not 1: each node hosts one Train worker (0.5 CPU) and Ray Data's read
-    tasks need a whole free CPU on some node; with 1 CPU each, 0.5 + 0.5 free never fits one and the
-    run waits forever (train.check_cluster_fits refuses that layout up front)."""
+def _start_cluster(node_cpus: list[int], resources: list[dict] | None = None):
+    """A head and len(node_cpus) - 1 worker nodes on loopback, on free ports with a private temp dir;
+    ``resources``: each node's custom resources. Returns (dashboard URL, GCS address, temp_dir, [each
+    node's port block]); stop with _stop_cluster."""
+    extra = [[f"--resources={json.dumps(r)}"] if r else [] for r in (resources or [{}] * len(node_cpus))]
     temp_dir = tempfile.mkdtemp(prefix="vxc", dir="/tmp")  # short: Ray's unix socket paths must fit
-    ports = _port_block(3 + 2 * 40)
+    ports = _port_block(3 + 40 * len(node_cpus))
     gcs, dash, client = ports[:3]
-    head_ports, worker_ports = ports[3:43], ports[43:83]
+    blocks = [ports[3 + 40 * n : 3 + 40 * (n + 1)] for n in range(len(node_cpus))]
     env = dict(
         os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0"
     )
@@ -140,31 +138,55 @@ def two_nodes():
                 "--head",
                 "--node-ip-address=127.0.0.1",
                 f"--port={gcs}",
-                "--num-cpus=2",
+                f"--num-cpus={node_cpus[0]}",
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dash}",
                 f"--ray-client-server-port={client}",
                 f"--temp-dir={temp_dir}",
-                *_node_ports(head_ports),
+                *_node_ports(blocks[0]),
+                *extra[0],
             ],
             env,
         )
-        _ray_start(
-            [
-                f"--address=127.0.0.1:{gcs}",
-                "--node-ip-address=127.0.0.1",
-                "--num-cpus=2",
-                f"--temp-dir={temp_dir}",
-                *_node_ports(worker_ports),
-            ],
-            env,
-        )
-        yield f"http://127.0.0.1:{dash}"
-    finally:
+        for cpus, block, more in zip(node_cpus[1:], blocks[1:], extra[1:], strict=True):
+            _ray_start(
+                [
+                    f"--address=127.0.0.1:{gcs}",
+                    "--node-ip-address=127.0.0.1",
+                    f"--num-cpus={cpus}",
+                    f"--temp-dir={temp_dir}",
+                    *_node_ports(block),
+                    *more,
+                ],
+                env,
+            )
+    except BaseException:
         _kill_cluster(temp_dir, gcs)
-        assert not _own_processes(temp_dir, gcs), "cluster processes left running"
         shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir, blocks
+
+
+def _stop_cluster(temp_dir: str, gcs_address: str) -> None:
+    gcs = int(gcs_address.rsplit(":", 1)[1])
+    _kill_cluster(temp_dir, gcs)
+    assert not _own_processes(temp_dir, gcs), "cluster processes left running"
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def two_nodes():
+    """A head (2 CPUs) and a worker node (2 CPUs) joined to it, on loopback; yields the dashboard URL.
+
+    2 logical CPUs per node, not 1: each node hosts one Train worker (0.5 CPU) and Ray Data's read
+    tasks need a whole free CPU on some node; with 1 CPU each, 0.5 + 0.5 free never fits one and the
+    run waits forever (train.check_cluster_fits refuses that layout up front)."""
+    dashboard, gcs, temp_dir, _ = _start_cluster([2, 2])
+    try:
+        yield dashboard
+    finally:
+        _stop_cluster(temp_dir, gcs)
 
 
 def test_two_node_job_spreads_training_over_both_nodes(two_nodes, tmp_path, capsys):
@@ -454,3 +476,104 @@ def test_offload_needs_the_right_zero_stage():
         load_config(None, ["train.zero_stage=2", "train.offload=all"])
     with pytest.raises(ConfigError, match="train.offload: optimizer offload needs train.zero_stage >= 1"):
         load_config(None, ["train.zero_stage=0", "train.offload=optimizer"])
+
+
+def _node_processes(temp_dir: str, node_manager_port: int):
+    """One node's raylet and everything under it (its workers), found by the raylet's node-manager port."""
+    import psutil
+
+    found = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "raylet" in cmd and temp_dir in cmd and f"--node_manager_port={node_manager_port}" in cmd:
+                found[p.pid] = p
+                for c in p.children(recursive=True):
+                    found[c.pid] = c
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return list(found.values())
+
+
+def test_elastic_training_survives_losing_a_node(tmp_path):
+    """Two nodes advertising one training slot each (train.worker_resources), train.min_workers=1. The
+    worker node is killed (its raylet and workers, SIGKILL) mid-run: the run carries on with the one
+    worker left, from the latest checkpoint, and finishes every step.
+
+    The slot resource is what makes this work: Ray Train's elastic policy counts free resources across
+    the cluster without regard to the placement strategy, so with CPUs alone it would see room for two
+    workers on the head (where Ray Data needs the other CPU) and retry a 2-worker group forever."""
+    import psutil
+
+    slot = {"vallex_trainer": 1}
+    dashboard, gcs, temp_dir, blocks = _start_cluster([2, 1], [slot, slot])
+    out = tmp_path / "run"
+    write_synthetic_corpus(out / "prepare", {"fr": 48, "ar": 16}, valid_per_language=4)
+    log_path = tmp_path / "driver.log"
+    env = dict(os.environ, RAY_ADDRESS=gcs, PYTHONUNBUFFERED="1", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1")
+    args = [
+        f"run.output_dir={out}",
+        "run.name=elastic",
+        "train.num_workers=2",
+        "train.min_workers=1",
+        "train.cpus_per_worker=1",
+        "train.worker_resources={vallex_trainer: 1}",
+        "train.max_failures=3",
+        "train.max_steps=30",
+        "train.warmup_steps=1",
+        "train.eval_every=2",
+        "train.checkpoint_every=4",
+        "train.batch_size=2",
+        "data.window_rows=64",
+    ]
+    metrics = out / "train" / "metrics.jsonl"
+    try:
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "ray_jobs" / "train.py"),
+                    "--config",
+                    str(ROOT / "job.yaml"),
+                    *args,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            deadline = time.monotonic() + 240
+            killed = []
+            while proc.poll() is None and time.monotonic() < deadline:
+                steps = [r["step"] for r in _read_jsonl(metrics)]
+                if not killed and steps and max(steps) >= 8:
+                    victims = _node_processes(temp_dir, int(blocks[1][0]))
+                    assert victims, "the worker node's raylet was not found"
+                    for p in victims:
+                        with suppress(psutil.NoSuchProcess):
+                            p.kill()
+                    killed = victims
+                time.sleep(0.2)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        tail = log_path.read_text()[-4000:]
+        assert killed, f"the run ended before the node could be removed:\n{tail}"
+        assert proc.returncode == 0, tail
+        records = _read_jsonl(metrics)
+        # The first record of each (re)start says how many workers DeepSpeed ran with: 2, then 1.
+        sizes = [r["engine"]["world_size"] for r in records if "engine" in r]
+        assert sizes[0] == 2 and sizes[-1] == 1, (sizes, tail)
+        assert records[-1]["step"] == 30
+        restart = next(r for r in records if r.get("engine", {}).get("world_size") == 1)
+        assert restart["step"] >= 4  # resumed from a checkpoint, not from the start
+        report = json.loads((out / "train" / "report.json").read_text())
+        assert report["steps"] == 30
+    finally:
+        _stop_cluster(temp_dir, gcs)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -259,6 +259,10 @@ class TrainSection:
     """CPUs reserved per worker."""
     use_gpu: bool = False
     """One GPU per worker, NCCL, bf16; false trains on CPU with gloo."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each worker needs besides its CPUs (and GPU): a custom resource only your
+    training nodes advertise (``ray start --resources='{"trainer": 1}'``) keeps workers off the head and
+    tells elastic training how many can run, e.g. ``{trainer: 1}``."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32 or bf16 (bf16 works on CPU and GPU)."""
     zero_stage: int = 2
@@ -315,6 +319,13 @@ class TrainSection:
             f"must be in [0, num_workers={self.num_workers}] (0 = fixed size)",
         )
         _require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        for name, amount in self.worker_resources.items():
+            _require(amount > 0, f"worker_resources.{name}", f"must be > 0, got {amount}")
+            _require(
+                name not in ("CPU", "GPU"),
+                f"worker_resources.{name}",
+                "set CPUs with train.cpus_per_worker and GPUs with train.use_gpu",
+            )
         _require(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16")
         _require(
             self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}"
@@ -383,7 +394,7 @@ class TuneSection:
     """The temperature baseline's alpha."""
     max_concurrent_trials: int = 0
     """Trials at once; 0 derives it from the cluster: each trial needs train.num_workers x
-    train.cpus_per_worker CPUs (and GPUs) plus 1 CPU for Ray Data."""
+    train.cpus_per_worker CPUs (and GPUs) plus 1 CPU for Ray Data and 0.01 for its driver."""
     max_failures: int = 1
     """Times a failed trial is retried; a trial that still fails is recorded (trials.csv) and the
     search goes on. Re-running the same command resumes an interrupted search."""

@@ -364,6 +364,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
             resources_per_worker={
                 "CPU": cfg.train.cpus_per_worker,
                 **({"GPU": 1} if cfg.train.use_gpu else {}),
+                **cfg.train.worker_resources,
             },
             placement_strategy=cfg.train.placement_strategy,
         ),
