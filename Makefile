@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo add-language-demo test lint format bench clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml
 
 demo: venv  ## prepare the embedded demo corpus and train on it (make demo ARGS="train.max_steps=50")
 	$(PY) ray_jobs/demo.py --config job.yaml $(ARGS)
+
+add-language-demo: venv  ## base model on en/fr/zh, then add ar naively and with vallex (README: Adding a language)
+	$(PY) ray_jobs/add_language.py --demo --config job.yaml $(ARGS)
 
 test: venv lint  ## lint, format check, then the test suite
 	$(PY) -m pytest -q $(ARGS)

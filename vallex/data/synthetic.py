@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,9 @@ def symbols_fingerprint(symbols: list[str]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(symbols).encode()).hexdigest()
 
 
-def _language_table(lang: str, n_train: int, n_valid: int, rng, frames, phonemes, num_codebooks, num_symbols):
+def _language_table(
+    lang: str, n_train: int, n_valid: int, rng, frames, phonemes, num_codebooks, num_symbols, code_values
+):
     n = n_train + n_valid
     # Splits interleaved (as real preparation does) so readers must filter on the column.
     split = np.array(["train"] * n_train + ["valid"] * n_valid, dtype=object)
@@ -42,7 +45,7 @@ def _language_table(lang: str, n_train: int, n_valid: int, rng, frames, phonemes
     # Phoneme ids avoid the special symbols: a real table never emits <pad>/<bos>/<eos> as text.
     first = len(SPECIAL_SYMBOLS)
     phone_rows = [rng.integers(first, num_symbols, size=k, dtype=np.int32) for k in n_phones]
-    code_rows = [rng.integers(0, CODEBOOK_SIZE, size=num_codebooks * t, dtype=np.int16) for t in n_frames]
+    code_rows = [rng.integers(0, code_values, size=num_codebooks * t, dtype=np.int16) for t in n_frames]
     return pa.table(
         {
             "utt_id": [f"{lang}-{i:06d}" for i in range(n)],
@@ -71,17 +74,28 @@ def write_synthetic_corpus(
     num_codebooks: int = 8,
     num_symbols: int = 40,
     rows_per_shard: int = 500,
+    code_values: int | Mapping[str, int] = CODEBOOK_SIZE,
 ) -> Path:
     """Write a prepared corpus with ``sizes[lang]`` train rows per language; return its directory.
 
     ``frames``/``phonemes`` are inclusive (min, max) lengths per utterance. A language with more than
     ``rows_per_shard`` rows gets several shards, as real preparation writes them.
+
+    ``code_values`` (one for all, or per language; default all 1024) sets how hard a language is:
+    its codes are drawn uniformly from the first ``code_values`` values of each codebook, so the best
+    loss a model can reach per code is log(code_values) and the amount to learn grows with it (1 = a
+    constant code, learnt at once). The default draws exactly what earlier versions drew.
     """
     if num_symbols <= len(SPECIAL_SYMBOLS):
         raise ValueError(f"num_symbols={num_symbols} leaves no phoneme ids after {list(SPECIAL_SYMBOLS)}")
     for lang, n in sizes.items():
         if n < 0:
             raise ValueError(f"sizes[{lang!r}] = {n}: a language needs >= 0 train rows")
+    values = dict(code_values) if isinstance(code_values, Mapping) else dict.fromkeys(sizes, code_values)
+    for lang in sizes:
+        k = values.get(lang, CODEBOOK_SIZE)
+        if not (isinstance(k, int) and 1 <= k <= CODEBOOK_SIZE):
+            raise ValueError(f"code_values[{lang!r}] = {k!r}: must be an integer in [1, {CODEBOOK_SIZE}]")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     symbols = list(SPECIAL_SYMBOLS) + [f"p{i}" for i in range(num_symbols - len(SPECIAL_SYMBOLS))]
@@ -92,7 +106,15 @@ def write_synthetic_corpus(
         # One generator per language (seeded by its position) so adding a language leaves others unchanged.
         rng = np.random.default_rng([seed, i])
         table = _language_table(
-            lang, n_train, valid_per_language, rng, frames, phonemes, num_codebooks, num_symbols
+            lang,
+            n_train,
+            valid_per_language,
+            rng,
+            frames,
+            phonemes,
+            num_codebooks,
+            num_symbols,
+            values.get(lang, CODEBOOK_SIZE),
         )
         (out / lang).mkdir(exist_ok=True)
         shards = []

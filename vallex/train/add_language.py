@@ -35,6 +35,7 @@ log = logging.getLogger("vallex.add_language")
 MODES = ("vallex", "naive")
 REPORT_NAME = "forgetting_report.json"
 FIGURE_NAME = "forgetting.png"
+METRIC_NAMES = {"loss": "AR + NAR loss", "ar_loss": "AR loss", "nar_loss": "NAR loss"}
 
 
 class AddLanguageError(ValueError):
@@ -355,7 +356,7 @@ def plot_forgetting(reports: list[dict], path: str | os.PathLike) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("validation loss vs. step 0 (%)")
+    axes[0][0].set_ylabel(f"validation {METRIC_NAMES[reports[0]['metric']]} vs. step 0 (%)")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

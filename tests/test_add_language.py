@@ -1,0 +1,344 @@
+"""Adding a language to a trained model: growth leaves old languages untouched, naive mode trains only the
+new language, the forgetting report's fields and verdicts, and a tiny end-to-end run (Ray Train, 2 workers,
+DeepSpeed ZeRO-2) from a base model through both modes."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from vallex.config import load_config
+from vallex.data.synthetic import write_synthetic_corpus
+from vallex.train.add_language import (
+    AddLanguageError,
+    AddLanguagePlan,
+    comparison_table,
+    forgetting_report,
+    plan_add_language,
+    plot_forgetting,
+    replay_weights,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD = {"en": 40, "fr": 24}
+NEW = {
+    "zh": 12
+}  # sorts after the old ones: the synthetic generator gives en/fr the same rows in both corpora
+EXTRA_SYMBOLS = 5  # the new language's "new phonemes": the add-language corpus's table extends the base's
+
+
+def _cfg(out: Path, prepared: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"run.output_dir={out}",
+            f"run.prepared_dir={prepared}",
+            "run.name=t",
+            "model.size=tiny",
+            "model.dropout=0.0",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.zero_stage=2",
+            "train.batch_size=4",
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "train.eval_every=2",
+            "train.checkpoint_every=4",
+            "train.lr=3.0e-3",
+            "data.window_rows=32",
+            *overrides,
+        ],
+    )
+
+
+def _extend_symbols(prepared: Path, extra: int) -> None:
+    """Append symbols to a synthetic corpus's table (as preparing a new language does) and bump its version."""
+    table = json.loads((prepared / "symbols.json").read_text())
+    table["symbols"] += [f"new{i}" for i in range(extra)]
+    table["version"] += 1
+    (prepared / "symbols.json").write_text(json.dumps(table))
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest["symbols_version"] = table["version"]
+    manifest.pop("symbols_fingerprint", None)
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    root = tmp_path_factory.mktemp("addlang")
+    write_synthetic_corpus(root / "prep-base", OLD, valid_per_language=4, frames=(15, 35))
+    write_synthetic_corpus(root / "prep", {**OLD, **NEW}, valid_per_language=4, frames=(15, 35))
+    _extend_symbols(root / "prep", EXTRA_SYMBOLS)
+    return root
+
+
+@pytest.fixture(scope="module")
+def base(ray_cluster, corpora):
+    """A base model trained on the old languages only: its train/model.pt and report."""
+    from vallex.train.trainer import train
+
+    cfg = _cfg(corpora / "base", corpora / "prep-base", "run.name=base", "train.max_steps=6")
+    report = train(cfg)
+    return Path(report["model_file"]), report
+
+
+# ------------------------------------------------------------------------------------ no Ray needed
+
+
+@pytest.fixture(scope="module")
+def saved_base(corpora):
+    """A vallex checkpoint of an untrained tiny model that knows en and fr (the base corpus's symbols)."""
+    from vallex.data.corpus import PreparedCorpus
+    from vallex.model.checkpoint import save_checkpoint
+    from vallex.model.vallex import build_model
+
+    old_corpus = PreparedCorpus.open(corpora / "prep-base")
+    torch.manual_seed(1)
+    model = build_model("tiny", num_phonemes=old_corpus.num_symbols, num_languages=2, dropout=0.0).eval()
+    path = corpora / "saved" / "model.pt"
+    save_checkpoint(model, path, languages=["en", "fr"], symbols=old_corpus.symbols, symbols_version=1)
+    return path, model, old_corpus
+
+
+def test_growing_embeddings_leaves_old_language_outputs_unchanged(corpora, saved_base, one_thread):
+    """The model the trainer starts from (train.init_from: grown languages and phonemes) gives every old
+    language exactly the outputs the base model gave, before any training."""
+    import numpy as np
+
+    from vallex.data.collate import collate
+    from vallex.model.vallex import VallexConfig, VallexModel
+    from vallex.train.trainer import _corpus_info
+
+    path, model, old_corpus = saved_base
+
+    cfg = _cfg(corpora / "grow", corpora / "prep", f"train.init_from={path}", "data.languages=[en,fr,zh]")
+    corpus, info, init_state = _corpus_info(cfg)
+    assert info["model_languages"] == ["en", "fr", "zh"]  # old ids kept, the new language appended
+    assert info["model_config"]["num_phonemes"] == old_corpus.num_symbols + EXTRA_SYMBOLS
+    grown = VallexModel(VallexConfig(**info["model_config"])).eval()
+    grown.load_state_dict(init_state)
+    assert sorted(info["eval_languages"]) == ["en", "fr", "zh"]
+
+    for lang in ("en", "fr"):
+        table = corpus.read_split(lang, "valid")
+        batch = collate(
+            {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names},
+            info["language_ids"],
+            corpus.num_codebooks,
+        )
+        with torch.no_grad():
+            before, after = model(batch), grown(batch)
+            logits_before, logits_after = model.ar_logits(batch), grown.ar_logits(batch)
+        for key in before:
+            assert torch.equal(before[key], after[key]), (lang, key)
+        assert torch.equal(logits_before, logits_after)
+    # The new rows exist and start at the mean of the old ones.
+    emb = grown.ar_language_embedding.word_embeddings.weight
+    assert torch.allclose(emb[2], emb[:2].mean(0))
+    text = grown.ar_text_embedding.word_embeddings.weight
+    assert text.shape[0] == old_corpus.num_symbols + EXTRA_SYMBOLS
+    assert np.allclose(text[-1].detach().numpy(), text[: old_corpus.num_symbols].mean(0).detach().numpy())
+
+
+def test_replay_weights_split_the_stream_between_old_and_new():
+    w = replay_weights({"en": 400, "fr": 100, "ar": 20}, ["en", "fr"], ["ar"], 0.6, alpha=0.5)
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert w["ar"] == pytest.approx(0.4) and w["en"] + w["fr"] == pytest.approx(0.6)
+    assert w["en"] == pytest.approx(2 * w["fr"])  # temperature 0.5 within the old group: sqrt(4) = 2
+    with pytest.raises(AddLanguageError, match="--naive"):
+        replay_weights({"en": 1, "ar": 1}, ["en"], ["ar"], 0.0, alpha=0.5)
+
+
+def _plan_cfg(corpora):
+    return _cfg(corpora / "plans", corpora / "prep")
+
+
+def test_plan_checks_name_the_problem(corpora, saved_base):
+    model_file = saved_base[0]
+    cfg = _plan_cfg(corpora)
+    with pytest.raises(AddLanguageError, match=r"\['ja'\] have no prepared shards in .*manifest.json"):
+        plan_add_language(cfg, base=model_file, new_languages=["ja"], out_dir=corpora / "x")
+    with pytest.raises(AddLanguageError, match=r"\['en'\] already belong to the base model"):
+        plan_add_language(cfg, base=model_file, new_languages=["en"], out_dir=corpora / "x")
+    with pytest.raises(AddLanguageError, match="does not exist"):
+        plan_add_language(cfg, base=corpora / "nope.pt", new_languages=["zh"], out_dir=corpora / "x")
+    with pytest.raises(AddLanguageError, match="cannot go with --naive"):
+        plan_add_language(
+            cfg, base=model_file, new_languages=["zh"], out_dir=corpora / "x", mode="naive", replay_ratio=0.5
+        )
+    # A corpus whose symbol table is not an extension of the model's: ids would mean other phonemes.
+    other = write_synthetic_corpus(corpora / "prep-other", {**OLD, **NEW}, num_symbols=30)
+    table = json.loads((other / "symbols.json").read_text())
+    table["symbols"][5] = "changed"
+    (other / "symbols.json").write_text(json.dumps(table))
+    with pytest.raises(
+        AddLanguageError,
+        match=r"model.pt: the symbol table .* nor an extension of it \(first difference at id 5\)",
+    ):
+        plan_add_language(
+            _cfg(corpora / "plans", other), base=model_file, new_languages=["zh"], out_dir=corpora / "x"
+        )
+
+    plan = plan_add_language(
+        cfg, base=model_file, new_languages=["zh"], out_dir=corpora / "x", replay_ratio=0.5
+    )
+    assert plan.old_languages == ["en", "fr"] and plan.trained_languages == ["en", "fr", "zh"]
+    assert plan.new_phonemes == EXTRA_SYMBOLS
+    assert plan.config.train.init_from == str(model_file.resolve())
+    assert plan.config.data.weights["zh"] == pytest.approx(0.5)
+    naive = plan_add_language(cfg, base=model_file, new_languages=["zh"], out_dir=corpora / "y", mode="naive")
+    assert naive.trained_languages == ["zh"] and naive.config.data.languages == ["zh"]
+
+
+def _record(step, losses, fractions=None):
+    valid = {lang: {"loss": v, "ar_loss": v / 2, "nar_loss": v / 2} for lang, v in losses.items()}
+    return {
+        "step": step,
+        "train_loss": None if step == 0 else 1.0,
+        "valid": valid,
+        "realized_fractions": fractions,
+    }
+
+
+def test_report_fields_and_verdicts(tmp_path):
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "train.guard.per_language={fr: 0.5}"])
+    plan = AddLanguagePlan(
+        mode="naive",
+        base="base.pt",
+        out_dir=str(tmp_path),
+        old_languages=["en", "fr", "zh"],
+        new_languages=["ar"],
+        trained_languages=["ar"],
+        unwatched=[],
+        weights="uniform",
+        replay_ratio=None,
+        new_phonemes=3,
+        config=cfg,
+    )
+    records = [
+        _record(0, {"ar": 10.0, "en": 8.0, "fr": 8.0, "zh": 8.0}, {"ar": 1.0}),
+        _record(5, {"ar": 7.0, "en": 9.0, "fr": 9.0, "zh": 8.0}, {"ar": 1.0}),
+        _record(10, {"ar": 6.0, "en": 12.0, "fr": 11.0, "zh": 8.8}, {"ar": 1.0}),
+    ]
+    guard = {"verdict": "forgetting", "trips": [{"step": 10, "languages": ["en"]}], "max_rise": 0.2}
+    rep = forgetting_report(records, {"guard": guard, "weights": {"ar": 1.0}}, plan)
+
+    assert rep["baseline_step"] == 0 and rep["final_step"] == 10 and rep["mode"] == "naive"
+    en, fr, zh, ar = (rep["languages"][k] for k in ("en", "fr", "zh", "ar"))
+    assert en == {
+        "role": "old",
+        "trained": False,
+        "baseline": 8.0,
+        "final": 12.0,
+        "relative_change": pytest.approx(0.5),
+        "best": 8.0,
+        "best_step": 0,
+        "max_rise": 0.2,
+        "verdict": "forgotten",
+        "guard_trips": [10],
+    }
+    assert fr["max_rise"] == 0.5 and fr["verdict"] == "kept"  # +37.5% is within its own 50% limit
+    assert zh["relative_change"] == pytest.approx(0.1) and zh["verdict"] == "kept"
+    assert ar["role"] == "new" and ar["trained"] and ar["verdict"] == "learned"
+    assert ar["relative_change"] == pytest.approx(-0.4)
+    assert [p["step"] for p in rep["new_language_curve"]["ar"]] == [0, 5, 10]
+    assert [p["loss"] for p in rep["new_language_curve"]["ar"]] == [10.0, 7.0, 6.0]
+    assert rep["forgotten"] == ["en"] and rep["verdict"] == "forgetting"
+    assert rep["guard"]["verdict"] == "forgetting" and rep["new_phoneme_symbols"] == 3
+    json.dumps(rep)  # plain JSON
+
+    kept = forgetting_report(records[:2], {"guard": {"verdict": "ok", "trips": []}}, plan)
+    assert kept["verdict"] == "ok" and kept["forgotten"] == []
+    with pytest.raises(AddLanguageError, match="no step-0 evaluation"):
+        forgetting_report(records[1:], {"guard": guard}, plan)
+
+    plot_forgetting([rep, kept], tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 5000
+    table = comparison_table(rep, kept)
+    assert "| en | old | 8.000 | 12.000 | +50.0% (forgotten) |" in table
+
+
+# ------------------------------------------------------------------------------------ end to end (Ray)
+
+
+@pytest.fixture(scope="module")
+def runs(base, corpora):
+    """The base model extended with zh in both modes, through the ray_jobs entry point."""
+    main = runpy.run_path(str(ROOT / "ray_jobs" / "add_language.py"), run_name="vallex_test")["main"]
+    model_file, _ = base
+    out = {}
+    for mode in ("naive", "vallex"):
+        out[mode] = corpora / mode
+        args = [
+            "--config",
+            str(ROOT / "job.yaml"),
+            f"--base={model_file}",
+            "--new=zh",
+            f"--out={out[mode]}",
+            *(["--naive"] if mode == "naive" else ["--replay-ratio=0.5"]),
+            f"run.output_dir={corpora / 'unused'}",
+            f"run.prepared_dir={corpora / 'prep'}",
+            "model.dropout=0.0",
+            "train.cpus_per_worker=0.5",
+            "train.batch_size=4",
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "train.eval_every=2",
+            "train.checkpoint_every=4",
+            "data.window_rows=32",
+        ]
+        rc = main(args)
+        assert rc in (0, 1)
+    return out
+
+
+def test_end_to_end_vallex_mode(runs, base):
+    _, base_report = base
+    rep = json.loads((runs["vallex"] / "forgetting_report.json").read_text())
+    assert (runs["vallex"] / "forgetting.png").stat().st_size > 5000
+    assert rep["mode"] == "vallex" and rep["old_languages"] == ["en", "fr"] and rep["new_languages"] == ["zh"]
+    assert rep["trained_languages"] == ["en", "fr", "zh"] and rep["new_phoneme_symbols"] == EXTRA_SYMBOLS
+    assert set(rep["languages"]) == {"en", "fr", "zh"}
+    for lang, v in rep["languages"].items():
+        assert v["relative_change"] == pytest.approx((v["final"] - v["baseline"]) / v["baseline"])
+        assert v["verdict"] in (("kept", "forgotten") if lang != "zh" else ("learned", "not learned"))
+    assert rep["verdict"] in ("ok", "forgetting") and rep["guard"]["verdict"] in ("ok", "forgetting")
+    assert [p["step"] for p in rep["new_language_curve"]["zh"]] == [0, 1, 2, 4]
+    assert rep["languages"]["zh"]["final"] < rep["languages"]["zh"]["baseline"]  # the new language learns
+    # The mix holds the old and new languages, half and half by the replay ratio.
+    fr = rep["realized_fractions"]
+    assert set(fr) == {"en", "fr", "zh"} and fr["zh"] == pytest.approx(0.5, abs=0.15)
+    # Step 0 is the grown base model, before any update: the old languages score exactly what the base
+    # model scored at the end of its own training (same weights, same validation rows).
+    for lang in ("en", "fr"):
+        assert rep["languages"][lang]["baseline"] == pytest.approx(
+            base_report["languages"][lang]["last"]["loss"], rel=1e-5
+        )
+    # The run's model file knows every language, old ids first.
+    from vallex.model.checkpoint import load_checkpoint
+
+    _, meta = load_checkpoint(rep["model_file"])
+    assert meta["languages"] == ["en", "fr", "zh"]
+
+
+def test_naive_mode_trains_on_the_new_language_only(runs):
+    from vallex.train.metrics import read_metrics
+
+    rep = json.loads((runs["naive"] / "forgetting_report.json").read_text())
+    assert rep["mode"] == "naive" and rep["trained_languages"] == ["zh"]
+    records = read_metrics(runs["naive"] / "train" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2, 4]
+    for r in records[1:]:
+        assert r["realized_fractions"] == {"zh": 1.0}  # every training row was zh
+        assert set(r["valid"]) == {"en", "fr", "zh"}  # ...while every language is still evaluated
+    assert records[-1]["samples_seen"] == 2 * 4 * 4
+    assert json.loads((runs["naive"] / "train" / "weights.json").read_text())["weights"] == {"zh": 1.0}
+    assert {v["trained"] for k, v in rep["languages"].items() if k != "zh"} == {False}
+    # The old languages' baselines are the same in both modes: one base model, one step-0 evaluation each.
+    vallex = json.loads((runs["vallex"] / "forgetting_report.json").read_text())
+    for lang in ("en", "fr"):
+        assert rep["languages"][lang]["baseline"] == pytest.approx(vallex["languages"][lang]["baseline"])
