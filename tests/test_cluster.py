@@ -119,10 +119,11 @@ def _node_ports(ports: list[int]) -> list[str]:
     ]
 
 
-def _start_cluster(node_cpus: list[int], resources: list[dict] | None = None):
+def _start_cluster(node_cpus: list[int], resources: list[dict] | None = None, env_extra: dict | None = None):
     """A head and len(node_cpus) - 1 worker nodes on loopback, on free ports with a private temp dir;
     ``resources``: each node's custom resources. Returns (dashboard URL, GCS address, temp_dir, [each
-    node's port block]); stop with _stop_cluster."""
+    node's port block]); ``env_extra``: environment for the Ray processes (e.g. RAY_* config). Stop it
+    with _stop_cluster."""
     extra = [[f"--resources={json.dumps(r)}"] if r else [] for r in (resources or [{}] * len(node_cpus))]
     temp_dir = tempfile.mkdtemp(prefix="vxc", dir="/tmp")  # short: Ray's unix socket paths must fit
     ports = _port_block(3 + 40 * len(node_cpus))
@@ -132,6 +133,7 @@ def _start_cluster(node_cpus: list[int], resources: list[dict] | None = None):
         os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0"
     )
     env.pop("RAY_ADDRESS", None)
+    env.update(env_extra or {})
     try:
         _ray_start(
             [
@@ -506,11 +508,25 @@ def test_elastic_training_survives_losing_a_node(tmp_path):
     import psutil
 
     slot = {"vallex_trainer": 1}
-    dashboard, gcs, temp_dir, blocks = _start_cluster([2, 1], [slot, slot])
+    # Ray Train retries at once, before Ray has marked the node dead, so its first restart asks for 2
+    # workers and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) before sizing down:
+    # shorten that wait, and notice a dead node in ~2 s instead of ~15 s.
+    fast_death = {
+        "RAY_health_check_period_ms": "500",
+        "RAY_health_check_timeout_ms": "500",
+        "RAY_health_check_failure_threshold": "3",
+    }
+    dashboard, gcs, temp_dir, blocks = _start_cluster([2, 1], [slot, slot], fast_death)
     out = tmp_path / "run"
     write_synthetic_corpus(out / "prepare", {"fr": 48, "ar": 16}, valid_per_language=4)
     log_path = tmp_path / "driver.log"
-    env = dict(os.environ, RAY_ADDRESS=gcs, PYTHONUNBUFFERED="1", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1")
+    env = dict(
+        os.environ,
+        RAY_ADDRESS=gcs,
+        PYTHONUNBUFFERED="1",
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1",
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+    )
     args = [
         f"run.output_dir={out}",
         "run.name=elastic",
