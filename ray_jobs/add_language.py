@@ -48,6 +48,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.cli import parse_config
+from vallex.files import write_text_atomic
 from vallex.logs import setup_logging
 from vallex.runtime import init_ray
 
@@ -117,6 +118,9 @@ def run_demo(cfg, opts, log) -> int:
 
     log.info("== 2/5: prepare the old languages, then add the new one to a copy (its symbols are appended)")
     base_prep, full_prep = out / "prepare-base", out / "prepare"
+    earlier = base_prep / "manifest.json"
+    if earlier.exists() and set(json.loads(earlier.read_text())["languages"]) != set(old):
+        _fresh(base_prep)  # an earlier demo with another --new: its table must not leak into this base
     manifest = prepare_corpus(
         [u for u in utts if u.language in old],
         base_prep,
@@ -181,11 +185,12 @@ def run_demo(cfg, opts, log) -> int:
         Path(opts.figure).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(figure, opts.figure)
     minutes = (time.time() - t0) / 60
-    (out / "comparison.md").write_text(
+    write_text_atomic(
+        out / "comparison.md",
         f"Validation loss (AR + NAR) of each language, step 0 of the add-language run (the base model) vs. "
-        f"after {opts.add_steps} steps; change relative to step 0; whole demo {minutes:.1f} min.\n\n{table}\n"
+        f"after {opts.add_steps} steps; change relative to step 0; whole demo {minutes:.1f} min.\n\n{table}\n",
     )
-    (out / "comparison.json").write_text(json.dumps(reports, indent=2))
+    write_text_atomic(out / "comparison.json", json.dumps(reports, indent=2))
     log.info("add-language demo finished in %.1f min:\n%s", minutes, table)
     log.info("wrote %s, %s%s", out / "comparison.md", figure, f" and {opts.figure}" if opts.figure else "")
     shown = reports["vallex"]["verdict"] == "ok" and reports["naive"]["verdict"] == "forgetting"

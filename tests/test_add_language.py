@@ -153,8 +153,8 @@ def test_replay_weights_split_the_stream_between_old_and_new():
         replay_weights({"en": 1, "ar": 1}, ["en"], ["ar"], 0.0, alpha=0.5)
 
 
-def _plan_cfg(corpora):
-    return _cfg(corpora / "plans", corpora / "prep")
+def _plan_cfg(corpora, *overrides):
+    return _cfg(corpora / "plans", corpora / "prep", *overrides)
 
 
 def test_plan_checks_name_the_problem(corpora, saved_base):
@@ -192,6 +192,24 @@ def test_plan_checks_name_the_problem(corpora, saved_base):
     assert plan.config.data.weights["zh"] == pytest.approx(0.5)
     naive = plan_add_language(cfg, base=model_file, new_languages=["zh"], out_dir=corpora / "y", mode="naive")
     assert naive.trained_languages == ["zh"] and naive.config.data.languages == ["zh"]
+    # Runs in other folders (or from other bases) never share a Ray Train run name: no cross-resume.
+    assert (
+        naive.config.run.name
+        != plan_add_language(
+            cfg, base=model_file, new_languages=["zh"], out_dir=corpora / "z", mode="naive"
+        ).config.run.name
+    )
+
+    # A Tune best_weights.json of the old languages only would train the new one at weight 0.
+    tuned = corpora / "best_weights.json"
+    tuned.write_text(json.dumps({"weights": {"en": 0.6, "fr": 0.4}}))
+    with pytest.raises(AddLanguageError, match=r"gives the new language\(s\) \['zh'\] no weight"):
+        plan_add_language(
+            _plan_cfg(corpora, f"data.weights={tuned}"),
+            base=model_file,
+            new_languages=["zh"],
+            out_dir=corpora / "x",
+        )
 
 
 def _record(step, losses, fractions=None):
@@ -292,7 +310,8 @@ def runs(base, corpora):
             "data.window_rows=32",
         ]
         rc = main(args)
-        assert rc in (0, 1)
+        verdict = json.loads((out[mode] / "forgetting_report.json").read_text())["verdict"]
+        assert rc == (0 if verdict == "ok" else 1)  # the exit status says whether old languages held
     return out
 
 
@@ -342,3 +361,6 @@ def test_naive_mode_trains_on_the_new_language_only(runs):
     vallex = json.loads((runs["vallex"] / "forgetting_report.json").read_text())
     for lang in ("en", "fr"):
         assert rep["languages"][lang]["baseline"] == pytest.approx(vallex["languages"][lang]["baseline"])
+    # (Whether naive mode forgets more is not asserted here: synthetic codes carry no language-specific
+    # structure to forget, and in 4 steps both modes mostly learn the shared code prior. The demo's
+    # real speech shows the contrast: README "The headline result".)

@@ -277,3 +277,15 @@ def test_init_from_keeps_old_ids_and_watches_languages_it_does_not_train(ray_clu
         train(
             _cfg(tmp_path / "bad", f"run.prepared_dir={tmp_path / 'prepare'}", "train.keep_best_by=loss/de")
         )
+
+
+def test_keep_best_by_must_be_a_metric_this_run_reports():
+    from vallex.train.trainer import check_keep_best_by
+
+    check_keep_best_by("nar_loss/en", ["en", "zh"], False, "both")
+    check_keep_best_by("", ["en"], False, "ar")
+    with pytest.raises(ValueError, match=r"'nar_loss/en' is not a reported metric"):
+        check_keep_best_by("nar_loss/en", ["en", "zh"], False, "ar")  # the NAR is not trained
+    with pytest.raises(ValueError, match=r"'objective' is not a reported metric"):
+        check_keep_best_by("objective", ["en"], False, "both")  # only Tune trials report it
+    check_keep_best_by("objective", ["en"], True, "both")

@@ -467,7 +467,8 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
                 trial = metrics.parent.parent.name
                 if trial in fixed_trials or not metrics.read_text().strip():
                     continue
-                pids = _train_worker_pids()
+                # Only workers started since the fixed run ended: a search trial's, never a lingering one.
+                pids = [p for p in _train_worker_pids() if p not in fixed_pids]
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     killed.append(pids[-1])
@@ -475,16 +476,25 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
             time.sleep(0.1)
 
     fixed_trials: set[str] = set()
+    fixed_pids: set[int] = set()
     finished: list[str] = []
+    failed: list[str] = []
 
     def watch(line: str, proc):
         if "fixed uniform done" in line:  # the fixed run's trial dir is known: not the one to kill
             fixed_trials.update(p.name for p in (out / "trials").iterdir())
+            fixed_pids.update(_train_worker_pids())
             threading.Thread(target=kill_a_search_worker, daemon=True).start()
-        if line.split(" ", 1)[-1].startswith("search ") and " done in " in line:
+        message = line.split(" ", 1)[-1]
+        if message.startswith("search ") and " done in " in message:
             finished.append(line)
-            if len(finished) == 1:
-                proc.send_signal(signal.SIGINT)  # Ctrl+C after the first search trial ends
+        if message.startswith("search ") and " FAILED" in message:
+            failed.append(line)
+        if finished and failed and not interrupted:  # Ctrl+C once a trial ended and the killed one failed
+            interrupted.append(line)
+            proc.send_signal(signal.SIGINT)
+
+    interrupted: list[str] = []
 
     t0 = time.time()
     rc, first = _run_job(config, env, watch)
@@ -547,3 +557,12 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
     # train.py takes the file as data.weights
     cfg = load_config(config, [f"data.weights={out / 'best_weights.json'}"])
     assert resolve_weights(cfg.data.weights, {"en": 40, "zh": 24}) == pytest.approx(best["weights"])
+
+
+def test_asha_rungs_without_an_evaluation_before_the_last_step_are_flagged():
+    from vallex.tune.search import warn_late_rungs
+
+    assert warn_late_rungs(100, 25, 50) == []  # judged at step 50, an evaluation before the end
+    assert warn_late_rungs(90, 10, 10) == [90]  # rungs 10, 30, 90: the last one is the final step
+    assert warn_late_rungs(100, 60, 40) == []  # rung 40 is judged at step 60
+    assert warn_late_rungs(100, 70, 80) == [80]  # the first report at or after 80 is step 100, the last

@@ -23,7 +23,10 @@ token budget (``max_tokens > 0``, like lhotse's max-duration)
 
 Resume: the loop skips ``consumed_batches`` batches of a fresh stream. The batch sequence is a
 function of the rank's row stream, the seed and the settings only (pool boundaries fall every
-``bucket_rows`` rows of the stream), so skipping ``n`` batches lands where the run stopped.
+``bucket_rows`` rows of the stream), so skipping ``n`` batches skips the same number of batches the
+run trained on — the very same batches when the rank's row stream is the same, i.e. the run resumes
+with unchanged data and train settings and worker count (see ``vallex.data.mixing`` for the stream's
+own guarantee).
 
 Loss weighting with the token budget: the model's loss is a token mean over each micro-batch (AR mean
 plus NAR mean), DeepSpeed divides each micro-batch's loss by ``train.grad_accum`` and averages the

@@ -83,6 +83,12 @@ class AddLanguagePlan:
 # ------------------------------------------------------------------------------------------ planning
 
 
+def _short_hash(*parts) -> str:
+    import hashlib
+
+    return hashlib.sha1("\x1f".join(map(str, parts)).encode()).hexdigest()[:8]
+
+
 def replay_weights(
     counts: dict[str, int], old: list[str], new: list[str], ratio: float, alpha: float
 ) -> dict[str, float]:
@@ -181,17 +187,33 @@ def plan_add_language(
             weights = replay_weights(counts, with_data, new, replay_ratio, cfg.data.alpha)
         else:
             weights = cfg.data.weights
-    if isinstance(weights, dict):
-        absent = [lang for lang in new if weights.get(lang, 0) <= 0]
-        if absent:
-            raise AddLanguageError(
-                f"data.weights gives the new language(s) {absent} no weight ({weights}): they would not be trained"
-            )
+    # Resolve now (a policy, a map or a Tune best_weights.json): a file or map that leaves a new
+    # language out would give it weight 0, and the run would train only the old ones.
+    from vallex.data.weights import resolve_weights
+
+    t = cfg.train
+    try:
+        resolved = resolve_weights(
+            weights,
+            {lang: counts[lang] for lang in trained},
+            alpha=cfg.data.alpha,
+            budget=t.max_steps * t.grad_accum * t.batch_size * t.num_workers,
+        )
+    except (ValueError, OSError) as e:
+        raise AddLanguageError(f"data.weights: {e}") from None
+    absent = [lang for lang in new if resolved.get(lang, 0.0) <= 0]
+    if absent:
+        raise AddLanguageError(
+            f"data.weights ({weights}) gives the new language(s) {absent} no weight: they would not be "
+            "trained; give them a weight, use --replay-ratio, or a weights policy"
+        )
 
     data = cfg.to_dict()
     data["run"].update(
         output_dir=str(out_dir),
-        name=run_name or f"add-{'-'.join(new)}-{mode}",
+        # The output folder and the base model are in the name: runs sharing a train.storage_path must
+        # never resume each other's checkpoints.
+        name=run_name or f"add-{'-'.join(new)}-{mode}-{_short_hash(Path(out_dir).resolve(), base.resolve())}",
         prepared_dir=str(Path(cfg.prepare_dir).resolve()),
     )
     data["corpus"]["languages"] = []  # the corpus is already prepared; every prepared language may be used

@@ -166,12 +166,16 @@ def write_model_file(weights_path: Path, out: Path, cfg: Config, corpus, info: d
     )
 
 
-def check_keep_best_by(metric: str, eval_languages: list[str], with_objective: bool) -> None:
-    """train.keep_best_by must name a metric every checkpoint reports (see metrics.flat_metrics)."""
+def check_keep_best_by(
+    metric: str, eval_languages: list[str], with_objective: bool, train_stage: str
+) -> None:
+    """train.keep_best_by must name a metric every checkpoint reports (see metrics.flat_metrics): a
+    stage this run does not train reports no loss."""
     if not metric:
         return
     known = ["loss_mean", "loss_max", "train_loss", *(["objective"] if with_objective else [])]
-    known += [f"{k}/{lang}" for lang in eval_languages for k in ("loss", "ar_loss", "nar_loss")]
+    kinds = {"both": ("loss", "ar_loss", "nar_loss"), "ar": ("loss", "ar_loss"), "nar": ("loss", "nar_loss")}
+    known += [f"{k}/{lang}" for lang in eval_languages for k in kinds[train_stage]]
     if metric not in known:
         raise ValueError(
             f"train.keep_best_by: {metric!r} is not a reported metric; choose one of {', '.join(known)}"
@@ -305,7 +309,9 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     train_dir = cfg.train_dir
     train_dir.mkdir(parents=True, exist_ok=True)
     corpus, info, init_state = _corpus_info(cfg)
-    check_keep_best_by(cfg.train.keep_best_by, info["eval_languages"], objective is not None)
+    check_keep_best_by(
+        cfg.train.keep_best_by, info["eval_languages"], objective is not None, cfg.train.train_stage
+    )
     save_config(cfg, train_dir / "config.yaml")
     write_text_atomic(
         train_dir / "weights.json",

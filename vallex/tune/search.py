@@ -167,6 +167,7 @@ def trial_config(setup: Mapping[str, Any], weights: Mapping[str, float], trial_i
         eval_every=setup["eval_every"],
         checkpoint_every=setup["max_steps"],  # one checkpoint, at the end: trials are short
         storage_path=setup["train_storage"],
+        keep_best_by="",  # a trial keeps its one checkpoint; fixed runs report no objective to rank by
     )
     d["train"]["guard"]["action"] = "warn"  # the guard must not end a trial early: Tune compares trials
     d["data"].update(languages=list(setup["languages"]), weights=dict(weights))
@@ -369,6 +370,27 @@ def _run_experiment(
     return results
 
 
+def warn_late_rungs(max_steps: int, eval_every: int, grace: int, reduction: int = 3) -> list[int]:
+    """ASHA judges a trial at its first report at or after each rung (grace x 3^k < max_steps + 1). When
+    that report is the trial's last step, a stop kills the trial's driver before it writes its own
+    report.json and model.pt (its metrics still count). Returns such rungs, after warning about them."""
+    evals = {1, *range(eval_every, max_steps, eval_every)}
+    late, rung = [], grace
+    while rung < max_steps + 1:
+        if not any(rung <= e < max_steps for e in evals):
+            late.append(rung)
+        rung *= reduction
+    if late:
+        log.warning(
+            "WARNING: ASHA compares trials at step(s) %s, where the next evaluation is the last step %d: a trial "
+            "stopped there keeps its figures but not its report.json/model.pt; lower tune.eval_every or "
+            "tune.grace_steps to avoid it",
+            late,
+            max_steps,
+        )
+    return late
+
+
 def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_actors: bool = False) -> dict:
     """Run (or resume) the whole search; returns the contents of best_weights.json.
 
@@ -452,6 +474,9 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
     else:
         searcher = BasicVariantGenerator(random_state=cfg.run.seed)
     if t.scheduler == "asha":
+        warn_late_rungs(
+            t.max_steps_per_trial, t.eval_every, t.grace_steps or max(1, t.max_steps_per_trial // 2)
+        )
         scheduler = ASHAScheduler(
             time_attr="step",
             # One past the last step: a trial that reaches it ends by itself (its driver writes the run's
@@ -576,6 +601,7 @@ def write_outputs(cfg: Config, setup: Mapping[str, Any], rows: list[dict], objec
         for r in rows
         if r["status"] == "COMPLETE" and "objective" in r and not r["name"].startswith(SOLO_PREFIX)
     ]
+    _write_csv(out_dir / TRIALS_FILE, rows, languages, metric)  # also (above all) when every trial failed
     best = pick_best(candidates, t.tie_tolerance)
     if best is None:
         failed = [f"{r['name']}: {r['error']}" for r in rows if r["error"]][:3]
@@ -583,7 +609,6 @@ def write_outputs(cfg: Config, setup: Mapping[str, Any], rows: list[dict], objec
             f"no trial finished its {setup['max_steps']} steps with a finite objective; "
             f"see {out_dir / TRIALS_FILE}" + (f"; errors: {failed}" if failed else "")
         )
-    _write_csv(out_dir / TRIALS_FILE, rows, languages, metric)
 
     def brief(r: dict) -> dict:
         return {
