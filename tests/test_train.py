@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_worker_pids
 
 from vallex.config import load_config
 from vallex.data.synthetic import write_synthetic_corpus
@@ -145,22 +146,6 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
         )
 
 
-def _train_worker_pids() -> list[int]:
-    """PIDs of this test session's Ray Train worker processes (children of our own raylet)."""
-    import psutil
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    pids = []
-    for p in psutil.Process(raylet).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                pids.append(p.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
 def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus_cfg):
     import os
     import signal
@@ -183,7 +168,7 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             if any(r["step"] >= 15 for r in read_metrics(cfg.train_dir / "metrics.jsonl")):
-                pids = _train_worker_pids()
+                pids = train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     killed.append(pids[-1])

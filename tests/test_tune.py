@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import train_worker_pids
 
 from vallex.config import ConfigError, load_config
 from vallex.data.synthetic import write_synthetic_corpus
@@ -381,21 +382,6 @@ def test_known_answer_search_lands_on_the_balancing_weights(ray_cluster, tmp_pat
 # End to end: ray_jobs/tune.py with real Ray Train + DeepSpeed trials, a failure and a resume.
 
 
-def _train_worker_pids() -> list[int]:
-    import psutil
-    import ray
-
-    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
-    pids = []
-    for p in psutil.Process(raylet).children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(p.cmdline()):
-                pids.append(p.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
 def _run_job(config: Path, env: dict, on_line=None, timeout: float = 240) -> tuple[int, list[str]]:
     """ray_jobs/tune.py in a subprocess joined to the test cluster; ``on_line(line, proc)`` sees its log."""
     proc = subprocess.Popen(
@@ -468,7 +454,7 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
                 if trial in fixed_trials or not metrics.read_text().strip():
                     continue
                 # Only workers started since the fixed run ended: a search trial's, never a lingering one.
-                pids = [p for p in _train_worker_pids() if p not in fixed_pids]
+                pids = [p for p in train_worker_pids() if p not in fixed_pids]
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     killed.append(pids[-1])
@@ -483,7 +469,7 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
     def watch(line: str, proc):
         if "fixed uniform done" in line:  # the fixed run's trial dir is known: not the one to kill
             fixed_trials.update(p.name for p in (out / "trials").iterdir())
-            fixed_pids.update(_train_worker_pids())
+            fixed_pids.update(train_worker_pids())
             threading.Thread(target=kill_a_search_worker, daemon=True).start()
         message = line.split(" ", 1)[-1]
         if message.startswith("search ") and " done in " in message:
