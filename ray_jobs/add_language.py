@@ -121,7 +121,7 @@ def run_demo(cfg, opts, log) -> int:
     earlier = base_prep / "manifest.json"
     if earlier.exists() and set(json.loads(earlier.read_text())["languages"]) != set(old):
         _fresh(base_prep)  # an earlier demo with another --new: its table must not leak into this base
-    manifest = prepare_corpus(
+    prepare_corpus(
         [u for u in utts if u.language in old],
         base_prep,
         cfg.prepare,
