@@ -13,8 +13,12 @@ language: baseline, final loss, relative change, verdict; the new language's cur
 verdict), <out>/forgetting.png, and the run's usual files under <out>/train/.
 
 options (before or after the key=value overrides):
-  --base FILE          the trained model: a vallex checkpoint (a run's train/model.pt). A public VALL-E X
-                       checkpoint is refused with the steps to import it (its text ids are not vallex's).
+  --base FILE          the trained model: a vallex checkpoint (a run's train/model.pt), or the public VALL-E X
+                       vallex-checkpoint.pt (languages en, zh, ja) together with --base-vocab.
+  --base-vocab FILE    with a public VALL-E X --base: its tokenizer, utils/g2p/bpe_69.json from the
+                       Plachtaa/VALL-E-X repository. Each vallex phoneme symbol starts from the embedding
+                       rows of the reference characters that spell it (train.init_vocab); the step-0
+                       evaluation of the old languages is then the baseline the guard holds them to.
   --new LANGS          comma-separated ISO codes of the language(s) to add, e.g. ar or ar,ja. Their shards
                        must be in the prepared corpus (run.prepared_dir, else <run.output_dir>/prepare),
                        prepared into the same folder as the old languages' (shared symbol table).
@@ -58,6 +62,7 @@ SECTIONS = ("run", "corpus", "prepare", "data", "model", "train")
 def _options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False, prog="add_language.py")
     p.add_argument("--base")
+    p.add_argument("--base-vocab")
     p.add_argument("--new", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=[])
     p.add_argument("--naive", action="store_true")
     p.add_argument("--replay-ratio", type=float)
@@ -239,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=out,
             mode=mode,
             replay_ratio=opts.replay_ratio,
+            base_vocab=opts.base_vocab,
         )
     except (ValueError, FileNotFoundError) as e:  # AddLanguageError, CorpusError, CheckpointError, ...
         log.error("add_language.py: %s", e)

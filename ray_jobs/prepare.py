@@ -8,8 +8,9 @@
 corpus.source is a manifest file (JSONL/CSV), an LJSpeech-style folder (metadata.csv + wavs/) or a Common
 Voice folder (validated.tsv + clips/); corpus.layout forces one when detection is not wanted.
 
-Output: <run.output_dir>/prepare/{manifest.json, symbols.json, <lang>/part-NNNNN.parquet}. Re-running
-skips finished shards; adding a language to an existing output writes only its shards.
+Output: <run.output_dir>/prepare/{manifest.json, symbols.json, <lang>/part-NNNNN.parquet}, or
+run.prepared_dir (a folder, or a bucket: run.prepared_dir=s3://bucket/prefix). Re-running skips
+finished shards; adding a language to an existing output writes only its shards.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -79,7 +80,7 @@ def _copy(tmp_path) -> PreparedCorpus:
 
 def test_missing_shard_is_named(tmp_path):
     c = _copy(tmp_path)
-    (c.root / "zh" / "part-00000.parquet").unlink()
+    (Path(c.root) / "zh" / "part-00000.parquet").unlink()
     with pytest.raises(
         CorpusError, match=r"languages.zh lists .*zh/part-00000.parquet, which does not exist"
     ):
@@ -88,7 +89,7 @@ def test_missing_shard_is_named(tmp_path):
 
 def test_shard_schema_mismatch_names_shard_and_column(tmp_path):
     c = _copy(tmp_path)
-    shard = c.root / "en" / "part-00000.parquet"
+    shard = Path(c.root) / "en" / "part-00000.parquet"
     table = pq.read_table(shard)
     # codes written as int32 instead of int16: a plausible bug in a preparation script
     bad = table.set_column(
@@ -103,18 +104,18 @@ def test_shard_schema_mismatch_names_shard_and_column(tmp_path):
 
 def test_symbols_version_mismatch(tmp_path):
     c = _copy(tmp_path)
-    table = json.loads((c.root / "symbols.json").read_text())
+    table = json.loads((Path(c.root) / "symbols.json").read_text())
     table["version"] += 1
-    (c.root / "symbols.json").write_text(json.dumps(table))
+    (Path(c.root) / "symbols.json").write_text(json.dumps(table))
     with pytest.raises(CorpusError, match=r"symbols_version 1 but .*symbols.json is version 2"):
         PreparedCorpus.open(c.root)
 
 
 def test_manifest_count_that_disagrees_with_the_shards(tmp_path):
     c = _copy(tmp_path)
-    manifest = json.loads((c.root / "manifest.json").read_text())
+    manifest = json.loads((Path(c.root) / "manifest.json").read_text())
     manifest["languages"]["en"]["utterances"]["train"] = 11
-    (c.root / "manifest.json").write_text(json.dumps(manifest))
+    (Path(c.root) / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CorpusError, match=r"languages.en.utterances.train is 11 but its shards hold 10"):
         PreparedCorpus.open(c.root).shard_rows("en")
 

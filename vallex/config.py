@@ -52,12 +52,24 @@ class RunSection:
     seed: int = 0
     """Seed for data splits, mixing order and model init; the same seed gives the same run."""
     prepared_dir: str = ""
-    """Prepared shards to train on (``ray_jobs/prepare.py`` output); empty means ``<output_dir>/prepare``.
+    """Prepared shards (``ray_jobs/prepare.py`` writes them, training reads them): a folder, or cloud
+    storage (``s3://bucket/path``, ``gs://bucket/path``); empty means ``<output_dir>/prepare``.
     Lets several runs (Tune trials, add-language) share one prepared corpus."""
 
     def __post_init__(self):
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         _require(bool(self.output_dir), "output_dir", "must be a path")
+        _require(
+            "://" not in self.output_dir,
+            "output_dir",
+            f"must be a local (or mounted) folder, got {self.output_dir!r}; put the prepared shards in "
+            "cloud storage with run.prepared_dir=s3://... and checkpoints with train.storage_path=s3://...",
+        )
+        if "://" in self.prepared_dir:
+            from vallex.storage import uri_problem
+
+            problem = uri_problem(self.prepared_dir)
+            _require(problem is None, "prepared_dir", f"{self.prepared_dir!r}: {problem}")
 
 
 @dataclass
@@ -296,6 +308,20 @@ class TrainSection:
     """Keep the best checkpoints by this metric, lower is better: ``loss_mean``, ``loss_max``,
     ``loss/<lang>`` (also ``ar_loss/``, ``nar_loss/``); each then holds a model.pt and the run ends with
     ``best_model.pt`` beside ``model.pt``. Empty keeps the newest."""
+    tracking: list[Literal["mlflow", "wandb"]] = field(default_factory=list)
+    """Experiment trackers besides TensorBoard (always written): ``[mlflow]``, ``[wandb]`` or both.
+    Worker rank 0 opens the run with Ray's ``setup_mlflow`` / ``setup_wandb``, logs the config, then at
+    every evaluation the metrics reported to Ray Train (``loss/<lang>``, ``loss_mean``, ...) at that
+    step. Needs ``pip install 'vallex[tracking]'``."""
+    tracking_uri: str = ""
+    """MLflow tracking URI (``http://host:5000``, ``sqlite:///path/mlflow.db``, ``databricks``); empty
+    means ``sqlite:///<output_dir>/mlflow.db`` (written on worker rank 0's node)."""
+    tracking_project: str = ""
+    """MLflow experiment and W&B project of the run; empty means ``run.name``."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """W&B: ``offline`` writes ``<output_dir>/train/wandb/offline-run-*`` on worker rank 0's node (no
+    network; upload later with ``wandb sync``); ``online`` streams to W&B and needs ``WANDB_API_KEY`` in
+    the workers' environment (``job.runtime_env.env_vars``)."""
     storage_path: str = ""
     """Ray Train storage (local dir, NFS, s3://, gs://); empty means ``<output_dir>/ray_results``."""
     max_failures: int = 0
@@ -307,7 +333,12 @@ class TrainSection:
     """Start from a trained model: a vallex checkpoint or a run's ``model.pt`` (its report.json beside it).
     Its languages keep their ids, new ones in ``data.languages`` get new rows; the phoneme embedding grows
     if the corpus's symbol table extends the model's; the shape is the checkpoint's (``model.size`` is
-    ignored). Every language the model knows is evaluated, trained or not, first at step 0."""
+    ignored). Every language the model knows is evaluated, trained or not, first at step 0. The public
+    VALL-E X checkpoint (``vallex-checkpoint.pt``, languages en/zh/ja) works too, with ``init_vocab``."""
+    init_vocab: str = ""
+    """With a public VALL-E X ``init_from``: its tokenizer file (``utils/g2p/bpe_69.json`` from
+    Plachtaa/VALL-E-X). Each phoneme symbol's embedding starts from the reference rows that spell it
+    (``vallex.model.text_bridge``); training then adapts them."""
     guard: GuardSection = field(default_factory=GuardSection)
     """The forgetting guard."""
 
@@ -347,7 +378,21 @@ class TrainSection:
         _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        _require(len(set(self.tracking)) == len(self.tracking), "tracking", "names a tracker twice")
+        import importlib.util
+
+        for i, name in enumerate(self.tracking):  # before any Ray work, not at a worker's first import
+            _require(
+                importlib.util.find_spec(name) is not None,
+                f"tracking[{i}]",
+                f"{name} is not installed; pip install 'vallex[tracking]'",
+            )
         _require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
+        _require(
+            not self.init_vocab or bool(self.init_from),
+            "init_vocab",
+            "only goes with train.init_from (the public VALL-E X checkpoint it is the tokenizer of)",
+        )
 
 
 @dataclass
@@ -455,8 +500,11 @@ class Config:
         return self.output_dir / "corpus"
 
     @property
-    def prepare_dir(self) -> Path:
-        return Path(self.run.prepared_dir) if self.run.prepared_dir else self.output_dir / "prepare"
+    def prepare_dir(self) -> str:
+        """The prepared corpus: a URI as given, else an absolute path (Ray tasks may run elsewhere)."""
+        if "://" in self.run.prepared_dir:
+            return self.run.prepared_dir.rstrip("/")
+        return os.path.abspath(self.run.prepared_dir or self.output_dir / "prepare")
 
     @property
     def train_dir(self) -> Path:

@@ -1,10 +1,95 @@
-"""Atomic file writes: a reader, or a run killed mid-write, sees the old file or the new one, never half."""
+"""Files in a local folder or in cloud storage, and atomic writes.
+
+A *location* is a local path or a URI (``s3://bucket/key``, ``gs://bucket/key``): what a config
+names. Local files are written to a temporary file renamed into place, so a reader, or a run killed
+mid-write, sees the old file or the new one, never half. On an object store a PUT is already atomic
+(an object appears whole when its upload completes, or not at all), so URIs are written directly.
+URIs go through ``pyarrow.fs.FileSystem.from_uri``, which takes credentials from the standard places
+(``AWS_*`` environment variables, ``~/.aws``, an instance profile; ``GOOGLE_APPLICATION_CREDENTIALS``
+or the VM's service account for GCS).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import os
+import posixpath
 import tempfile
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def join(location: str | os.PathLike, *parts: str) -> str:
+    """``location/part/...``: a URI stays a URI, a local path stays a local path."""
+    location = str(location)
+    if is_uri(location):
+        return posixpath.join(location.rstrip("/"), *parts)
+    return os.path.join(location, *parts)
+
+
+def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem that holds ``location`` and the path inside it."""
+    location = str(location)
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), os.path.abspath(location)
+    try:
+        return pafs.FileSystem.from_uri(location)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise ValueError(
+            f"{location}: not a storage URI pyarrow can open ({e}); use s3://bucket/path, "
+            "gs://bucket/path or a local path"
+        ) from None
+
+
+def is_file(location: str | os.PathLike) -> bool:
+    if not is_uri(location):
+        return Path(location).is_file()
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def read_text(location: str | os.PathLike) -> str:
+    """The file's text (UTF-8); ``FileNotFoundError`` if it does not exist."""
+    if not is_uri(location):
+        return Path(location).read_text(encoding="utf-8")
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(location: str | os.PathLike, text: str) -> None:
+    """Write ``text``: atomically (temporary file + rename) locally, as one upload to a URI."""
+    if not is_uri(location):
+        write_text_atomic(location, text)
+        return
+    fs, path = filesystem(location)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def list_names(folder: str | os.PathLike, pattern: str) -> list[str]:
+    """Names (not paths) of the entries directly in ``folder`` that match the glob ``pattern``, sorted;
+    empty when the folder does not exist."""
+    fs, path = filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(info.base_name for info in infos if fnmatch.fnmatchcase(info.base_name, pattern))
+
+
+def remove(location: str | os.PathLike) -> None:
+    """Delete a file; one that is already gone is fine."""
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    fs, path = filesystem(location)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

@@ -1,10 +1,12 @@
 """Where a run's files live, checked before training starts.
 
 Ray Train writes checkpoints and results to ``train.storage_path`` from *every* worker node, and Ray
-Data's read tasks open the prepared shards under ``<run.output_dir>/prepare`` on whichever node they
-land. On one node any local folder works. On several nodes both must be storage every node sees:
+Data's read tasks open the prepared shards (``run.prepared_dir``, default ``<run.output_dir>/prepare``)
+on whichever node they land. On one node any local folder works. On several nodes both must be
+storage every node sees:
 
-- cloud storage (``s3://bucket/path``, ``gs://bucket/path``) for ``train.storage_path``, or
+- cloud storage (``s3://bucket/path``, ``gs://bucket/path``), with credentials on every node (the
+  ``AWS_*`` environment variables, an instance profile, a GCP service account), or
 - a shared filesystem (NFS, EFS, Filestore, Lustre...) mounted at the same path on every node.
 
 Instead of trusting a flag, vallex *checks* it: the driver writes a marker file into the folder and
@@ -22,6 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
+from vallex.files import is_uri
+
 log = logging.getLogger("vallex.storage")
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
@@ -31,18 +35,22 @@ class StorageError(ValueError):
     """A run's storage cannot work on this cluster."""
 
 
-def is_uri(path: str) -> bool:
-    return "://" in path
+def uri_problem(path: str) -> str | None:
+    """What is wrong with a storage URI (None if nothing): its scheme must be one pyarrow's
+    filesystems know (cloud or HDFS)."""
+    scheme = path.split("://", 1)[0].lower()
+    if scheme not in CLOUD_SCHEMES:
+        return (
+            f"unsupported scheme {scheme!r}; use one of "
+            f"{', '.join(s + '://' for s in CLOUD_SCHEMES)} or a path on a filesystem every node mounts"
+        )
+    return None
 
 
 def check_uri(path: str, key: str = "train.storage_path") -> None:
-    """A storage URI must use a scheme pyarrow's filesystems know (cloud or HDFS)."""
-    scheme = path.split("://", 1)[0].lower()
-    if scheme not in CLOUD_SCHEMES:
-        raise StorageError(
-            f"{key}={path!r}: unsupported scheme {scheme!r}; use one of "
-            f"{', '.join(s + '://' for s in CLOUD_SCHEMES)} or a path on a filesystem every node mounts"
-        )
+    problem = uri_problem(path)
+    if problem:
+        raise StorageError(f"{key}={path!r}: {problem}")
 
 
 def _alive_nodes() -> list[dict]:
@@ -107,9 +115,9 @@ def check_shared(folder: str | os.PathLike, key: str, nodes: list[dict] | None =
 def check_storage(cfg) -> None:
     """The early storage check of a training run (``cfg`` is a :class:`vallex.config.Config`).
 
-    ``train.storage_path``: a URI must have a known scheme; a local path must be visible from every
-    live node when there are several. The prepared corpus (``run.prepared_dir``, default ``<run.output_dir>/prepare``) is always a
-    local path and gets the same visibility check.
+    ``train.storage_path`` and the prepared corpus (``run.prepared_dir``, default
+    ``<run.output_dir>/prepare``): a URI must have a known scheme; a local path must be visible from
+    every live node when there are several.
     """
     nodes = _alive_nodes()
     storage = cfg.storage_path
@@ -117,9 +125,12 @@ def check_storage(cfg) -> None:
         check_uri(storage)
     else:
         check_shared(storage, "train.storage_path", nodes)
-    if cfg.prepare_dir.exists():
-        key = "run.prepared_dir" if cfg.run.prepared_dir else "run.output_dir (its prepare/ shards)"
-        check_shared(cfg.prepare_dir.resolve(), key, nodes)
+    prepared = cfg.prepare_dir
+    key = "run.prepared_dir" if cfg.run.prepared_dir else "run.output_dir (its prepare/ shards)"
+    if is_uri(prepared):
+        check_uri(prepared, key)
+    elif Path(prepared).exists():
+        check_shared(Path(prepared).resolve(), key, nodes)
     if len(nodes) == 1 and not is_uri(storage) and os.environ.get("RAY_ADDRESS"):
         log.info(
             "storage %s is local: fine on this one-node cluster; nodes that join later (autoscaling) "

@@ -4,6 +4,9 @@
 otherwise fail late and far away (inside a Ray task, mid-training): every listed shard exists, every
 shard footer has ``SHARD_SCHEMA``, and the manifest was written against the same symbol table that
 sits beside it. Only Parquet footers are read, so opening a large corpus costs milliseconds per shard.
+
+The corpus may be a local folder or a URI (``s3://bucket/prefix``, ``gs://...``); shard paths are
+then URIs too, which pyarrow opens wherever they are read (the driver, Ray Data's read tasks).
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,19 +30,26 @@ from vallex.data.schema import (
     SYMBOLS_NAME,
     check_schema,
 )
+from vallex.files import filesystem, is_file, is_uri, join, read_text
 
 
 class CorpusError(ValueError):
     """A prepared corpus is missing, incomplete or inconsistent (names the file and what is wrong)."""
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise CorpusError(
-            f"{path} not found; is {path.parent} a prepared corpus? Run ray_jobs/prepare.py to write one"
-        )
+def _read_json(root: str, name: str) -> dict:
+    path = join(root, name)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if not is_file(path):
+            raise CorpusError(
+                f"{path} not found; is {root} a prepared corpus? Run ray_jobs/prepare.py to write one"
+            )
+        data = json.loads(read_text(path))
+    except OSError as e:  # on a bucket: no credentials, no such bucket, no network
+        raise CorpusError(
+            f"cannot read {path} ({e}); check the URI and the credentials (the AWS_* environment "
+            "variables, ~/.aws or an instance profile; for gs:// a service account)"
+        ) from None
     except json.JSONDecodeError as e:
         raise CorpusError(
             f"{path}: not valid JSON ({e.msg}, line {e.lineno}); re-run ray_jobs/prepare.py"
@@ -50,12 +59,22 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _require_key(data: dict, key: str, path: Path):
+def _require_key(data: dict, key: str, path: str):
     if key not in data:
         raise CorpusError(
             f"{path}: key {key!r} is missing (found {sorted(data)}); re-run ray_jobs/prepare.py"
         )
     return data[key]
+
+
+def _check_shard(shard: str, manifest_path: str, lang: str) -> None:
+    if not is_file(shard):
+        raise CorpusError(
+            f"{manifest_path}: languages.{lang} lists {shard}, which does not exist; "
+            "the corpus was moved or partly deleted: re-run ray_jobs/prepare.py"
+        )
+    # Footer only: no row data is read here.
+    check_schema(pq.read_schema(shard), shard)
 
 
 def _count_split(path: str, split: str) -> int:
@@ -67,18 +86,19 @@ def _count_split(path: str, split: str) -> int:
 class PreparedCorpus:
     """An opened, checked prepared corpus. Build it with :meth:`open`."""
 
-    root: Path
+    root: str  # an absolute local path or a URI (s3://bucket/prefix)
     manifest: dict
     symbols: list[str]
     _shard_rows_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> PreparedCorpus:
-        root = Path(path).expanduser().resolve()
-        manifest_path = root / MANIFEST_NAME
-        symbols_path = root / SYMBOLS_NAME
-        manifest = _read_json(manifest_path)
-        table = _read_json(symbols_path)
+        """Open the corpus in ``path``: a local folder or a URI (``s3://bucket/prefix``)."""
+        root = str(path).rstrip("/") if is_uri(path) else os.path.realpath(os.path.expanduser(path))
+        manifest_path = join(root, MANIFEST_NAME)
+        symbols_path = join(root, SYMBOLS_NAME)
+        manifest = _read_json(root, MANIFEST_NAME)
+        table = _read_json(root, SYMBOLS_NAME)
 
         fmt = _require_key(manifest, "format", manifest_path)
         if fmt != SHARD_FORMAT_VERSION:
@@ -109,7 +129,7 @@ class PreparedCorpus:
         return corpus
 
     def _check_shards(self) -> None:
-        manifest_path = self.root / MANIFEST_NAME
+        manifest_path = join(self.root, MANIFEST_NAME)
         for lang in self.languages:
             entry = self.manifest["languages"][lang]
             for key in ("shards", "utterances"):
@@ -117,14 +137,10 @@ class PreparedCorpus:
                     raise CorpusError(f"{manifest_path}: languages.{lang}.{key} is missing")
             if not entry["shards"]:
                 raise CorpusError(f"{manifest_path}: languages.{lang} lists no shards")
-            for shard in self.shards(lang):
-                if not os.path.isfile(shard):
-                    raise CorpusError(
-                        f"{manifest_path}: languages.{lang} lists {shard}, which does not exist; "
-                        "the corpus was moved or partly deleted: re-run ray_jobs/prepare.py"
-                    )
-                # Footer only: no row data is read here.
-                check_schema(pq.read_schema(shard), shard)
+            with ThreadPoolExecutor(max_workers=8) as pool:  # one round trip or two each on a bucket
+                list(
+                    pool.map(partial(_check_shard, manifest_path=manifest_path, lang=lang), self.shards(lang))
+                )
 
     @cached_property
     def languages(self) -> list[str]:
@@ -134,13 +150,13 @@ class PreparedCorpus:
     def _entry(self, lang: str) -> dict:
         if lang not in self.manifest["languages"]:
             raise CorpusError(
-                f"{self.root / MANIFEST_NAME}: no language {lang!r}; this corpus has {self.languages}"
+                f"{join(self.root, MANIFEST_NAME)}: no language {lang!r}; this corpus has {self.languages}"
             )
         return self.manifest["languages"][lang]
 
     def shards(self, lang: str) -> list[str]:
-        """Absolute paths of ``lang``'s shards, in manifest order."""
-        return [str(self.root / rel) for rel in self._entry(lang)["shards"]]
+        """Absolute paths (or URIs) of ``lang``'s shards, in manifest order."""
+        return [join(self.root, rel) for rel in self._entry(lang)["shards"]]
 
     def counts(self, split: str = "train") -> dict[str, int]:
         """Utterances per language in ``split`` (from the manifest, no data read)."""
@@ -173,7 +189,7 @@ class PreparedCorpus:
             want = self.counts(split)[lang]
             if sum(rows) != want:
                 raise CorpusError(
-                    f"{self.root / MANIFEST_NAME}: languages.{lang}.utterances.{split} is {want} but its "
+                    f"{join(self.root, MANIFEST_NAME)}: languages.{lang}.utterances.{split} is {want} but its "
                     f"shards hold {sum(rows)} {split} rows; re-run ray_jobs/prepare.py"
                 )
             self._shard_rows_cache[key] = rows
@@ -184,5 +200,7 @@ class PreparedCorpus:
         training reads stream through :func:`vallex.data.mixing.build_mixed_dataset` instead."""
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is not one of {SPLITS}")
-        dataset = pads.dataset(self.shards(lang), format="parquet", schema=SHARD_SCHEMA)
+        fs, root = filesystem(self.root)  # a dataset takes paths inside one filesystem, not URIs
+        paths = [f"{root}/{rel}" for rel in self._entry(lang)["shards"]]
+        dataset = pads.dataset(paths, format="parquet", schema=SHARD_SCHEMA, filesystem=fs)
         return dataset.to_table(columns=columns, filter=pads.field("split") == split)

@@ -14,6 +14,11 @@ killed run resumes where it stopped (a shard is only ever renamed into place com
 kill leaves are removed, and a file that is not a complete shard is rewritten). Every dropped utterance
 is counted by reason in ``manifest.json``, which also lists each language's ``shards`` (paths) and, in
 parallel, ``shard_rows`` (path -> train/valid row counts).
+
+The output may be a local folder or a URI (``s3://bucket/prefix``, ``gs://...``): everything, the
+phoneme cache included, is written there through pyarrow's filesystems (see :mod:`vallex.files`).
+On an object store a shard is one upload, which appears whole or not at all, so no temporary file is
+needed there; the codec actors need credentials for the bucket like the driver.
 """
 
 from __future__ import annotations
@@ -42,13 +47,13 @@ from vallex.data.schema import (
     shard_name,
 )
 from vallex.data.sources import Utterance
-from vallex.files import write_text_atomic
+from vallex.files import is_file, is_uri, join, list_names, read_text, remove, write_text
 
 log = logging.getLogger("vallex.prepare")
 
 MAX_SKIP_EXAMPLES = 5
 SILENCE_PEAK = 1e-4  # a clip whose absolute peak stays below this is digital silence
-TMP_MARK = ".tmp-"  # a shard being written is ".<name>.tmp-<pid>", renamed into place when complete
+TMP_MARK = ".tmp-"  # a local shard being written is ".<name>.tmp-<pid>", renamed into place when complete
 
 
 class PrepareError(RuntimeError):
@@ -130,8 +135,22 @@ def _phonemizer_context(phonemizer) -> str:
     return json.dumps({"settings": phonemizer.__getstate__(), "espeakng-loader": espeak}, sort_keys=True)
 
 
-def _read_phoneme_cache(path: Path | None) -> dict[str, list[str]]:
-    if path is None or not path.exists():
+def _write_parquet(table: pa.Table, path: str) -> None:
+    """Write a Parquet file readers only ever see whole: one upload to a URI (an object appears when
+    its upload completes), else a temporary file beside ``path`` renamed into place."""
+    if is_uri(path):
+        pq.write_table(table, path)
+        return
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    hidden = final.name if final.name.startswith(".") else f".{final.name}"
+    tmp = final.with_name(f"{hidden}{TMP_MARK}{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+
+
+def _read_phoneme_cache(path: str | None) -> dict[str, list[str]]:
+    if path is None or not is_file(path):
         return {}
     try:
         table = pq.read_table(path)
@@ -141,22 +160,20 @@ def _read_phoneme_cache(path: Path | None) -> dict[str, list[str]]:
         return {}
 
 
-def _write_phoneme_cache(path: Path, entries: dict[str, list[str]]) -> None:
+def _write_phoneme_cache(path: str, entries: dict[str, list[str]]) -> None:
     table = pa.table(
         {"key": list(entries), "symbols": list(entries.values())},
         schema=pa.schema([("key", pa.string()), ("symbols", pa.list_(pa.string()))]),
     )
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)  # a reader sees the old cache or the new one, never half of one
+    _write_parquet(table, path)  # a reader sees the old cache or the new one, never half of one
 
 
 def phonemize_all(
-    utts: list[Utterance], progress: bool, cache: Path | None = None
+    utts: list[Utterance], progress: bool, cache: str | None = None
 ) -> tuple[dict[str, list[str]], dict[str, int]]:
     """(utterance id -> phoneme symbols ([] when the text yields none), counts), computed on Ray Data.
 
-    With ``cache`` (a Parquet file), texts phonemized by an earlier run with the same phonemizer
+    With ``cache`` (a Parquet file: a local path or a URI), texts phonemized by an earlier run with the same phonemizer
     settings and espeak build are looked up instead; new results are added to it. ``counts`` says
     how many utterances were ``phonemized`` and how many came from the cache (``cached``).
     """
@@ -288,15 +305,11 @@ class ShardEncoder:
         )
         schema = SHARD_SCHEMA.with_metadata(metadata)
         table = pa.Table.from_pydict({f.name: cols.get(f.name, []) for f in schema}, schema=schema)
-        path = Path(job["path"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written shard
+        _write_parquet(table, job["path"])  # atomic: a reader never sees a half-written shard
         return stats
 
 
-def read_shard_stats(path: Path) -> tuple[str | None, dict | None]:
+def read_shard_stats(path: str | os.PathLike) -> tuple[str | None, dict | None]:
     """(job fingerprint, stats) from a shard's Parquet metadata, or (None, None) if the file is not a
     complete shard: unreadable or cut short (no footer), no vallex metadata, or a row count that is not
     the one its stats recorded. A re-run rewrites such a shard instead of taking it as finished."""
@@ -343,24 +356,28 @@ def prepare_corpus(
 ) -> dict:
     """Prepare ``utts`` into ``out_dir``; returns the manifest (also written to ``out_dir/manifest.json``).
 
-    Languages already in ``out_dir`` but absent from ``utts`` are kept: this is how a language is added.
+    ``out_dir`` is a local folder or a URI (``s3://bucket/prefix``). Languages already in ``out_dir``
+    but absent from ``utts`` are kept: this is how a language is added.
     """
 
     from vallex.codec.encodec import CodecSettings
     from vallex.text.symbols import SymbolTable
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_uri(out_dir):
+        out = str(out_dir).rstrip("/")
+    else:
+        out = os.path.abspath(out_dir)
+        os.makedirs(out, exist_ok=True)
     codec = CodecSettings(
         bandwidth=settings.codec.bandwidth,
         pretrained=settings.codec.pretrained,
         checkpoint=settings.codec.checkpoint or None,
         seed=seed,
     )
-    old_manifest = _read_json(out / MANIFEST_NAME)
+    old_manifest = _read_json(join(out, MANIFEST_NAME))
     if old_manifest and old_manifest.get("codec") != codec.to_dict():
         raise PrepareError(
-            f"{out / MANIFEST_NAME} was prepared with codec {old_manifest.get('codec')} but this run asks for "
+            f"{join(out, MANIFEST_NAME)} was prepared with codec {old_manifest.get('codec')} but this run asks for "
             f"{codec.to_dict()}; codes from different codecs cannot be mixed: use another output folder"
         )
 
@@ -369,9 +386,9 @@ def prepare_corpus(
     log.info("preparing %d utterances in %s -> %s", len(utts), ", ".join(languages), out)
 
     # Pass 1: phonemes, then the shared symbol table (append-only).
-    for tmp in out.glob(f"{PHONEME_CACHE}{TMP_MARK}*"):  # a cache write a kill cut short
-        tmp.unlink(missing_ok=True)
-    phones, phonemized = phonemize_all(utts, progress, cache=out / PHONEME_CACHE)
+    for tmp in list_names(out, f"{PHONEME_CACHE}{TMP_MARK}*"):  # a cache write a kill cut short
+        remove(join(out, tmp))
+    phones, phonemized = phonemize_all(utts, progress, cache=join(out, PHONEME_CACHE))
     log.info(
         "phonemes: %d utterance(s) phonemized, %d from earlier runs",
         phonemized["phonemized"],
@@ -386,10 +403,10 @@ def prepare_corpus(
             skips[u.language].add("unphonemizable_text", u.id)
         else:
             ready.append(u)
-    table = SymbolTable.load_or_new(out / SYMBOLS_NAME)
+    table = SymbolTable.load_or_new(join(out, SYMBOLS_NAME))
     added = table.extend(s for u in ready for s in phones[u.id])
     if added:
-        table.save(out / SYMBOLS_NAME)
+        table.save(join(out, SYMBOLS_NAME))
         log.info("symbol table v%d: %d symbols (+%d new)", table.version, len(table), len(added))
 
     # Pass 2: shard jobs; shards already written by an identical job are skipped.
@@ -400,11 +417,11 @@ def prepare_corpus(
     for lang in languages:
         rows = sorted(by_lang[lang], key=lambda u: u.id)
         n_shards = max(1, math.ceil(len(rows) / settings.rows_per_shard))
-        lang_dir = out / lang
+        lang_dir = join(out, lang)
         # Half-written shards of a killed run: never read, never taken as finished; removed here.
-        for tmp in lang_dir.glob(f".part-*{TMP_MARK}*"):
-            log.info("removing %s, left by an interrupted run", tmp)
-            tmp.unlink(missing_ok=True)
+        for name in list_names(lang_dir, f".part-*{TMP_MARK}*"):
+            log.info("removing %s, left by an interrupted run", join(lang_dir, name))
+            remove(join(lang_dir, name))
         for index in range(n_shards):
             chunk = rows[index * settings.rows_per_shard : (index + 1) * settings.rows_per_shard]
             payload = [{**u.to_dict(), "phonemes": table.encode(phones[u.id])} for u in chunk]
@@ -416,24 +433,24 @@ def prepare_corpus(
                 "format": SHARD_FORMAT_VERSION,
             }
             fp = _fingerprint(spec)
-            path = lang_dir / shard_name(index)
-            if path.exists() and read_shard_stats(path)[0] == fp:
+            path = join(lang_dir, shard_name(index))
+            if is_file(path) and read_shard_stats(path)[0] == fp:
                 reused.append(path)
                 continue
             jobs.append(
                 {
                     "language": lang,
                     "index": index,
-                    "path": str(path),
+                    "path": path,
                     "rows": payload,
                     "fingerprint": fp,
                     "symbols_version": table.version,
                 }
             )
         # Shards beyond this run's count are leftovers of an earlier, larger layout.
-        for stale in sorted(lang_dir.glob("part-*.parquet"))[n_shards:]:
-            log.info("removing stale shard %s", stale)
-            stale.unlink()
+        for stale in list_names(lang_dir, "part-*.parquet")[n_shards:]:
+            log.info("removing stale shard %s", join(lang_dir, stale))
+            remove(join(lang_dir, stale))
 
     if reused:
         log.info("%d shard(s) already prepared, skipped", len(reused))
@@ -443,7 +460,7 @@ def prepare_corpus(
     manifest = _build_manifest(out, languages, skips, codec, table, old_manifest)
     # What this run did (a re-run of finished work shows zeros).
     manifest["last_run"] = {**phonemized, "shards_written": len(jobs), "shards_reused": len(reused)}
-    write_text_atomic(out / MANIFEST_NAME, json.dumps(manifest, indent=2, ensure_ascii=False))
+    write_text(join(out, MANIFEST_NAME), json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
 
 
@@ -518,10 +535,10 @@ def progress_postfix(audio_seconds: float, kept: int, elapsed: float) -> str:
     )
 
 
-def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dict | None) -> dict:
+def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict | None) -> dict:
     langs_out = dict((old_manifest or {}).get("languages", {}))
     for lang in languages:
-        shards = sorted((out / lang).glob("part-*.parquet"))
+        shards = [f"{lang}/{name}" for name in list_names(join(out, lang), "part-*.parquet")]
         counter = skips[lang]
         entry = {
             "shards": [],
@@ -532,11 +549,12 @@ def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dic
             "phonemes": 0,
         }
         speakers: set[str] = set()
-        for path in shards:
-            _, stats = read_shard_stats(path)
+        for rel in shards:
+            _, stats = read_shard_stats(join(out, rel))
             if stats is None:
-                raise PrepareError(f"{path}: shard has no vallex metadata; delete it and re-run preparation")
-            rel = str(path.relative_to(out))
+                raise PrepareError(
+                    f"{join(out, rel)}: shard has no vallex metadata; delete it and re-run preparation"
+                )
             entry["shards"].append(rel)
             entry["shard_rows"][rel] = {s: int(stats["splits"].get(s, 0)) for s in ("train", "valid")}
             for split, n in stats["splits"].items():
@@ -564,10 +582,10 @@ def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dic
         if "shard_rows" not in entry:  # kept from a manifest written before shard_rows existed
             entry["shard_rows"] = {}
             for rel in entry["shards"]:
-                _, stats = read_shard_stats(out / rel)
+                _, stats = read_shard_stats(join(out, rel))
                 if stats is None:
                     raise PrepareError(
-                        f"{out / rel}: shard of {lang!r} is unreadable; re-run preparation for it"
+                        f"{join(out, rel)}: shard of {lang!r} is unreadable; re-run preparation for it"
                     )
                 entry["shard_rows"][rel] = {s: int(stats["splits"].get(s, 0)) for s in ("train", "valid")}
         if entry["skipped_total"]:
@@ -588,13 +606,18 @@ def _build_manifest(out: Path, languages, skips, codec, table, old_manifest: dic
     }
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.exists():
-        return None
+def _read_json(path: str) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        if not is_file(path):
+            return None
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise PrepareError(f"{path}: corrupt JSON ({e}); delete it to rebuild") from None
+    except OSError as e:  # on a bucket: no credentials, no such bucket, no network
+        raise PrepareError(
+            f"cannot read {path} ({e}); the output must be a folder or a bucket this machine can write "
+            "(credentials from the AWS_* environment variables, ~/.aws or an instance profile)"
+        ) from None
 
 
 def prepare_from_config(cfg, progress: bool = True) -> dict:

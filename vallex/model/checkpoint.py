@@ -19,15 +19,18 @@ Using the public checkpoint's weights with vallex's data (facts from Plachtaa/VA
   entries of the run's language list; ``grow_languages`` appends more rows (e.g. ``ar``) from their mean.
 - Text: ``NUM_TEXT_TOKENS = 2048`` ids from the reference's own tokenizer (``utils/g2p`` symbols,
   ``PhonemeBpeTokenizer``), a vocabulary that does not match vallex's espeak symbol table id for id.
-  There are two honest ways on: (1) phonemize with the reference's tokenizer and pass its ids (the model
-  needs no change: ids < 2048 embed as trained); or (2) keep vallex's table and *retrain the text
-  embeddings*: ``resize_phonemes(model, len(table))`` then fine-tune on all languages together (the
-  ``ar/nar_text_embedding`` rows no longer mean the reference's tokens; everything else transfers).
+  vallex keeps its own table and *bridges* the text embeddings (``vallex.model.text_bridge``): given the
+  reference's tokenizer file (``utils/g2p/bpe_69.json``: one id per IPA character), each vallex symbol
+  starts from the mean of the reference rows that spell it, then training on every language together
+  adapts them. ``load_any(..., vocab=)`` / ``train.init_vocab`` / ``add_language --base-vocab`` do this.
+  (The alternative, feeding the reference tokenizer's own ids, would need its G2P stack: pypinyin,
+  jieba, pyopenjtalk, eng_to_ipa; vallex phonemizes every language with espeak-ng instead.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,8 +42,9 @@ from vallex.model.vallex import MODEL_SIZES, VallexConfig, VallexModel, paper_co
 
 FORMAT = "vallex"
 FORMAT_VERSION = 1
+log = logging.getLogger("vallex.model")
+
 PUBLIC_LANGUAGES = ("en", "zh", "ja")  # VALLE.language_ID in the reference
-PUBLIC_NUM_TEXT_TOKENS = 2048  # models/macros.py NUM_TEXT_TOKENS
 LANGUAGE_TABLES = ("ar_language_embedding", "nar_language_embedding")
 PHONEME_TABLES = ("ar_text_embedding", "nar_text_embedding")
 
@@ -79,12 +83,13 @@ def load_weights(model: VallexModel, state: dict[str, torch.Tensor], source: str
     model.load_state_dict(state)
 
 
-def _read(path: str | os.PathLike) -> dict:
+def _read(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """The file's dict; ``mmap=True`` maps the tensors instead of reading them (metadata at no cost)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 -- any unpickling failure is "not a weights-only file"
         raise CheckpointError(
             f"checkpoint {path} is not a weights-only torch file ({type(e).__name__}: {e})"
@@ -97,23 +102,82 @@ def _read(path: str | os.PathLike) -> dict:
 # -------------------------------------------------------------------------------- public format
 
 
-def import_public(path: str | os.PathLike, config: VallexConfig | None = None) -> VallexModel:
-    """A model holding the public VALL-E X checkpoint's weights (``{"model": state_dict}``).
-
-    ``config`` defaults to the reference's: ``paper`` with 2048 text tokens and 3 languages; pass another
-    (e.g. ``dropout=0.0``) to import into it, and get a ``CheckpointError`` naming every tensor that does
-    not fit. Ids follow the reference (languages ``PUBLIC_LANGUAGES``): see the module docstring.
-    """
-    data = _read(path)
+def _public_state(data: dict, path) -> dict[str, torch.Tensor]:
     if "model" not in data or not isinstance(data["model"], dict):
         raise CheckpointError(
             f"checkpoint {path} has keys {sorted(data)[:8]}; the public VALL-E X format is {{'model': state_dict}}"
         )
-    if config is None:
-        config = paper_config(num_phonemes=PUBLIC_NUM_TEXT_TOKENS, num_languages=len(PUBLIC_LANGUAGES))
-    model = VallexModel(config)
-    load_weights(model, data["model"], f"public VALL-E X checkpoint {path}")
+    return data["model"]
+
+
+def public_config(state: dict[str, torch.Tensor], **overrides) -> VallexConfig:
+    """The config of a public-format state dict, read from its shapes: width, depth, feed-forward width,
+    text rows and language rows. The head count changes no shape: it is the reference's 16 (``paper``)
+    unless ``nhead=`` is given."""
+    key = "ar_text_embedding.word_embeddings.weight"
+    if key not in state:
+        raise CheckpointError(f"not a VALL-E X state dict: no {key}")
+    rows, d_model = state[key].shape
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("ar_decoder.layers.")}
+    ff = state.get("ar_decoder.layers.0.linear1.weight")
+    found = {
+        "d_model": d_model,
+        "num_layers": max(layers) + 1 if layers else 0,
+        "num_phonemes": rows,
+        "num_languages": state["ar_language_embedding.word_embeddings.weight"].shape[0],
+        "dim_feedforward": None if ff is None or ff.shape[0] == 4 * d_model else ff.shape[0],
+    }
+    return paper_config(**{**found, **overrides})
+
+
+def import_public(path: str | os.PathLike, config: VallexConfig | None = None, **overrides) -> VallexModel:
+    """A model holding the public VALL-E X checkpoint's weights (``{"model": state_dict}``).
+
+    ``config`` defaults to the one the tensors' shapes give (:func:`public_config`; for the real file:
+    ``paper``, 2048 text tokens, 3 languages) with ``overrides`` (e.g. ``dropout=0.0``); a given config
+    that does not fit is a ``CheckpointError`` naming every tensor. Ids follow the reference (languages
+    ``PUBLIC_LANGUAGES``, text ids its tokenizer's): see the module docstring.
+    """
+    state = _public_state(_read(path), path)
+    model = VallexModel(config or public_config(state, **overrides))
+    load_weights(model, state, f"public VALL-E X checkpoint {path}")
     return model
+
+
+def import_public_bridged(
+    path: str | os.PathLike, *, symbols: Sequence[str], vocab: str | os.PathLike, **overrides
+) -> tuple[VallexModel, dict]:
+    """(model, metadata) from the public checkpoint with its text embeddings bridged to ``symbols``
+    (vallex's table) through the reference tokenizer file ``vocab`` (``vallex.model.text_bridge``).
+
+    The metadata is ``load_checkpoint``'s plus ``bridge``: which symbols started from which reference
+    characters, and which from their mean."""
+    from vallex.model.text_bridge import VocabError, bridge_text_embeddings, read_reference_vocab
+    from vallex.text.symbols import symbols_fingerprint
+
+    state = _public_state(_read(path), path)
+    rows = state.get("ar_language_embedding.word_embeddings.weight")
+    if rows is not None and rows.shape[0] != len(PUBLIC_LANGUAGES):
+        raise CheckpointError(
+            f"public VALL-E X checkpoint {path} has {rows.shape[0]} language rows; the format's languages are "
+            f"{list(PUBLIC_LANGUAGES)} and a file with others does not say which they are"
+        )
+    try:
+        state, report = bridge_text_embeddings(state, list(symbols), read_reference_vocab(vocab))
+    except VocabError as e:
+        raise CheckpointError(f"public VALL-E X checkpoint {path}: {e}") from None
+    config = public_config(state, **overrides)
+    model = VallexModel(config)
+    load_weights(model, state, f"public VALL-E X checkpoint {path} (text bridged through {vocab})")
+    log.info("public VALL-E X checkpoint %s: %s", path, report.summary())
+    meta = {
+        "size": "paper",  # public_config is paper's with the file's shapes (nhead, feed-forward: paper's)
+        "config": dataclasses.asdict(config),
+        "languages": list(PUBLIC_LANGUAGES),
+        "symbols": {"version": None, "fingerprint": symbols_fingerprint(symbols), "list": list(symbols)},
+        "bridge": report.to_json(),
+    }
+    return model, meta
 
 
 def export_public(model: VallexModel, path: str | os.PathLike) -> None:
@@ -194,19 +258,24 @@ def load_checkpoint(
     load_weights(model, data["model"], f"vallex checkpoint {path}")
     meta = {k: data[k] for k in ("size", "config", "languages", "symbols")}
     if symbols is not None:
-        saved = meta["symbols"]["list"]
-        symbols = list(symbols)
-        if symbols[: len(saved)] != saved:
-            pairs = enumerate(zip(saved, symbols, strict=False))
-            first = next((i for i, (a, b) in pairs if a != b), min(len(saved), len(symbols)))
-            raise CheckpointError(
-                f"the symbol table ({len(symbols)} symbols) is not the checkpoint's ({len(saved)} symbols, "
-                f"version {meta['symbols']['version']}) nor an extension of it (first difference at id {first}); "
-                "use the symbols.json of the data the model was trained on"
-            )
-        if len(symbols) > len(saved):
+        _check_extends(meta, symbols)
+        if len(symbols) > len(meta["symbols"]["list"]):
             resize_phonemes(model, len(symbols))
     return model, meta
+
+
+def _check_extends(meta: dict, symbols: Sequence[str]) -> None:
+    """``symbols`` must be the checkpoint's table or an append-only extension of it."""
+    saved = meta["symbols"]["list"]
+    symbols = list(symbols)
+    if symbols[: len(saved)] != saved:
+        pairs = enumerate(zip(saved, symbols, strict=False))
+        first = next((i for i, (a, b) in pairs if a != b), min(len(saved), len(symbols)))
+        raise CheckpointError(
+            f"the symbol table ({len(symbols)} symbols) is not the checkpoint's ({len(saved)} symbols, "
+            f"version {meta['symbols']['version']}) nor an extension of it (first difference at id {first}); "
+            "use the symbols.json of the data the model was trained on"
+        )
 
 
 def load_training_export(
@@ -222,11 +291,23 @@ def load_training_export(
     Width and depth are read from the tensors; the head count cannot be (it changes no shape), so it is the
     size's unless ``nhead=`` is given. ``symbols`` is the run's symbol table (it may have grown since).
     """
+    data = _read(path)
+    meta = _export_meta(path, data, symbols, report, **config_overrides)
+    model = VallexModel(VallexConfig(**meta["config"]))
+    load_weights(model, data, f"training export {path}")
+    if len(symbols) > len(meta["symbols"]["list"]):
+        resize_phonemes(model, len(symbols))
+    return model, meta
+
+
+def _export_meta(path, data: dict, symbols: Sequence[str], report=None, **config_overrides) -> dict:
+    """A training export's metadata from its report.json and its tensors' shapes (``data`` may be mmapped)."""
     import json
+
+    from vallex.text.symbols import symbols_fingerprint
 
     path = Path(path)
     report = Path(report) if report else path.with_name("report.json")
-    data = _read(path)
     if not report.is_file():
         raise CheckpointError(
             f"{path} is a bare state dict; its run's report.json ({report}) is needed and missing"
@@ -253,34 +334,72 @@ def load_training_export(
         num_layers=max(layers) + 1,
         **config_overrides,
     )
-    model = VallexModel(config)
-    load_weights(model, data, f"training export {path}")
-    from vallex.text.symbols import symbols_fingerprint
-
-    meta = {
+    return {
         "size": info["size"],
         "config": dataclasses.asdict(config),
         "languages": list(info["languages"]),
         # The table's version when the model saw it is not recorded in report.json; the ids are its first n.
         "symbols": {"version": None, "fingerprint": symbols_fingerprint(symbols[:n]), "list": symbols[:n]},
     }
-    if len(symbols) > n:
-        resize_phonemes(model, len(symbols))
-    return model, meta
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``"vallex"``, ``"public"`` (VALL-E X ``{"model": ...}``) or ``"export"`` (a run's bare state dict),
+    read without loading the tensors."""
+    data = _read(path, mmap=True)
+    if data.get("format") == FORMAT:
+        return "vallex"
+    return "public" if set(data) == {"model"} else "export"
+
+
+def describe(
+    path: str | os.PathLike, *, symbols: Sequence[str], vocab: str | os.PathLike | None = None
+) -> dict:
+    """What :func:`load_any` would return as metadata (``kind``, ``languages``, ``symbols``), checked the
+    same way, without building the model: the tensors are memory-mapped, not read. For plans."""
+    kind = checkpoint_kind(path)
+    if kind == "public":
+        _public_needs_vocab(path, vocab)
+        from vallex.model.text_bridge import VocabError, read_reference_vocab
+
+        try:
+            read_reference_vocab(vocab)
+        except VocabError as e:
+            raise CheckpointError(f"public VALL-E X checkpoint {path}: {e}") from None
+        return {"kind": kind, "languages": list(PUBLIC_LANGUAGES), "symbols": {"list": list(symbols)}}
+    if kind == "vallex":
+        data = _read(path, mmap=True)
+        meta = {k: data[k] for k in ("size", "config", "languages", "symbols")}
+        _check_extends(meta, symbols)
+        return {"kind": kind, **meta}
+    return {"kind": kind, **_export_meta(path, _read(path, mmap=True), symbols)}
+
+
+def _public_needs_vocab(path, vocab) -> None:
+    if vocab is None:
+        raise CheckpointError(
+            f"{path} is a public VALL-E X checkpoint: its text ids are its own tokenizer's, not a vallex symbol "
+            "table. Give that tokenizer file (utils/g2p/bpe_69.json from the Plachtaa/VALL-E-X repository) "
+            "as train.init_vocab (ray_jobs/add_language.py: --base-vocab) to start vallex's phoneme embeddings "
+            "from it (see vallex.model.text_bridge)"
+        )
 
 
 def load_any(
-    path: str | os.PathLike, *, symbols: Sequence[str], **config_overrides
+    path: str | os.PathLike,
+    *,
+    symbols: Sequence[str],
+    vocab: str | os.PathLike | None = None,
+    **config_overrides,
 ) -> tuple[VallexModel, dict]:
-    """A vallex checkpoint, or a training run's ``model.pt`` with its ``report.json`` beside it."""
-    data = _read(path)
-    if data.get("format") == FORMAT:
+    """A vallex checkpoint, a training run's ``model.pt`` with its ``report.json`` beside it, or the public
+    VALL-E X checkpoint with ``vocab`` (its tokenizer file) to bridge its text embeddings to ``symbols``."""
+    kind = checkpoint_kind(path)
+    if kind == "vallex":
         return load_checkpoint(path, symbols=symbols, **config_overrides)
-    if set(data) == {"model"}:
-        raise CheckpointError(
-            f"{path} is a public VALL-E X checkpoint: its text ids are the reference's tokenizer's, not a vallex "
-            "symbol table; import_public() it, then resize_phonemes + fine-tune (see vallex.model.checkpoint)"
-        )
+    if kind == "public":
+        _public_needs_vocab(path, vocab)
+        return import_public_bridged(path, symbols=symbols, vocab=vocab, **config_overrides)
     return load_training_export(path, symbols=symbols, **config_overrides)
 
 

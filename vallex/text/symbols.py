@@ -19,9 +19,8 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
-from vallex.files import write_text_atomic
+from vallex.files import is_file, read_text, write_text
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # pad id 0
 
@@ -53,15 +52,15 @@ class SymbolTable:
     # ---------------------------------------------------------------------------------------- files
     @classmethod
     def load(cls, path: str | os.PathLike) -> SymbolTable:
-        """Read ``path``; a missing, unreadable or inconsistent file is a ``SymbolTableError`` naming it."""
-        path = Path(path)
-        if not path.is_file():
+        """Read ``path`` (a local path or a URI); a missing, unreadable or inconsistent file is a
+        ``SymbolTableError`` naming it."""
+        if not is_file(path):
             raise SymbolTableError(
                 f"symbol table {path} does not exist; it is written by data preparation "
                 "(ray_jobs/prepare.py) next to the shards"
             )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text(path))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SymbolTableError(
                 f"symbol table {path} is not readable JSON ({e}); restore it from a backup"
@@ -93,13 +92,13 @@ class SymbolTable:
         A file that exists but is corrupt is an error, never silently replaced: a fresh table would
         renumber every symbol the existing shards use.
         """
-        return cls.load(path) if Path(path).exists() else cls()
+        return cls.load(path) if is_file(path) else cls()
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same folder + ``os.replace``): a reader, or a run
-        killed mid-write, sees the old table or the new one, never half of one."""
+        """Write atomically (locally a temporary file in the same folder + ``os.replace``, to a URI one
+        upload): a reader, or a run killed mid-write, sees the old table or the new one, never half of one."""
         payload = {"version": self.version, "symbols": self.symbols, "fingerprint": self.fingerprint}
-        write_text_atomic(path, json.dumps(payload, ensure_ascii=False, indent=1))
+        write_text(path, json.dumps(payload, ensure_ascii=False, indent=1))
         self._changed = False
 
     # ------------------------------------------------------------------------------------- content

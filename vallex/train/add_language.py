@@ -64,6 +64,8 @@ class AddLanguagePlan:
     """Symbols the prepared corpus adds to the base model's phoneme table."""
     config: Config = field(repr=False)
     """The training run's config (``train.init_from`` = base, ``data.languages`` = trained languages)."""
+    base_kind: str = "vallex"
+    """``vallex`` (a checkpoint), ``export`` (a run's model.pt) or ``public`` (VALL-E X, text bridged)."""
 
     def describe(self) -> str:
         w = (
@@ -73,7 +75,8 @@ class AddLanguagePlan:
         )
         return (
             f"mode {self.mode}: model languages {self.old_languages} + new {self.new_languages}"
-            f"{f' (+{self.new_phonemes} phoneme symbols)' if self.new_phonemes else ''}; "
+            f"{f' (+{self.new_phonemes} phoneme symbols)' if self.new_phonemes else ''}"
+            f"{' (public VALL-E X base: text embeddings bridged)' if self.base_kind == 'public' else ''}; "
             f"training on {self.trained_languages} with weights {w}; "
             f"{self.config.train.max_steps} steps, guard max_rise {self.config.train.guard.max_rise:g} "
             f"({self.config.train.guard.action})"
@@ -108,23 +111,30 @@ def replay_weights(
     return out
 
 
-def _base_languages(base: Path, symbols: list[str]) -> tuple[list[str], int]:
-    """The base checkpoint's languages (id order) and how many symbols the corpus adds to its table.
+def _base_languages(base: Path, symbols: list[str], vocab: str | None) -> tuple[list[str], int, str]:
+    """The base checkpoint's languages (id order), how many symbols the corpus adds to its table, and
+    its kind (``vallex``, ``export`` or ``public``).
 
-    Loading it here also checks, before any Ray work, that the corpus's symbol table extends the
-    model's (same ids for the same phonemes)."""
-    from vallex.model.checkpoint import CheckpointError, load_any
+    Reads only the checkpoint's metadata (tensors memory-mapped), and checks before any Ray work that
+    the corpus's symbol table extends the model's (same ids for the same phonemes), or, for the public
+    VALL-E X checkpoint, that its tokenizer file ``vocab`` is given and readable."""
+    from vallex.model.checkpoint import CheckpointError, describe
 
     if not base.is_file():
         raise AddLanguageError(
-            f"base model {base} does not exist (expected a vallex checkpoint, e.g. a run's train/model.pt)"
+            f"base model {base} does not exist (expected a vallex checkpoint, e.g. a run's train/model.pt, "
+            "or the public VALL-E X vallex-checkpoint.pt with --base-vocab)"
         )
     try:
-        model, meta = load_any(base, symbols=symbols)
+        meta = describe(base, symbols=symbols, vocab=vocab)
     except CheckpointError as e:
         raise AddLanguageError(f"base model {base}: {e}") from None
-    known = len(meta["symbols"]["list"])
-    return list(meta["languages"]), model.config.num_phonemes - known
+    if vocab and meta["kind"] != "public":
+        raise AddLanguageError(
+            f"--base-vocab is the public VALL-E X checkpoint's tokenizer, but {base} is a vallex model "
+            "(its phoneme ids are already vallex's): drop --base-vocab"
+        )
+    return list(meta["languages"]), len(symbols) - len(meta["symbols"]["list"]), meta["kind"]
 
 
 def plan_add_language(
@@ -136,6 +146,7 @@ def plan_add_language(
     mode: str = "vallex",
     replay_ratio: float | None = None,
     run_name: str | None = None,
+    base_vocab: str | os.PathLike | None = None,
 ) -> AddLanguagePlan:
     """Check the request against the base model and the prepared corpus; build the training config.
 
@@ -151,8 +162,9 @@ def plan_add_language(
         raise AddLanguageError("no new language given (e.g. --new ar)")
     base = Path(base)
     corpus = PreparedCorpus.open(cfg.prepare_dir)
-    old, new_phonemes = _base_languages(base, corpus.symbols)
-    manifest = Path(cfg.prepare_dir) / "manifest.json"
+    base_vocab = str(Path(base_vocab).resolve()) if base_vocab else None
+    old, new_phonemes, base_kind = _base_languages(base, corpus.symbols, base_vocab)
+    manifest = f"{cfg.prepare_dir}/manifest.json"
     missing = [lang for lang in new if lang not in corpus.languages]
     if missing:
         raise AddLanguageError(
@@ -214,11 +226,12 @@ def plan_add_language(
         # The output folder and the base model are in the name: runs sharing a train.storage_path must
         # never resume each other's checkpoints.
         name=run_name or f"add-{'-'.join(new)}-{mode}-{_short_hash(Path(out_dir).resolve(), base.resolve())}",
-        prepared_dir=str(Path(cfg.prepare_dir).resolve()),
+        prepared_dir=cfg.prepare_dir,
     )
     data["corpus"]["languages"] = []  # the corpus is already prepared; every prepared language may be used
     data["data"].update(languages=trained, weights=weights)
     data["train"]["init_from"] = str(base.resolve())
+    data["train"]["init_vocab"] = base_vocab or ""
     try:
         run_cfg = config_from_dict(data)
     except ValueError as e:
@@ -235,6 +248,7 @@ def plan_add_language(
         replay_ratio=replay_ratio,
         new_phonemes=new_phonemes,
         config=run_cfg,
+        base_kind=base_kind,
     )
 
 

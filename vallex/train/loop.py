@@ -25,6 +25,7 @@ from vallex.model.vallex import OUTPUT_KEYS, VallexConfig, VallexModel
 from vallex.train import engine as ds_engine
 from vallex.train.guard import ForgettingGuard
 from vallex.train.metrics import flat_metrics
+from vallex.train.tracking import Tracker
 
 log = logging.getLogger("vallex.train")
 
@@ -197,6 +198,11 @@ def resume(model_engine, ckpt_dir: str, saved_world: int, world: int, zero_stage
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    with Tracker(loop_config.get("tracking")) as tracker:  # ends the MLflow / W&B runs, failed or not
+        _train_loop(loop_config, tracker)
+
+
+def _train_loop(loop_config: dict, tracker: Tracker) -> None:
     import ray
     import ray.train
 
@@ -236,6 +242,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state = json.loads(Path(d, STATE_FILE).read_text())
             resume(model_engine, d, state.get("world_size", world), world, cfg.train.zero_stage, rank)
     state["world_size"] = world
+    state["tracking"] = tracker.open(rank, state.get("tracking"))
 
     valid_tables = ray.get(loop_config["valid_ref"])
     valid_batches = _validation_batches(
@@ -295,6 +302,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             from vallex.tune.objective import score
 
             metrics.update(score(record["valid"], **objective))
+        tracker.log(metrics)
         return metrics
 
     if cfg.train.init_from and ckpt is None:

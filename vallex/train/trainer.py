@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from vallex.config import Config, save_config
-from vallex.files import write_text_atomic
+from vallex.files import is_uri, join, list_names, write_text_atomic
 from vallex.storage import check_storage
 from vallex.train.guard import ForgettingGuard, baseline_losses, describe_trips
 from vallex.train.metrics import (
@@ -26,6 +26,7 @@ from vallex.train.metrics import (
     read_metrics,
     sink_on_this_node,
 )
+from vallex.train.tracking import tracking_settings
 
 log = logging.getLogger("vallex.train")
 
@@ -102,6 +103,8 @@ def _corpus_info(cfg: Config):
         "weights": weights,
         "budget_rows": budget,
     }
+    if cfg.train.init_from and "bridge" in meta:
+        info["init_bridge"] = meta["bridge"]  # how a public checkpoint's text embeddings were mapped
     return corpus, info, init_state
 
 
@@ -118,6 +121,7 @@ def _initial_model(cfg: Config, corpus):
         return load_any(
             path,
             symbols=corpus.symbols,
+            vocab=cfg.train.init_vocab or None,
             dropout=cfg.model.dropout,
             activation_checkpointing=cfg.model.activation_checkpointing,
         )
@@ -268,7 +272,13 @@ def _poll(sink, max_steps: int, stop: threading.Event) -> None:
         stop.wait(1.0)
 
 
-def _best_checkpoint(result, metric: str) -> dict | None:
+def _location(path: str, storage: str) -> str:
+    """A checkpoint's path as Ray Train gives it (inside the storage's filesystem: no scheme), as a
+    location a user can open: a URI when ``storage`` is one."""
+    return f"{storage.split('://', 1)[0]}://{path}" if is_uri(storage) else path
+
+
+def _best_checkpoint(result, metric: str, storage: str) -> dict | None:
     """The kept checkpoint with the lowest ``metric`` (with a model.pt): checkpoint, step, value, path."""
     scored = [
         (m[metric], m["step"], c)
@@ -281,7 +291,13 @@ def _best_checkpoint(result, metric: str) -> dict | None:
     with ckpt.as_directory() as d:
         if not (Path(d) / "model.pt").exists():
             return None
-    return {"checkpoint": ckpt, "step": step, "value": value, "metric": metric, "path": ckpt.path}
+    return {
+        "checkpoint": ckpt,
+        "step": step,
+        "value": value,
+        "metric": metric,
+        "path": _location(ckpt.path, storage),
+    }
 
 
 def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
@@ -341,8 +357,8 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     init_ref = ray.put(init_state) if init_state is not None else None
 
     storage = cfg.storage_path
-    run_dir = Path(storage) / cfg.run.name if "://" not in storage else None
-    resuming = run_dir is not None and run_dir.exists() and any(run_dir.glob("checkpoint_*"))
+    run_dir = join(storage, cfg.run.name)
+    resuming = bool(list_names(run_dir, "checkpoint_*"))
     sink = sink_on_this_node(
         str(train_dir / "metrics.jsonl"),
         truncate=not resuming,
@@ -361,6 +377,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
             "guard_baseline": guard_baseline,
             "init_state": init_ref,
             "objective": objective,
+            "tracking": tracking_settings(cfg),
         },
         scaling_config=ScalingConfig(
             num_workers=(cfg.train.min_workers, cfg.train.num_workers)
@@ -410,7 +427,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
                 write_model_file(Path(d) / EXPORT_FILE, model_path, cfg, corpus, info)
     best = None
     if cfg.train.keep_best_by:
-        best = _best_checkpoint(result, cfg.train.keep_best_by)
+        best = _best_checkpoint(result, cfg.train.keep_best_by, storage)
         if best is not None:
             with best["checkpoint"].as_directory() as d:
                 write_model_file(Path(d) / EXPORT_FILE, train_dir / "best_model.pt", cfg, corpus, info)
@@ -432,13 +449,14 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
                 "languages": info["model_languages"],
                 "num_symbols": info["num_symbols"],
             },
-            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "checkpoint": _location(result.checkpoint.path, storage) if result.checkpoint else None,
             "best_checkpoint": {k: v for k, v in best.items() if k != "checkpoint"} if best else None,
             "model_file": str(model_path) if model_path else None,
             "wall_seconds": time.time() - t0,
             "num_workers": cfg.train.num_workers,
             "zero_stage": cfg.train.zero_stage,
             "init_from": cfg.train.init_from or None,
+            **({"init_bridge": info["init_bridge"]} if "init_bridge" in info else {}),
             "trained_languages": info["languages"],
             "guard": guard_summary(records, cfg),
         },

@@ -104,7 +104,7 @@ def make_setup(cfg: Config) -> dict[str, Any]:
         "min_weight": t.min_weight,
         "max_steps": t.max_steps_per_trial,
         "eval_every": t.eval_every,
-        "prepared_dir": str(cfg.prepare_dir.resolve()),
+        "prepared_dir": cfg.prepare_dir,
         "out_dir": str(out_dir),
         "train_storage": storage.rstrip("/") + f"/{cfg.run.name}-tune-train",
     }

@@ -1,0 +1,200 @@
+"""Prepared shards and training checkpoints on S3, against a real local S3 endpoint (moto's server).
+
+pyarrow's S3 filesystem (what vallex and Ray Train use for every ``s3://`` URI) finds the endpoint and
+credentials in the standard ``AWS_*`` environment variables. Ray's workers inherit the environment of
+the process that starts the cluster, and the session's cluster (``ray_cluster`` in conftest.py) starts
+after collection, so the variables are set when this module is imported; ``s3`` checks that the
+workers see them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections import Counter
+
+import pyarrow.fs as pafs
+import pytest
+from test_prepare import SETTINGS  # rows_per_shard=4: en (7 rows) and ar (5 rows) get 2 shards each
+
+from vallex.config import ConfigError, load_config
+from vallex.data.corpus import CorpusError, PreparedCorpus
+from vallex.data.demo_corpus import make_demo_corpus
+from vallex.data.mixing import build_mixed_dataset
+from vallex.data.prepare import prepare_corpus
+from vallex.data.sources import read_manifest
+from vallex.files import filesystem
+
+BUCKET = "vallex-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update(
+    AWS_ENDPOINT_URL=ENDPOINT,
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+)
+
+
+@pytest.fixture(scope="module")
+def s3(ray_cluster):
+    """An S3 endpoint with an empty bucket, which the driver and every Ray worker reach."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(ENDPOINT.rsplit(":", 1)[1]), verbose=False)
+    server.start()
+    pafs.S3FileSystem(endpoint_override=ENDPOINT, allow_bucket_creation=True).create_dir(BUCKET)
+
+    @ray_cluster.remote(num_cpus=0)
+    def worker_endpoint() -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL")
+
+    seen = ray_cluster.get(worker_endpoint.remote())
+    if seen != ENDPOINT:
+        server.stop()
+        pytest.fail(
+            f"Ray workers see AWS_ENDPOINT_URL={seen!r}, not {ENDPOINT!r}: the Ray cluster was started "
+            "before this module was imported; run this file in its own pytest session"
+        )
+    yield f"s3://{BUCKET}"
+    server.stop()
+
+
+def _objects(uri: str) -> dict[str, pafs.FileInfo]:
+    """Every object under ``uri``, by key relative to it."""
+    fs, root = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    return {i.path[len(root) + 1 :]: i for i in infos if i.type == pafs.FileType.File}
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory):
+    """A few real espeak utterances in two languages (audio paths absolute)."""
+    src = make_demo_corpus(tmp_path_factory.mktemp("demo"), seed=0, languages=["en", "ar"], progress=False)
+    rows = [json.loads(line) for line in src.read_text().splitlines()]
+    pick = []
+    for lang, per_split in {"en": {"train": 5, "valid": 2}, "ar": {"train": 3, "valid": 2}}.items():
+        for split, n in per_split.items():
+            chosen = [r for r in rows if r["language"] == lang and r["split"] == split][:n]
+            pick += [{**r, "audio": str(src.parent / r["audio"])} for r in chosen]
+    out = tmp_path_factory.mktemp("small") / "manifest.jsonl"
+    out.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in pick) + "\n")
+    return out
+
+
+def test_prepare_to_s3_reruns_and_reads_back(s3, small_manifest, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URI taken for a local path would show up here as ./s3:/...
+    uri = f"{s3}/prep"
+    manifest = prepare_corpus(read_manifest(small_manifest), uri, SETTINGS, progress=False)
+
+    objects = _objects(uri)
+    shards = [f"{lang}/part-0000{i}.parquet" for lang in ("ar", "en") for i in (0, 1)]
+    assert sorted(objects) == sorted([".phonemes.parquet", "manifest.json", "symbols.json", *shards])
+    assert list(tmp_path.iterdir()) == []
+    fs, root = filesystem(uri)
+    with fs.open_input_stream(f"{root}/manifest.json") as f:
+        assert json.loads(f.read()) == manifest
+    assert {lang: e["utterances"] for lang, e in manifest["languages"].items()} == {
+        "en": {"train": 5, "valid": 2},
+        "ar": {"train": 3, "valid": 2},
+    }
+    assert manifest["languages"]["en"]["shards"] == ["en/part-00000.parquet", "en/part-00001.parquet"]
+    assert manifest["last_run"] == {"phonemized": 12, "cached": 0, "shards_written": 4, "shards_reused": 0}
+
+    # Same input again: every shard is found finished in the bucket, nothing is phonemized or rewritten.
+    again = prepare_corpus(read_manifest(small_manifest), uri + "/", SETTINGS, progress=False)
+    assert again["last_run"] == {"phonemized": 0, "cached": 12, "shards_written": 0, "shards_reused": 4}
+    after = _objects(uri)
+    assert {k: after[k].mtime for k in shards} == {k: objects[k].mtime for k in shards}
+
+    # Training reads the corpus from the same URI: the checks, the counts, validation, the mixed stream.
+    corpus = PreparedCorpus.open(uri)
+    assert corpus.root == uri and corpus.languages == ["ar", "en"]
+    assert corpus.shards("en") == [f"{uri}/en/part-00000.parquet", f"{uri}/en/part-00001.parquet"]
+    assert sum(corpus.shard_rows("en")) == 5 and corpus.counts("valid") == {"ar": 2, "en": 2}
+    assert (
+        corpus.read_split("ar", "valid", columns=["utt_id", "split"]).column("split").to_pylist()
+        == ["valid"] * 2
+    )
+    ds = build_mixed_dataset(corpus, {"en": 0.5, "ar": 0.5}, num_rows=16, seed=0, window_rows=8)
+    rows = list(ds.iter_rows())
+    assert Counter(r["language"] for r in rows) == {"en": 8, "ar": 8}
+    train_ids = {
+        lang: set(corpus.read_split(lang, "train", columns=["utt_id"]).column("utt_id").to_pylist())
+        for lang in corpus.languages
+    }
+    assert all(r["utt_id"] in train_ids[r["language"]] for r in rows)
+    assert {r["utt_id"] for r in rows if r["language"] == "ar"} == train_ids["ar"]  # upsampled: all of it
+
+
+def test_a_missing_or_unreachable_corpus_is_named(s3, monkeypatch):
+    with pytest.raises(
+        CorpusError, match=rf"{s3}/nothing/manifest.json not found; is {s3}/nothing a prepared"
+    ):
+        PreparedCorpus.open(f"{s3}/nothing")
+    with pytest.raises(CorpusError, match=r"s3://no-such-bucket-vallex/x/manifest.json not found"):
+        PreparedCorpus.open("s3://no-such-bucket-vallex/x")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: a network error
+    with pytest.raises(
+        CorpusError, match=rf"cannot read {s3}/prep/manifest.json \(.*NETWORK_CONNECTION.*credentials"
+    ):
+        PreparedCorpus.open(f"{s3}/prep")
+
+
+def test_config_takes_a_prepared_uri_and_refuses_a_remote_output_dir(tmp_path):
+    with pytest.raises(ConfigError, match=r"run.prepared_dir: 'ftp://host/x': unsupported scheme 'ftp'"):
+        load_config(None, ["run.prepared_dir=ftp://host/x"])
+    with pytest.raises(ConfigError, match=r"run.output_dir: must be a local .*run.prepared_dir=s3://"):
+        load_config(None, ["run.output_dir=s3://bucket/run"])
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.prepared_dir=gs://bucket/prep/"])
+    assert cfg.prepare_dir == "gs://bucket/prep"
+    assert load_config(None, [f"run.output_dir={tmp_path}"]).prepare_dir == str(tmp_path / "prepare")
+
+
+def test_training_checkpoints_to_s3_and_resumes_from_them(s3, tmp_path, one_thread):
+    from test_train import SIZES, _cfg
+
+    from vallex.data.synthetic import write_synthetic_corpus
+    from vallex.train.metrics import read_metrics
+    from vallex.train.trainer import train
+
+    local = write_synthetic_corpus(tmp_path / "synthetic", SIZES, valid_per_language=5, frames=(15, 40))
+    fs, root = filesystem(f"{s3}/synthetic")
+    pafs.copy_files(str(local), root, destination_filesystem=fs)
+    storage = f"{s3}/ray_results"
+    run = (
+        "run.name=s3",
+        f"run.prepared_dir={s3}/synthetic",
+        f"train.storage_path={storage}",
+        "train.keep_best_by=loss_mean",
+    )
+
+    cfg = _cfg(tmp_path / "run", *run, "train.max_steps=3")
+    report = train(cfg)
+    first = read_metrics(cfg.train_dir / "metrics.jsonl")
+    assert [r["step"] for r in first] == [1, 3]
+    checkpoints = {key.split("/")[0] for key in _objects(f"{storage}/s3") if "/" in key}
+    assert len(checkpoints) == 1 and report["checkpoint"] == f"{storage}/s3/{checkpoints.pop()}"
+    # model.pt and best_model.pt are exported from the checkpoints in the bucket
+    assert report["model_file"] == str(cfg.train_dir / "model.pt")
+    assert report["best_checkpoint"]["path"] == report["checkpoint"]
+    assert (cfg.train_dir / "best_model.pt").stat().st_size > 0
+
+    # Same run name, more steps: resumes from the checkpoint in the bucket (step 3), not from step 0.
+    cfg = _cfg(tmp_path / "run", *run, "train.max_steps=6")
+    train(cfg)
+    records = read_metrics(cfg.train_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 3, 6]
+    assert records[:2] == first  # kept, not rewritten by a run that started over
+    assert [r["step"] for r in records if "engine" in r] == [1, 6]  # each start's first record
+    assert records[-1]["samples_seen"] == 2 * 4 * 6  # the mix counts came back with the checkpoint

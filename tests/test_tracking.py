@@ -1,0 +1,182 @@
+"""Experiment tracking (train.tracking): MLflow and W&B, through Ray's integrations, get the same
+per-language metrics as metrics.jsonl from a real two-worker run, and continue the same runs on resume."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vallex.config import ConfigError, load_config
+from vallex.data.synthetic import write_synthetic_corpus
+from vallex.train.metrics import read_metrics
+from vallex.train.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = {"en": 24, "zh": 16}
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(
+        None,
+        [
+            f"run.output_dir={tmp_path}",
+            "run.name=tracked",
+            "model.size=tiny",
+            "train.num_workers=2",
+            "train.cpus_per_worker=0.5",
+            "train.batch_size=4",
+            "train.max_steps=4",
+            "train.warmup_steps=1",
+            "train.eval_every=2",
+            "train.checkpoint_every=4",
+            "data.weights=uniform",
+            "data.window_rows=32",
+            "train.tracking=[mlflow, wandb]",
+            "train.tracking_project=vallex-test",
+            *overrides,
+        ],
+    )
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a W&B ``.wandb`` file: LevelDB-log framing (7-byte file header, then 32 KiB blocks of
+    chunks with a 7-byte header: crc32c, length, type) around protobuf ``Record`` messages. wandb 0.31
+    reads these files in its Go core only, so the test reads them itself."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    block, pos, chunks, records = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # zero-filled rest of the block
+            pos += left
+            continue
+        chunks += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunks)
+            records.append(record)
+            chunks = b""
+    return records
+
+
+def wandb_history(path: Path) -> list[dict]:
+    rows = []
+    for r in wandb_records(path):
+        if r.WhichOneof("record_type") == "history":
+            rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item})
+    return rows
+
+
+def test_mlflow_and_wandb_get_the_runs_metrics_and_resume_into_the_same_runs(ray_cluster, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    write_synthetic_corpus(tmp_path / "prepare", SIZES, valid_per_language=4, frames=(15, 30))
+    cfg = _cfg(tmp_path)
+    train(cfg)
+
+    records = read_metrics(cfg.train_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 4]
+    expected = {lang: [(r["step"], r["valid"][lang]["loss"]) for r in records] for lang in SIZES}
+
+    # MLflow: the default store is SQLite in the output dir; one run (rank 0's), finished.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("vallex-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    for lang, series in expected.items():
+        history = client.get_metric_history(run.info.run_id, f"loss/{lang}")
+        assert [(m.step, m.value) for m in history] == series
+    assert run.data.params["train.max_steps"] == "4"
+    assert run.data.params["data.weights"] == "uniform"
+    assert "job.runtime_env" not in run.data.params  # may hold credentials
+    assert {"loss_mean", "loss_max", "train_loss", "ar_loss/en", "nar_loss/zh"} <= set(run.data.metrics)
+
+    # W&B offline: one run directory under <output_dir>/train/wandb holding every evaluation.
+    (run_dir,) = (cfg.train_dir / "wandb").glob("offline-run-*")
+    (wandb_file,) = run_dir.glob("run-*.wandb")
+    rows = wandb_history(wandb_file)
+    for lang, series in expected.items():
+        assert [(row["step"], row[f"loss/{lang}"]) for row in rows] == series
+    wandb_id = wandb_file.stem.removeprefix("run-")
+    config = {  # the run's config: sent with the run record (and any later config records)
+        i.key: json.loads(i.value_json)
+        for r in wandb_records(wandb_file)
+        if r.WhichOneof("record_type") in ("run", "config")
+        for i in (r.run.config.update if r.WhichOneof("record_type") == "run" else r.config.update)
+    }
+    assert config["train"]["max_steps"] == 4 and config["train"]["tracking"] == ["mlflow", "wandb"]
+    assert "job" not in config
+
+    # Running it again with more steps resumes the checkpoint and logs into the same runs.
+    cfg2 = _cfg(tmp_path, "train.max_steps=6")
+    train(cfg2)
+    (run2,) = client.search_runs([experiment.experiment_id])
+    assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/en")]
+    assert steps == [1, 2, 4, 6]
+    assert client.get_run(run.info.run_id).data.params["train.max_steps"] == "4"  # the first start's
+    resumed = sorted((cfg.train_dir / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))
+    assert len(resumed) == 2  # wandb writes one offline folder per start; `wandb sync` merges them by id
+    assert [row["step"] for row in wandb_history(resumed[-1])] == [6]
+
+
+@pytest.mark.parametrize(
+    "override, key, fragment",
+    [
+        ("train.tracking=[mlfow]", "train.tracking[0]", "must be one of mlflow, wandb"),
+        ("train.tracking=mlflow", "train.tracking", "must be a list of"),
+        ("train.tracking=[wandb, wandb]", "train.tracking", "names a tracker twice"),
+        ("train.wandb_mode=shared", "train.wandb_mode", "must be one of offline, online"),
+    ],
+)
+def test_bad_tracking_values_name_the_key(override, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert err.value.key == key
+    assert fragment in str(err.value)
+
+
+def test_missing_tracker_package_fails_before_ray_starts():
+    """An uninstalled tracker (import blocked in a fresh interpreter) is a config error of the entry
+    point, naming the key and the install command, before anything starts."""
+    script = (
+        "import runpy, sys; sys.modules['wandb'] = None; "
+        f"sys.argv = ['train.py', '--config', {str(ROOT / 'job.yaml')!r}, 'train.tracking=[mlflow, wandb]']; "
+        f"runpy.run_path({str(ROOT / 'ray_jobs/train.py')!r}, run_name='__main__')"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "config error: train.tracking[1]: wandb is not installed; pip install 'vallex[tracking]'" in (
+        proc.stderr
+    )
+    assert "Ray" not in proc.stderr.split("config error")[0]
+
+
+def test_a_run_the_mlflow_store_lacks_is_replaced_by_a_new_one(tmp_path, caplog):
+    """A checkpoint's MLflow run id that the (new, or emptied) store does not know: the worker logs into
+    a new run with the config as params instead of failing the training."""
+    from mlflow.tracking import MlflowClient
+
+    from vallex.train.tracking import Tracker, tracking_settings
+
+    cfg = _cfg(tmp_path, "train.tracking=[mlflow]")
+    with Tracker(tracking_settings(cfg)) as tracker:
+        ids = tracker.open(rank=0, resume={"mlflow": "0" * 32})
+        tracker.log({"step": 3, "loss/en": 1.5})
+    assert ids["mlflow"] != "0" * 32 and "cannot reopen MLflow run" in caplog.text
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(ids["mlflow"])
+    assert run.info.status == "FINISHED" and run.data.params["train.tracking"] == "['mlflow']"
+    assert run.data.metrics == {"loss/en": 1.5}
