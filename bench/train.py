@@ -6,8 +6,10 @@
 Prints, on the same model and the same batches:
   1. samples/s of a plain PyTorch AdamW loop (the baseline, in this process);
   2. samples/s of 1 Ray Train worker running DeepSpeed ZeRO-2 (ratio to 1; goal >= 0.9x);
-  3. samples/s of 2 workers vs 1 (each worker gets half the cores);
-  4. per-worker parameter elements held under ZeRO-3 vs ZeRO-0 with 2 workers (goal: ~1/2).
+  3. where the difference goes: DeepSpeed ZeRO-2 in this process (no Ray), and the plain loop inside
+     1 Ray Train worker (no DeepSpeed);
+  4. samples/s of 2 workers vs 1 (each worker gets half the cores);
+  5. per-worker parameter elements held under ZeRO-3 vs ZeRO-0 with 2 workers (goal: ~1/2).
 Start-up (process group, DeepSpeed init, first steps) is excluded: each loop times only its last
 ``--steps`` steps after ``--warmup`` untimed ones.
 """
@@ -74,32 +76,58 @@ def plain_loop(args) -> float:
     return args.steps * BATCH / (time.perf_counter() - t0)
 
 
-def worker_loop(config: dict) -> None:
-    """Runs in each Ray Train worker: DeepSpeed engine over the same model and batches."""
-    import ray.train
-
+def deepspeed_loop(args, stage: int, seed: int = 0) -> tuple[float, int]:
+    """(samples/s, parameter elements held) of a DeepSpeed engine over the same model and batches; needs
+    a torch.distributed process group."""
     from vallex.train import engine as ds_engine
 
-    args = argparse.Namespace(**config["args"])
-    torch.set_num_threads(config["threads"])
-    cfg = load_config(None, [f"train.zero_stage={config['stage']}", f"train.batch_size={BATCH}"])
+    cfg = load_config(None, [f"train.zero_stage={stage}", f"train.batch_size={BATCH}"])
     engine, _, _ = ds_engine.initialize(build(args), cfg.train)
-    rank = ray.train.get_context().get_world_rank()
     local = sum(getattr(p, "ds_tensor", p).numel() for p in engine.module.parameters())
-    batches = make_batches(args.warmup + args.steps, seed=rank)
+    batches = make_batches(args.warmup + args.steps, seed=seed)
     for i, b in enumerate(batches):
         if i == args.warmup:
             t0 = time.perf_counter()
         out = engine(b)
         engine.backward(out["loss"])
         engine.step()
-    rate = args.steps * BATCH / (time.perf_counter() - t0)
+    return args.steps * BATCH / (time.perf_counter() - t0), local
+
+
+def deepspeed_here(args) -> float:
+    """DeepSpeed ZeRO-2 in this process (a 1-rank gloo group, no Ray): DeepSpeed's own cost."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")  # what a launcher would set; DeepSpeed checks
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        return deepspeed_loop(args, 2)[0]
+    finally:
+        dist.destroy_process_group()
+
+
+def worker_loop(config: dict) -> None:
+    """Runs in each Ray Train worker: DeepSpeed (``stage``), or the plain loop (``stage`` None)."""
+    import ray.train
+
+    args = argparse.Namespace(**config["args"])
+    torch.set_num_threads(config["threads"])
+    rank = ray.train.get_context().get_world_rank()
+    if config["stage"] is None:
+        rate, local = plain_loop(args), sum(p.numel() for p in build(args).parameters())
+    else:
+        rate, local = deepspeed_loop(args, config["stage"], seed=rank)
     Path(config["out"], f"rank{rank}.json").write_text(
         json.dumps({"samples_per_s": rate, "param_elements": local})
     )
 
 
-def ray_run(args, workers: int, stage: int) -> dict:
+def ray_run(args, workers: int, stage: int | None) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -139,6 +167,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 2)
 
     base = plain_loop(args)
+    ds_here = deepspeed_here(args)
+    plain_ray = ray_run(args, 1, None)
     one = ray_run(args, 1, 2)
     two = ray_run(args, 2, 2)
     z0 = ray_run(args, 2, 0)
@@ -149,6 +179,11 @@ def main() -> None:
     print(f"plain PyTorch loop           {base:8.2f} samples/s   1.00x")
     print(
         f"Ray Train + DeepSpeed ZeRO-2 {one['samples_per_s']:8.2f} samples/s   {one['samples_per_s'] / base:.2f}x (1 worker)"
+    )
+    print(f"  DeepSpeed ZeRO-2, no Ray   {ds_here:8.2f} samples/s   {ds_here / base:.2f}x (this process)")
+    print(
+        f"  plain loop in a Ray worker {plain_ray['samples_per_s']:8.2f} samples/s   "
+        f"{plain_ray['samples_per_s'] / base:.2f}x (no DeepSpeed)"
     )
     print(
         f"2 workers vs 1 (ZeRO-2)      {two['samples_per_s']:8.2f} samples/s   {two['samples_per_s'] / one['samples_per_s']:.2f}x"

@@ -12,16 +12,24 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def start_local_ray() -> None:
+    """Start a local Ray cluster with 4 logical CPUs in this process. Its processes inherit the
+    environment as it is now (test_s3.py starts its own for that reason)."""
+    import ray
+
+    # address="local": a private cluster even if a test (or a person) started one with `ray start`
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
+    )
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local Ray cluster with 4 logical CPUs, shared by every test that asks for it."""
     import ray
 
     if not ray.is_initialized():
-        # address="local": a private cluster even if a test (or a person) started one with `ray start`
-        ray.init(
-            address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False
-        )
+        start_local_ray()
     yield ray
     ray.shutdown()
 

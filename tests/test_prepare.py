@@ -270,3 +270,29 @@ def test_progress_postfix_gives_rates():
     assert progress_postfix(7200.0, 100, 10.0) == (
         "10.0 kept utt/s, 0.2000 audio-h/s (720.0x real time), 2.000 h done"
     )
+
+
+def test_a_read_error_hints_at_credentials_only_for_a_bucket(tmp_path, monkeypatch):
+    """A local file that cannot be read is named with the OS's reason, not blamed on AWS credentials;
+    on a URI the hint names where credentials come from."""
+    from vallex.data import corpus, prepare
+    from vallex.data.corpus import CorpusError, PreparedCorpus
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    (tmp_path / "manifest.json").write_text("{}")
+    for module in (corpus, prepare):
+        monkeypatch.setattr(module, "read_text", denied)
+    local = os.path.realpath(tmp_path / "manifest.json")
+    expected = f"cannot read {local} ([Errno 13] Permission denied: '{local}')"
+    with pytest.raises(CorpusError) as err:
+        PreparedCorpus.open(tmp_path)
+    assert str(err.value) == expected
+    with pytest.raises(PrepareError) as err:
+        prepare._read_json(local)
+    assert str(err.value) == expected
+
+    monkeypatch.setattr(prepare, "is_file", lambda path: True)
+    with pytest.raises(PrepareError, match=r"cannot read s3://b/p/manifest.json .*credentials .*AWS_"):
+        prepare._read_json("s3://b/p/manifest.json")

@@ -1,80 +1,161 @@
 """Prepared shards and training checkpoints on S3, against a real local S3 endpoint (moto's server).
 
 pyarrow's S3 filesystem (what vallex and Ray Train use for every ``s3://`` URI) finds the endpoint and
-credentials in the standard ``AWS_*`` environment variables. Ray's workers inherit the environment of
-the process that starts the cluster, and the session's cluster (``ray_cluster`` in conftest.py) starts
-after collection, so the variables are set when this module is imported; ``s3`` checks that the
-workers see them.
+credentials in the standard ``AWS_*`` environment variables, and Ray's workers (Ray Data tasks, Ray
+Train workers) inherit the environment of the process that starts the cluster. So the ``s3`` fixture
+sets the variables only while this module runs, and runs this module on a Ray cluster of its own,
+started after they are set: the session's shared cluster (``ray_cluster`` in conftest.py) predates
+them, and a runtime_env could only be given to ``ray.init``, which the shared cluster has already
+had. The shared cluster, if an earlier module started it, is started again (without the variables)
+for the modules after this one. Tests here must therefore not ask for ``ray_cluster``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import socket
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
+from conftest import start_local_ray
 from test_prepare import SETTINGS  # rows_per_shard=4: en (7 rows) and ar (5 rows) get 2 shards each
 
+from vallex import files
 from vallex.config import ConfigError, load_config
 from vallex.data.corpus import CorpusError, PreparedCorpus
 from vallex.data.demo_corpus import make_demo_corpus
 from vallex.data.mixing import build_mixed_dataset
-from vallex.data.prepare import prepare_corpus
+from vallex.data.prepare import _write_parquet, prepare_corpus
 from vallex.data.sources import read_manifest
-from vallex.files import filesystem
+from vallex.files import filesystem, write_text
+
+pytest.importorskip("moto")
 
 BUCKET = "vallex-test"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-ENDPOINT = f"http://127.0.0.1:{_free_port()}"
-os.environ.update(
-    AWS_ENDPOINT_URL=ENDPOINT,
-    AWS_ACCESS_KEY_ID="testing",
-    AWS_SECRET_ACCESS_KEY="testing",
-    AWS_DEFAULT_REGION="us-east-1",
-)
-
-
 @pytest.fixture(scope="module")
-def s3(ray_cluster):
+def s3():
     """An S3 endpoint with an empty bucket, which the driver and every Ray worker reach."""
+    import ray
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(ENDPOINT.rsplit(":", 1)[1]), verbose=False)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: any free one
     server.start()
-    pafs.S3FileSystem(endpoint_override=ENDPOINT, allow_bucket_creation=True).create_dir(BUCKET)
+    host, port = server.get_host_and_port()  # the port the server is bound to
+    endpoint = f"http://{host}:{port}"
+    shared = ray.is_initialized()  # the session's cluster, started by an earlier module
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("AWS_ENDPOINT_URL", endpoint)
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
+            if shared:
+                ray.shutdown()
+            start_local_ray()  # after the variables are set: its workers inherit them
+            try:
 
-    @ray_cluster.remote(num_cpus=0)
-    def worker_endpoint() -> str | None:
-        return os.environ.get("AWS_ENDPOINT_URL")
+                @ray.remote(num_cpus=0)
+                def worker_endpoint() -> str | None:
+                    return os.environ.get("AWS_ENDPOINT_URL")
 
-    seen = ray_cluster.get(worker_endpoint.remote())
-    if seen != ENDPOINT:
+                assert ray.get(worker_endpoint.remote()) == endpoint
+                yield f"s3://{BUCKET}"
+            finally:
+                ray.shutdown()
+    finally:
         server.stop()
-        pytest.fail(
-            f"Ray workers see AWS_ENDPOINT_URL={seen!r}, not {ENDPOINT!r}: the Ray cluster was started "
-            "before this module was imported; run this file in its own pytest session"
-        )
-    yield f"s3://{BUCKET}"
-    server.stop()
+        if shared:
+            start_local_ray()  # the variables are gone again: the later modules' cluster never sees them
 
 
 def _objects(uri: str) -> dict[str, pafs.FileInfo]:
     """Every object under ``uri``, by key relative to it."""
     fs, root = filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     return {i.path[len(root) + 1 :]: i for i in infos if i.type == pafs.FileType.File}
+
+
+class FailingUploads:
+    """A pyarrow filesystem whose uploads fail with a network error: after sending half of the data,
+    which pyarrow's output stream commits as the object when the error closes it (``commit_half``), or
+    before sending anything (the store keeps what it had)."""
+
+    def __init__(self, fs: pafs.FileSystem, commit_half: bool):
+        self.fs, self.commit_half = fs, commit_half
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    @contextlib.contextmanager
+    def open_output_stream(self, path):
+        real = self.fs.open_output_stream(path) if self.commit_half else None
+
+        class Stream:
+            def write(self, data):
+                if real is not None:
+                    real.write(memoryview(data)[: len(data) // 2])
+                raise OSError("AWS Error NETWORK_CONNECTION during UploadPart: connection reset")
+
+        try:
+            yield Stream()
+        finally:
+            if real is not None:
+                real.close()  # what pyarrow's own `with` block does on the error: the half is committed
+
+
+def test_a_write_that_fails_leaves_no_object(s3, monkeypatch):
+    """manifest.json, symbols.json, shards and the phoneme cache appear whole or not at all, also when
+    the payload cannot be built (the error comes before any upload) or the upload itself fails."""
+    folder = f"{s3}/failed"
+    with pytest.raises(UnicodeEncodeError):  # a lone surrogate: not encodable
+        write_text(f"{folder}/manifest.json", "ok \ud800")
+
+    table = pa.table({"key": ["a", "b", "c"], "symbols": [["x"], ["y"], ["z"]]})
+
+    def write_table_then_fail(table, where, **kwargs):  # a writer error after its first row group
+        with pq.ParquetWriter(where, table.schema) as writer:
+            writer.write_table(table.slice(0, 1))
+            raise OSError("No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(pq, "write_table", write_table_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            _write_parquet(table, f"{folder}/.phonemes.parquet")
+    assert _objects(folder) == {}
+    with pytest.raises(pa.ArrowNotImplementedError, match="month_day_nano_interval"):  # no Parquet type
+        _write_parquet(
+            pa.table({"x": pa.array([(1, 2, 3)], pa.month_day_nano_interval())}), f"{folder}/x.parquet"
+        )
+    assert _objects(folder) == {}
+
+    # The upload fails half way: what the failed upload committed is deleted, an object it left
+    # untouched is kept (a reader sees the old symbols.json or none, never half a new one).
+    real = files.filesystem
+    write_text(f"{folder}/symbols.json", "old")
+    for name, commit_half, left in [
+        ("manifest.json", True, {"symbols.json": "old"}),
+        ("symbols.json", False, {"symbols.json": "old"}),
+        ("symbols.json", True, {}),
+    ]:
+
+        def failing(location, commit_half=commit_half):
+            fs, path = real(location)
+            return FailingUploads(fs, commit_half), path
+
+        with monkeypatch.context() as m:
+            m.setattr(files, "filesystem", failing)
+            with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+                write_text(f"{folder}/{name}", '{"new": "and longer than the old content"}')
+        assert {k: files.read_text(f"{folder}/{k}") for k in _objects(folder)} == left, (name, commit_half)
 
 
 @pytest.fixture(scope="module")

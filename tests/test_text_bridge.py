@@ -18,14 +18,32 @@ from vallex.model.vallex import VallexModel, paper_config
 from vallex.text.symbols import SPECIALS
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tokenizer file in the reference's format (HuggingFace tokenizers JSON, BPE without merges): one id per
-# character, after five bracketed specials. The characters are this test's choice.
+# A tokenizer file in the reference's format (HuggingFace tokenizers JSON, BPE without merges): its five
+# bracketed specials, then one id per character: the characters of Plachtaa/VALL-E-X's bpe_69.json.
 REF_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
-REF_CHARS = list(",.?!_`abdefghijklmnopstuvwxzæðŋɑɔəɛɪɹʃʊʒʰˈˌθ↑↓→")
+REF_CHARS = list("!#*,-.=?NQ^_`abdefghijklmnopstuvwxyz~æçðŋɑɔəɛɥɪɫɯɸɹɾʃʊʑʒʰˈˌθ…⁼↑→↓")
 # vallex symbols: single characters the reference has, multi-character phones, espeak conventions the
 # reference writes differently, and sounds it has no character for (q, ʕ, ħ).
-SYMBOLS = [*SPECIALS, *",._", "a", "ə", "k", "ˈ", "aɪ", "kh", "tɕh", "˧˥", "˨˩˦", "ɡ", "iː", "q", "ʕ", "ħ"]
-SINGLE = {",": ",", ".": ".", "_": "_", "a": "a", "ə": "ə", "k": "k", "ˈ": "ˈ", "˧˥": "↑", "ɡ": "g"}
+SYMBOLS = [
+    *SPECIALS,
+    *",._",
+    "a",
+    "ə",
+    "k",
+    "ˈ",
+    "ç",
+    "aɪ",
+    "kh",
+    "tɕh",
+    "˧˥",
+    "˨˩˦",
+    "ɡ",
+    "iː",
+    "q",
+    "ʕ",
+    "ħ",
+]
+SINGLE = {",": ",", ".": ".", "_": "_", "a": "a", "ə": "ə", "k": "k", "ˈ": "ˈ", "ç": "ç", "˧˥": "↑", "ɡ": "g"}
 
 
 def _vocab_file(path: Path) -> Path:
@@ -59,9 +77,50 @@ def test_spelling_follows_the_reference_conventions():
     assert spell("˧˥") == "↑" and spell("˨˩˦") == "↓↑" and spell("˩˩") == ""  # tones as arrows
     assert spell("kh") == "kʰ" and spell("tsh") == "tsʰ" and spell("tɕh") == "tʃʰ"  # aspiration
     assert spell("s.") == "s`" and spell("ʐ") == "ɹ`"  # retroflexes
-    assert spell("ɡ") == "g" and spell("iː") == "i" and spell("ɑ̃") == "ɑ" and spell("ɚ") == "əɹ"
+    assert spell("ɡ") == "g" and spell("iː") == "i" and spell("ɚ") == "əɹ"
     assert spell("h") == "h" and spell("aɪ") == "aɪ"
     assert spell("<unk>") == "[UNK]" and spell("<pad>") == "[PAD]" and spell("<bos>") == ""
+
+
+def test_espeak_phones_of_the_references_languages_all_have_a_spelling(tmp_path):
+    """Real espeak output for en, zh and ja (the public checkpoint's languages): every phone is spelled
+    with the reference's characters; only diacritics it has no id for are left out, and Mandarin's
+    neutral tone, which the reference does not write."""
+    import unicodedata
+
+    from vallex.model.text_bridge import reference_ids
+    from vallex.text.phonemize import Phonemizer
+
+    vocab = read_reference_vocab(_vocab_file(tmp_path / "bpe.json"))
+    texts = {
+        "en": [
+            "The quick brown fox jumps over the lazy dog, doesn't it?",
+            "She sells sea shells; thought, measure, judge, church, sing, very, yes, wet, bird, pure.",
+        ],
+        "zh": [
+            "我是中国人，今天天气很好。",
+            "上星期他用二十块钱买了一本书，你觉得怎么样？",
+            "月亮出来了，学校里有很多学生。",
+        ],
+        "ja": [
+            "ひとつ、ふたつ、みっつ。",
+            "こんにちは、ちょっと まって ください。",
+            "さくらが さいています。",
+        ],
+    }
+    phonemize = Phonemizer()
+    for lang, lines in texts.items():
+        symbols = sorted({s for line in phonemize(lines, lang) for s in line})
+        assert len(symbols) > 15, lang
+        for s in symbols:
+            ids, used, dropped = reference_ids(s, vocab)
+            if s == "˩˩":
+                assert ids == []  # the neutral tone: nothing in the reference's spelling either
+                continue
+            assert ids, (lang, s)
+            assert all(unicodedata.combining(c) for c in dropped), (lang, s, dropped)
+    assert reference_ids("onɡ", vocab)[1] == "ʊŋ" and reference_ids("ər", vocab)[1] == "əɹ`"
+    assert reference_ids("o̞", vocab)[1:] == ("o", "\u031e")  # lowered o: the mark has no id
 
 
 def test_bridged_rows_and_identical_outputs_where_spellings_coincide(public):
@@ -72,7 +131,8 @@ def test_bridged_rows_and_identical_outputs_where_spellings_coincide(public):
     assert meta["languages"] == ["en", "zh", "ja"] and meta["size"] == "paper"
     assert model.config.num_phonemes == len(SYMBOLS) and model.config.nhead == 16
     assert meta["bridge"]["unmapped"] == ["<bos>", "<eos>", "q", "ʕ", "ħ"]
-    assert meta["bridge"]["mapped"]["tɕh"] == "tʃʰ"
+    assert meta["bridge"]["mapped"]["tɕh"] == "tʃʰ" and meta["bridge"]["mapped"]["iː"] == "i"
+    assert meta["bridge"]["partial"] == {}
 
     ids = {s: i for i, s in enumerate(SYMBOLS)}
     for table in ("ar_text_embedding", "nar_text_embedding"):
@@ -130,17 +190,35 @@ def test_public_checkpoint_errors_name_the_fix(public, tmp_path):
     # A tokenizer with more ids than the checkpoint has rows belongs to another checkpoint.
     small = tmp_path / "small.pt"
     export_public(_public_model(num_text_tokens=20), small)
-    with pytest.raises(
-        CheckpointError, match="ids up to 51 but the checkpoint's text embeddings have 20 rows"
-    ):
-        load_any(small, symbols=SYMBOLS, vocab=vocab_path)
+    for check in (load_any, describe):  # describe (plans, before Ray) checks it from the shapes alone
+        with pytest.raises(
+            CheckpointError, match="ids up to 69 but the checkpoint's text embeddings have 20 rows"
+        ):
+            check(small, symbols=SYMBOLS, vocab=vocab_path)
     # A public-format file with a fourth language row does not say which language that is.
     four = tmp_path / "four.pt"
     export_public(_public_model(num_languages=4), four)
-    with pytest.raises(
-        CheckpointError, match=r"4 language rows; the format's languages are \['en', 'zh', 'ja'\]"
-    ):
-        load_any(four, symbols=SYMBOLS, vocab=vocab_path)
+    for check in (load_any, describe):
+        with pytest.raises(
+            CheckpointError, match=r"4 language rows; the format's languages are \['en', 'zh', 'ja'\]"
+        ):
+            check(four, symbols=SYMBOLS, vocab=vocab_path)
+    # A tokenizer file goes with a public checkpoint only: a vallex model's ids are already vallex's.
+    from vallex.model.checkpoint import save_checkpoint
+
+    ours = tmp_path / "ours.pt"
+    save_checkpoint(
+        _public_model(num_text_tokens=len(SYMBOLS)),
+        ours,
+        languages=["en", "zh", "ja"],
+        symbols=SYMBOLS,
+        symbols_version=1,
+    )
+    for check in (load_any, describe):
+        with pytest.raises(
+            CheckpointError, match=r"goes with the public VALL-E X checkpoint only.*drop train\.init_vocab"
+        ):
+            check(ours, symbols=SYMBOLS, vocab=vocab_path)
     # Without a vocabulary the file still imports as the reference's own model (its ids, its languages).
     assert import_public(path, nhead=16).config.num_phonemes == 80
 

@@ -4,6 +4,7 @@ per-language metrics as metrics.jsonl from a real two-worker run, and continue t
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -165,9 +166,26 @@ def test_missing_tracker_package_fails_before_ray_starts():
     assert "Ray" not in proc.stderr.split("config error")[0]
 
 
-def test_a_run_the_mlflow_store_lacks_is_replaced_by_a_new_one(tmp_path, caplog):
+@pytest.fixture
+def mlflow_in_this_process(monkeypatch):
+    """For a test that opens MLflow runs in the pytest process: setup_mlflow sets MLflow's tracking URI,
+    a module global that MLflow mirrors into os.environ["MLFLOW_TRACKING_URI"] (so that subprocesses
+    inherit it: a Ray cluster started later in the session would too). Both are put back afterwards."""
+    import mlflow
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
+        if name in os.environ:  # someone's own setting: monkeypatch restores it after the reset below
+            monkeypatch.setenv(name, os.environ[name])
+    yield
+    mlflow.set_tracking_uri(None)  # MLflow's global back to unset, and MLFLOW_TRACKING_URI removed
+
+
+def test_in_process_mlflow_reopens_a_known_run_and_replaces_one_the_store_lacks(
+    tmp_path, caplog, mlflow_in_this_process
+):
     """A checkpoint's MLflow run id that the (new, or emptied) store does not know: the worker logs into
-    a new run with the config as params instead of failing the training."""
+    a new run with the config as params instead of failing the training. A known id is reopened, and
+    MLFLOW_RUN_ID (how the id reaches mlflow.start_run) is not left behind for a later start_run."""
     from mlflow.tracking import MlflowClient
 
     from vallex.train.tracking import Tracker, tracking_settings
@@ -177,6 +195,35 @@ def test_a_run_the_mlflow_store_lacks_is_replaced_by_a_new_one(tmp_path, caplog)
         ids = tracker.open(rank=0, resume={"mlflow": "0" * 32})
         tracker.log({"step": 3, "loss/en": 1.5})
     assert ids["mlflow"] != "0" * 32 and "cannot reopen MLflow run" in caplog.text
-    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(ids["mlflow"])
+    assert "MLFLOW_RUN_ID" not in os.environ
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(ids["mlflow"])
     assert run.info.status == "FINISHED" and run.data.params["train.tracking"] == "['mlflow']"
     assert run.data.metrics == {"loss/en": 1.5}
+
+    with Tracker(tracking_settings(cfg)) as tracker:
+        assert tracker.open(rank=0, resume=ids) == ids
+        assert "MLFLOW_RUN_ID" not in os.environ
+        tracker.log({"step": 5, "loss/en": 1.25})
+    assert [(m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "loss/en")] == [
+        (3, 1.5),
+        (5, 1.25),
+    ]
+
+
+def test_mlflow_run_id_is_not_left_set_when_reopening_fails_before_mlflow_reads_it(tmp_path, monkeypatch):
+    """mlflow.start_run consumes MLFLOW_RUN_ID; an error before it gets there (here setup_mlflow itself
+    failing) must not leave the id behind for the next start_run in this process."""
+    import ray.air.integrations.mlflow
+
+    from vallex.train.tracking import Tracker, tracking_settings
+
+    def broken_setup_mlflow(**kwargs):
+        raise RuntimeError("tracking store unreachable")
+
+    monkeypatch.setattr(ray.air.integrations.mlflow, "setup_mlflow", broken_setup_mlflow)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    cfg = _cfg(tmp_path, "train.tracking=[mlflow]")
+    with pytest.raises(RuntimeError, match="unreachable"), Tracker(tracking_settings(cfg)) as tracker:
+        tracker.open(rank=0, resume={"mlflow": "1" * 32})
+    assert "MLFLOW_RUN_ID" not in os.environ

@@ -26,6 +26,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from vallex.files import is_uri
+
 
 class ConfigError(ValueError):
     """A config value is wrong. ``key`` is the dotted path of the offending field."""
@@ -60,12 +62,12 @@ class RunSection:
         _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
         _require(bool(self.output_dir), "output_dir", "must be a path")
         _require(
-            "://" not in self.output_dir,
+            not is_uri(self.output_dir),
             "output_dir",
             f"must be a local (or mounted) folder, got {self.output_dir!r}; put the prepared shards in "
             "cloud storage with run.prepared_dir=s3://... and checkpoints with train.storage_path=s3://...",
         )
-        if "://" in self.prepared_dir:
+        if is_uri(self.prepared_dir):
             from vallex.storage import uri_problem
 
             problem = uri_problem(self.prepared_dir)
@@ -502,7 +504,7 @@ class Config:
     @property
     def prepare_dir(self) -> str:
         """The prepared corpus: a URI as given, else an absolute path (Ray tasks may run elsewhere)."""
-        if "://" in self.run.prepared_dir:
+        if is_uri(self.run.prepared_dir):
             return self.run.prepared_dir.rstrip("/")
         return os.path.abspath(self.run.prepared_dir or self.output_dir / "prepare")
 
@@ -515,7 +517,7 @@ class Config:
         """Ray Train storage: absolute, because Ray resolves relative paths against its own cwd."""
         if self.train.storage_path:
             sp = self.train.storage_path
-            return sp if "://" in sp else os.path.abspath(sp)
+            return sp if is_uri(sp) else os.path.abspath(sp)
         return str((self.output_dir / "ray_results").resolve())
 
     def to_dict(self) -> dict[str, Any]:

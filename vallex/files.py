@@ -2,8 +2,11 @@
 
 A *location* is a local path or a URI (``s3://bucket/key``, ``gs://bucket/key``): what a config
 names. Local files are written to a temporary file renamed into place, so a reader, or a run killed
-mid-write, sees the old file or the new one, never half. On an object store a PUT is already atomic
-(an object appears whole when its upload completes, or not at all), so URIs are written directly.
+mid-write, sees the old file or the new one, never half. To a URI the whole payload is built in memory
+first (text encoded, a Parquet file written into a buffer) and then sent in one upload, so an error
+while building it creates no object at all. An upload that fails leaves the old object (or none): an
+object store makes an object visible only when its upload completes, and an object a failing upload
+did create (pyarrow's output streams commit what they hold when closed) is deleted again.
 URIs go through ``pyarrow.fs.FileSystem.from_uri``, which takes credentials from the standard places
 (``AWS_*`` environment variables, ``~/.aws``, an instance profile; ``GOOGLE_APPLICATION_CREDENTIALS``
 or the VM's service account for GCS).
@@ -65,13 +68,38 @@ def read_text(location: str | os.PathLike) -> str:
 
 
 def write_text(location: str | os.PathLike, text: str) -> None:
-    """Write ``text``: atomically (temporary file + rename) locally, as one upload to a URI."""
+    """Write ``text`` (UTF-8), whole or not at all: see :func:`write_bytes`. Text that cannot be
+    encoded raises before anything is written."""
+    write_bytes(location, text.encode("utf-8"))
+
+
+def write_bytes(location: str | os.PathLike, data: bytes | pa.Buffer) -> None:
+    """Write ``data``: locally to a temporary file renamed into place; to a URI as one upload.
+
+    A failing upload leaves the old object, or none: pyarrow has no way to abort an output stream
+    (closing one, which its ``with`` block does even on an exception, commits what it holds), so an
+    object that appeared or changed while the upload failed is deleted again. One that is unchanged
+    (the store never committed the upload) is the old content, and is kept.
+    """
     if not is_uri(location):
-        write_text_atomic(location, text)
+        write_bytes_atomic(location, data)
         return
     fs, path = filesystem(location)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode("utf-8"))
+    before = _object_version(fs, path)
+    try:
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if _object_version(fs, path) not in (None, before):
+                fs.delete_file(path)
+        raise
+
+
+def _object_version(fs: pafs.FileSystem, path: str) -> tuple | None:
+    """(modification time, size) of the object at ``path``; None if there is none."""
+    info = fs.get_file_info(path)
+    return None if info.type == pafs.FileType.NotFound else (info.mtime_ns, info.size)
 
 
 def list_names(folder: str | os.PathLike, pattern: str) -> list[str]:
@@ -93,13 +121,18 @@ def remove(location: str | os.PathLike) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a unique temporary file beside ``path``, fsync it, then rename it into place."""
+    """Write ``text`` (UTF-8) to a unique temporary file beside ``path``, fsync it, then rename it into place."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes | pa.Buffer) -> None:
+    """Write ``data`` to a unique temporary file beside ``path``, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

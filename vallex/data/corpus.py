@@ -45,8 +45,10 @@ def _read_json(root: str, name: str) -> dict:
                 f"{path} not found; is {root} a prepared corpus? Run ray_jobs/prepare.py to write one"
             )
         data = json.loads(read_text(path))
-    except OSError as e:  # on a bucket: no credentials, no such bucket, no network
-        raise CorpusError(
+    except OSError as e:
+        if not is_uri(path):  # a local file: permissions, a folder in its place, a broken disk
+            raise CorpusError(f"cannot read {path} ({e})") from None
+        raise CorpusError(  # on a bucket: no credentials, no such bucket, no network
             f"cannot read {path} ({e}); check the URI and the credentials (the AWS_* environment "
             "variables, ~/.aws or an instance profile; for gs:// a service account)"
         ) from None

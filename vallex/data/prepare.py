@@ -17,8 +17,9 @@ parallel, ``shard_rows`` (path -> train/valid row counts).
 
 The output may be a local folder or a URI (``s3://bucket/prefix``, ``gs://...``): everything, the
 phoneme cache included, is written there through pyarrow's filesystems (see :mod:`vallex.files`).
-On an object store a shard is one upload, which appears whole or not at all, so no temporary file is
-needed there; the codec actors need credentials for the bucket like the driver.
+On an object store each file is built in memory and sent as one upload, so it appears whole or not at
+all (:func:`vallex.files.write_bytes`) and no temporary file is needed there; the codec actors need
+credentials for the bucket like the driver.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from vallex.data.schema import (
     shard_name,
 )
 from vallex.data.sources import Utterance
-from vallex.files import is_file, is_uri, join, list_names, read_text, remove, write_text
+from vallex.files import is_file, is_uri, join, list_names, read_text, remove, write_bytes, write_text
 
 log = logging.getLogger("vallex.prepare")
 
@@ -136,10 +137,14 @@ def _phonemizer_context(phonemizer) -> str:
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
-    """Write a Parquet file readers only ever see whole: one upload to a URI (an object appears when
-    its upload completes), else a temporary file beside ``path`` renamed into place."""
+    """Write a Parquet file readers only ever see whole. To a URI: written into memory first, then
+    sent in one upload (:func:`vallex.files.write_bytes`), so a writer error creates no object; pyarrow
+    would otherwise upload a partial file when the error closes its stream. Locally: a temporary file
+    beside ``path`` renamed into place."""
     if is_uri(path):
-        pq.write_table(table, path)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer)
+        write_bytes(path, buffer.getvalue())
         return
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -613,10 +618,13 @@ def _read_json(path: str) -> dict | None:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise PrepareError(f"{path}: corrupt JSON ({e}); delete it to rebuild") from None
-    except OSError as e:  # on a bucket: no credentials, no such bucket, no network
-        raise PrepareError(
-            f"cannot read {path} ({e}); the output must be a folder or a bucket this machine can write "
-            "(credentials from the AWS_* environment variables, ~/.aws or an instance profile)"
+    except OSError as e:
+        if not is_uri(path):  # a local file: permissions, a folder in its place, a broken disk
+            raise PrepareError(f"cannot read {path} ({e})") from None
+        raise PrepareError(  # on a bucket: no credentials, no such bucket, no network
+            f"cannot read {path} ({e}); the output must be a bucket this machine can write "
+            "(credentials from the AWS_* environment variables, ~/.aws or an instance profile; for "
+            "gs:// a service account)"
         ) from None
 
 

@@ -6,7 +6,10 @@ pickled code):
 - **Public VALL-E X** (Plachtaa/VALL-E-X ``vallex-checkpoint.pt``): ``{"model": state_dict}``. Our
   ``paper`` size with ``num_phonemes=2048, num_languages=3`` has its exact keys and shapes, so import and
   export are a checked ``load_state_dict`` / ``{"model": model.state_dict()}``; no renaming. The file
-  carries no metadata: its id tables are the reference's, documented below, not ours.
+  carries no metadata: its id tables are the reference's, documented below, not ours. Given the same
+  weights and token ids, vallex's greedy synthesis equals the reference's ``VALLE.inference`` code for
+  code, all 8 codebooks, same-language and cross-lingual (``tests/test_reference_equality.py``, run
+  against a checkout of the reference: ``VALLEX_REFERENCE_REPO=/path/to/VALL-E-X``).
 - **vallex** (``save_checkpoint`` / ``load_checkpoint``): the same state dict plus everything needed to
   rebuild the model without guessing: the full ``VallexConfig``, the named size it came from, the ordered
   language list (position = language id) and the phoneme symbol list with its table version and
@@ -89,7 +92,13 @@ def _read(path: str | os.PathLike, mmap: bool = False) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # A file in torch's legacy (pre-zip) format cannot be mapped: read it.
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- any unpickling failure is "not a weights-only file"
         raise CheckpointError(
             f"checkpoint {path} is not a weights-only torch file ({type(e).__name__}: {e})"
@@ -114,9 +123,10 @@ def public_config(state: dict[str, torch.Tensor], **overrides) -> VallexConfig:
     """The config of a public-format state dict, read from its shapes: width, depth, feed-forward width,
     text rows and language rows. The head count changes no shape: it is the reference's 16 (``paper``)
     unless ``nhead=`` is given."""
-    key = "ar_text_embedding.word_embeddings.weight"
-    if key not in state:
-        raise CheckpointError(f"not a VALL-E X state dict: no {key}")
+    key, lang_key = "ar_text_embedding.word_embeddings.weight", "ar_language_embedding.word_embeddings.weight"
+    missing = [k for k in (key, lang_key) if k not in state]
+    if missing:
+        raise CheckpointError(f"not a VALL-E X state dict: no {missing}")
     rows, d_model = state[key].shape
     layers = {int(k.split(".")[2]) for k in state if k.startswith("ar_decoder.layers.")}
     ff = state.get("ar_decoder.layers.0.linear1.weight")
@@ -124,7 +134,7 @@ def public_config(state: dict[str, torch.Tensor], **overrides) -> VallexConfig:
         "d_model": d_model,
         "num_layers": max(layers) + 1 if layers else 0,
         "num_phonemes": rows,
-        "num_languages": state["ar_language_embedding.word_embeddings.weight"].shape[0],
+        "num_languages": state[lang_key].shape[0],
         "dim_feedforward": None if ff is None or ff.shape[0] == 4 * d_model else ff.shape[0],
     }
     return paper_config(**{**found, **overrides})
@@ -152,18 +162,13 @@ def import_public_bridged(
 
     The metadata is ``load_checkpoint``'s plus ``bridge``: which symbols started from which reference
     characters, and which from their mean."""
-    from vallex.model.text_bridge import VocabError, bridge_text_embeddings, read_reference_vocab
+    from vallex.model.text_bridge import VocabError, bridge_text_embeddings
     from vallex.text.symbols import symbols_fingerprint
 
     state = _public_state(_read(path), path)
-    rows = state.get("ar_language_embedding.word_embeddings.weight")
-    if rows is not None and rows.shape[0] != len(PUBLIC_LANGUAGES):
-        raise CheckpointError(
-            f"public VALL-E X checkpoint {path} has {rows.shape[0]} language rows; the format's languages are "
-            f"{list(PUBLIC_LANGUAGES)} and a file with others does not say which they are"
-        )
+    table = _check_public(state, path, vocab)
     try:
-        state, report = bridge_text_embeddings(state, list(symbols), read_reference_vocab(vocab))
+        state, report = bridge_text_embeddings(state, list(symbols), table)
     except VocabError as e:
         raise CheckpointError(f"public VALL-E X checkpoint {path}: {e}") from None
     config = public_config(state, **overrides)
@@ -178,6 +183,25 @@ def import_public_bridged(
         "bridge": report.to_json(),
     }
     return model, meta
+
+
+def _check_public(state: dict[str, torch.Tensor], path, vocab) -> dict[str, int]:
+    """A public state dict and its tokenizer file fit each other (three language rows, every token id a
+    text row); returns the tokenizer's table. Works on a memory-mapped state (shapes only)."""
+    from vallex.model.text_bridge import VocabError, check_vocab_fits, read_reference_vocab
+
+    config = public_config(state)
+    if config.num_languages != len(PUBLIC_LANGUAGES):
+        raise CheckpointError(
+            f"public VALL-E X checkpoint {path} has {config.num_languages} language rows; the format's languages "
+            f"are {list(PUBLIC_LANGUAGES)} and a file with others does not say which they are"
+        )
+    try:
+        table = read_reference_vocab(vocab)
+        check_vocab_fits(table, config.num_phonemes)
+    except VocabError as e:
+        raise CheckpointError(f"public VALL-E X checkpoint {path}: {e}") from None
+    return table
 
 
 def export_public(model: VallexModel, path: str | os.PathLike) -> None:
@@ -243,7 +267,11 @@ def load_checkpoint(
     """
     data = _read(path)
     if data.get("format") != FORMAT:
-        hint = " (a public VALL-E X checkpoint: use import_public)" if set(data) == {"model"} else ""
+        hint = (
+            " (a public VALL-E X checkpoint: load_any with its tokenizer file, train.init_vocab)"
+            if set(data) == {"model"}
+            else ""
+        )
         raise CheckpointError(f"checkpoint {path} is not a vallex checkpoint{hint}")
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -358,14 +386,9 @@ def describe(
     """What :func:`load_any` would return as metadata (``kind``, ``languages``, ``symbols``), checked the
     same way, without building the model: the tensors are memory-mapped, not read. For plans."""
     kind = checkpoint_kind(path)
+    _vocab_matches_kind(path, kind, vocab)
     if kind == "public":
-        _public_needs_vocab(path, vocab)
-        from vallex.model.text_bridge import VocabError, read_reference_vocab
-
-        try:
-            read_reference_vocab(vocab)
-        except VocabError as e:
-            raise CheckpointError(f"public VALL-E X checkpoint {path}: {e}") from None
+        _check_public(_public_state(_read(path, mmap=True), path), path, vocab)
         return {"kind": kind, "languages": list(PUBLIC_LANGUAGES), "symbols": {"list": list(symbols)}}
     if kind == "vallex":
         data = _read(path, mmap=True)
@@ -375,8 +398,14 @@ def describe(
     return {"kind": kind, **_export_meta(path, _read(path, mmap=True), symbols)}
 
 
-def _public_needs_vocab(path, vocab) -> None:
-    if vocab is None:
+def _vocab_matches_kind(path, kind: str, vocab) -> None:
+    """A public checkpoint needs its tokenizer file; any other model must not be given one."""
+    if vocab is not None and kind != "public":
+        raise CheckpointError(
+            f"a tokenizer file ({vocab}) goes with the public VALL-E X checkpoint only, but {path} is a vallex "
+            "model whose phoneme ids are already vallex's: drop train.init_vocab (add_language.py: --base-vocab)"
+        )
+    if vocab is None and kind == "public":
         raise CheckpointError(
             f"{path} is a public VALL-E X checkpoint: its text ids are its own tokenizer's, not a vallex symbol "
             "table. Give that tokenizer file (utils/g2p/bpe_69.json from the Plachtaa/VALL-E-X repository) "
@@ -395,10 +424,10 @@ def load_any(
     """A vallex checkpoint, a training run's ``model.pt`` with its ``report.json`` beside it, or the public
     VALL-E X checkpoint with ``vocab`` (its tokenizer file) to bridge its text embeddings to ``symbols``."""
     kind = checkpoint_kind(path)
+    _vocab_matches_kind(path, kind, vocab)
     if kind == "vallex":
         return load_checkpoint(path, symbols=symbols, **config_overrides)
     if kind == "public":
-        _public_needs_vocab(path, vocab)
         return import_public_bridged(path, symbols=symbols, vocab=vocab, **config_overrides)
     return load_training_export(path, symbols=symbols, **config_overrides)
 

@@ -10,8 +10,9 @@ per phone (``aɪ``, ``tɕh``, Chao tone letters ``˧˥``).
 The bridge gives every symbol of the run's table the embedding of how the reference *spells* it: the
 symbol is rewritten into the reference's conventions (:data:`SYMBOL_SPELLING`, then
 :data:`CHARACTER_SPELLING`), and its row is the mean of the reference's trained rows for those
-characters (one character: that row exactly). A symbol none of whose characters the reference knows
-starts from the mean of all the reference's character rows, as a grown row would. AR and NAR text
+characters (one character: that row exactly). A diacritic the reference has no character for is
+left out (``o̞`` -> ``o``, reported as *partial*); a symbol none of whose characters the reference
+knows starts from the mean of all the reference's character rows, as a grown row would. AR and NAR text
 tables are bridged alike; every other tensor is the checkpoint's.
 
 This is a warm start, not an identity: a multi-character phone becomes one position instead of
@@ -32,43 +33,58 @@ from pathlib import Path
 
 import torch
 
+from vallex.model.checkpoint import PHONEME_TABLES
+
 log = logging.getLogger("vallex.model")
 
-PHONEME_TABLES = ("ar_text_embedding", "nar_text_embedding")
-
-# Whole vallex symbols the reference spells differently (espeak cmn conventions -> utils/g2p/mandarin.py's
-# chinese_to_ipa). Checked before the per-character rules.
+# Whole vallex symbols the reference spells differently: espeak's Mandarin (cmn) phones written as
+# utils/g2p/mandarin.py's chinese_to_ipa writes them (bopomofo -> IPA, tones as arrows). Checked first.
 SYMBOL_SPELLING = {
     "˥˥": "→",  # tone 1
     "˧˥": "↑",  # tone 2
     "˨˩˦": "↓↑",  # tone 3
     "˥˩": "↓",  # tone 4
     "˩˩": "",  # neutral tone: the reference writes nothing
-    "s.": "s`",  # retroflex sibilant (ㄕ)
-    "ts.": "ts`",  # ㄓ
+    "s.": "s`",  # ㄕ
+    "ts.": "ts`⁼",  # ㄓ (unaspirated: the reference marks it)
     "ts.h": "ts`ʰ",  # ㄔ
-    "i.": "ɹ`",  # apical vowel after a retroflex
-    "i̪": "ɹ",  # apical vowel after a dental sibilant
+    "i.": "ɹ`",  # the apical vowel after a retroflex (shi, zhi)
+    "i̪": "ɹ",  # ... after a dental sibilant (si, zi)
     "ʐ": "ɹ`",  # ㄖ
-    "tɕ": "tʃ",  # ㄐ
+    "ər": "əɹ`",  # ㄦ (er)
+    "tɕ": "tʃ",  # ㄐ (tʃ⁼ there; espeak's tɕ is also Japanese ち, which the reference writes without ⁼)
     "tɕh": "tʃʰ",  # ㄑ
     "ɕ": "ʃ",  # ㄒ
     "χ": "x",  # ㄏ
-    "ɚ": "əɹ",
-    "ɝ": "əɹ",
+    "ai": "aɪ",  # ㄞ
+    "ei": "eɪ",  # ㄟ
+    "ɑu": "ɑʊ",  # ㄠ
+    "ou": "oʊ",  # ㄡ
+    "onɡ": "ʊŋ",  # ㄨㄥ
+    "uo": "wo",  # medials: i -> j, u -> w, ü -> ɥ
+    "ua": "wa",
+    "uai": "waɪ",
+    "uei": "weɪ",
+    "iou": "joʊ",
+    "iɑ": "jɑ",
+    "iɛ": "jɛ",
+    "yɛ": "ɥɛ",
+    "yæ": "ɥæ",
 }
-# Characters the reference has no id for, written the way its English/Mandarin G2P would.
+# Characters the reference has no id for, written the way its English/Mandarin G2P would; applied to
+# each character, then to the parts of a character the reference lacks (NFD: õ -> o + a tilde).
 CHARACTER_SPELLING = {
     "ɡ": "g",  # U+0261 (espeak) vs ASCII g (reference)
     "ː": "",  # no length marks in the reference
-    "̃": "",  # nasalization: not in the reference's inventory
-    "̪": "",
     "ᵻ": "ɪ",
     "ɐ": "ə",
     "ʌ": "ə",
     "ɜ": "ə",
     "ɒ": "ɑ",
     "ɚ": "əɹ",
+    "ɝ": "əɹ",
+    "ɽ": "ɾ",  # Japanese flap: espeak's retroflex, the reference's tap
+    "ᵝ": "",  # Japanese u's compression: the reference writes a bare ɯ
     ";": ",",
     ":": ",",
     "¡": "!",
@@ -116,18 +132,30 @@ def spell(symbol: str) -> str:
     if symbol.startswith("<") and symbol.endswith(">"):  # vallex's specials
         return SPECIAL_SPELLING.get(symbol, "")
     # espeak cmn marks aspiration with a trailing "h" after a stop or affricate (ph, th, kh, tsh).
-    if len(symbol) > 1 and symbol.endswith("h") and symbol[-2] in "ptk.sɕ":
+    if len(symbol) > 1 and symbol.endswith("h") and symbol[-2] in "ptks":
         symbol = symbol[:-1] + "ʰ"
-    chars = unicodedata.normalize("NFD", symbol)
-    return "".join(CHARACTER_SPELLING.get(ch, ch) for ch in chars)
+    return "".join(CHARACTER_SPELLING.get(ch, ch) for ch in unicodedata.normalize("NFC", symbol))
 
 
-def reference_ids(symbol: str, vocab: dict[str, int]) -> list[int]:
-    """The reference ids that spell ``symbol``; unknown characters are left out (a special whole)."""
+def reference_ids(symbol: str, vocab: dict[str, int]) -> tuple[list[int], str, str]:
+    """(ids, characters used, characters dropped) for ``symbol``: the reference ids that spell it.
+
+    A character the vocabulary lacks is split into its base and marks (NFD) and what of those it has is
+    used (``õ`` -> ``o``); the rest is dropped. A special (``[UNK]``) is one id."""
     spelled = spell(symbol)
-    if spelled in vocab and spelled.startswith("["):
-        return [vocab[spelled]]
-    return [vocab[ch] for ch in spelled if ch in vocab]
+    if spelled.startswith("[") and spelled in vocab:
+        return [vocab[spelled]], spelled, ""
+    ids, used, dropped = [], "", ""
+    for ch in spelled:
+        parts = ch if ch in vocab else unicodedata.normalize("NFD", ch)
+        for part in parts:
+            part = CHARACTER_SPELLING.get(part, part) if part != ch else part
+            if part in vocab:
+                ids.append(vocab[part])
+                used += part
+            else:
+                dropped += part
+    return ids, used, dropped
 
 
 @dataclass
@@ -135,25 +163,48 @@ class BridgeReport:
     """How each symbol of the run's table got its row."""
 
     mapped: dict[str, str] = field(default_factory=dict)
-    """symbol -> the reference spelling whose rows were averaged."""
+    """symbol -> the reference characters whose rows were averaged."""
+    partial: dict[str, str] = field(default_factory=dict)
+    """symbol -> the characters of its spelling the reference has no id for (left out of the mean)."""
     unmapped: list[str] = field(default_factory=list)
     """Symbols started from the mean of the reference's rows."""
 
     @property
     def coverage(self) -> float:
+        """The fraction of symbols whose whole spelling the reference has."""
         n = len(self.mapped) + len(self.unmapped)
-        return len(self.mapped) / n if n else 0.0
+        return (len(self.mapped) - len(self.partial)) / n if n else 0.0
 
     def summary(self) -> str:
-        shown = " ".join(self.unmapped[:20]) + (" ..." if len(self.unmapped) > 20 else "")
+        def shown(items) -> str:
+            items = list(items)
+            return " ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+
+        n = len(self.mapped) + len(self.unmapped)
         return (
-            f"{len(self.mapped)}/{len(self.mapped) + len(self.unmapped)} symbols ({self.coverage:.0%}) start from "
-            f"the reference's text embeddings; {len(self.unmapped)} from their mean"
-            + (f": {shown}" if self.unmapped else "")
+            f"{len(self.mapped) - len(self.partial)}/{n} symbols ({self.coverage:.0%}) start from the reference's "
+            f"text embeddings"
+            + (f"; {len(self.partial)} in part ({shown(self.partial)})" if self.partial else "")
+            + (f"; {len(self.unmapped)} from their mean ({shown(self.unmapped)})" if self.unmapped else "")
         )
 
     def to_json(self) -> dict:
-        return {"coverage": self.coverage, "mapped": self.mapped, "unmapped": self.unmapped}
+        return {
+            "coverage": self.coverage,
+            "mapped": self.mapped,
+            "partial": self.partial,
+            "unmapped": self.unmapped,
+        }
+
+
+def check_vocab_fits(vocab: dict[str, int], rows: int) -> None:
+    """The tokenizer's ids must be rows of the checkpoint's text embeddings."""
+    too_big = {t: i for t, i in vocab.items() if i >= rows}
+    if too_big:
+        raise VocabError(
+            f"the reference tokenizer has ids up to {max(too_big.values())} but the checkpoint's text "
+            f"embeddings have {rows} rows: the tokenizer is not this checkpoint's"
+        )
 
 
 def bridge_text_embeddings(
@@ -163,22 +214,18 @@ def bridge_text_embeddings(
 
     ``vocab`` is :func:`read_reference_vocab`'s table. Ids at or past the checkpoint's rows are an error
     (the file is not this checkpoint's tokenizer)."""
-    rows = state[f"{PHONEME_TABLES[0]}.word_embeddings.weight"].shape[0]
-    too_big = {t: i for t, i in vocab.items() if i >= rows}
-    if too_big:
-        raise VocabError(
-            f"the reference tokenizer has ids up to {max(too_big.values())} but the checkpoint's text "
-            f"embeddings have {rows} rows: the tokenizer is not this checkpoint's"
-        )
+    check_vocab_fits(vocab, state[f"{PHONEME_TABLES[0]}.word_embeddings.weight"].shape[0])
     report = BridgeReport()
     plan: list[list[int]] = []
     for s in symbols:
-        ids = reference_ids(s, vocab)
+        ids, used, dropped = reference_ids(s, vocab)
         plan.append(ids)
-        if ids:
-            report.mapped[s] = spell(s)
-        else:
+        if not ids:
             report.unmapped.append(s)
+            continue
+        report.mapped[s] = used
+        if dropped:
+            report.partial[s] = dropped
     char_ids = sorted({i for t, i in vocab.items() if len(t) == 1})  # the trained character rows
     out = dict(state)
     for name in PHONEME_TABLES:

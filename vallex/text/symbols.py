@@ -95,8 +95,9 @@ class SymbolTable:
         return cls.load(path) if is_file(path) else cls()
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (locally a temporary file in the same folder + ``os.replace``, to a URI one
-        upload): a reader, or a run killed mid-write, sees the old table or the new one, never half of one."""
+        """Write atomically (locally a temporary file in the same folder + ``os.replace``; to a URI the
+        encoded text in one upload, see :func:`vallex.files.write_bytes`): a reader, or a run killed
+        mid-write, sees the old table or the new one, never half of one."""
         payload = {"version": self.version, "symbols": self.symbols, "fingerprint": self.fingerprint}
         write_text(path, json.dumps(payload, ensure_ascii=False, indent=1))
         self._changed = False

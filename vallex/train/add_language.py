@@ -128,12 +128,9 @@ def _base_languages(base: Path, symbols: list[str], vocab: str | None) -> tuple[
     try:
         meta = describe(base, symbols=symbols, vocab=vocab)
     except CheckpointError as e:
-        raise AddLanguageError(f"base model {base}: {e}") from None
-    if vocab and meta["kind"] != "public":
         raise AddLanguageError(
-            f"--base-vocab is the public VALL-E X checkpoint's tokenizer, but {base} is a vallex model "
-            "(its phoneme ids are already vallex's): drop --base-vocab"
-        )
+            f"base model {base}: {e}".replace("train.init_vocab", "--base-vocab")
+        ) from None
     return list(meta["languages"]), len(symbols) - len(meta["symbols"]["list"]), meta["kind"]
 
 

@@ -7,7 +7,8 @@ metrics every rank reports to Ray Train (:func:`vallex.train.metrics.flat_metric
 closes the runs when the loop ends (marked failed when it raises).
 
 The tracker runs' ids travel in the checkpoint's state, so a run restarted by Ray Train, or resumed by
-running it again, goes on logging into the same MLflow and W&B runs.
+running it again, goes on logging into the same MLflow and W&B runs (when it reaches the same MLflow
+store: on several nodes, a tracking server rather than the default SQLite file on rank 0's node).
 """
 
 from __future__ import annotations
@@ -78,10 +79,11 @@ def _open_mlflow(s: dict[str, Any], run_id: str | None):
         try:
             return setup_mlflow(**where)
         except MlflowException as e:
-            os.environ.pop("MLFLOW_RUN_ID", None)
             log.warning(
                 "cannot reopen MLflow run %s at %s (%s); starting a new run", run_id, s["mlflow_uri"], e
             )
+        finally:  # start_run consumes it, but an error before start_run would leave it for the next one
+            os.environ.pop("MLFLOW_RUN_ID", None)
     return setup_mlflow(config=flat_params(s["config"]), **where)
 
 

@@ -115,7 +115,8 @@ def _initial_model(cfg: Config, corpus):
     path = Path(cfg.train.init_from)
     if not path.is_file():
         raise FileNotFoundError(
-            f"train.init_from: {path} does not exist (expected a vallex checkpoint or a run's model.pt)"
+            f"train.init_from: {path} does not exist (expected a vallex checkpoint, a run's model.pt, or the "
+            "public VALL-E X vallex-checkpoint.pt with train.init_vocab)"
         )
     try:
         return load_any(
