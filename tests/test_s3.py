@@ -57,6 +57,8 @@ def s3():
             env.setenv("AWS_ACCESS_KEY_ID", "testing")
             env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
             env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN"):  # would win over ours
+                env.delenv(name, raising=False)
             pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(BUCKET)
             if shared:
                 ray.shutdown()
@@ -73,7 +75,7 @@ def s3():
                 ray.shutdown()
     finally:
         server.stop()
-        if shared:
+        if shared and not ray.is_initialized():  # (still up if the set-up failed before stopping it)
             start_local_ray()  # the variables are gone again: the later modules' cluster never sees them
 
 
@@ -85,24 +87,26 @@ def _objects(uri: str) -> dict[str, pafs.FileInfo]:
 
 
 class FailingUploads:
-    """A pyarrow filesystem whose uploads fail with a network error: after sending half of the data,
-    which pyarrow's output stream commits as the object when the error closes it (``commit_half``), or
-    before sending anything (the store keeps what it had)."""
+    """A pyarrow filesystem whose uploads fail with a network error after sending ``commit`` of the
+    data (``"half"`` or ``"all"``), which pyarrow's output stream commits as the object when the error
+    closes it, or before sending anything (``None``: the store keeps what it had). ``"all"`` is an
+    interruption (Ctrl-C, a cancelled task) that lands after the one write call returned."""
 
-    def __init__(self, fs: pafs.FileSystem, commit_half: bool):
-        self.fs, self.commit_half = fs, commit_half
+    def __init__(self, fs: pafs.FileSystem, commit: str | None):
+        self.fs, self.commit = fs, commit
 
     def __getattr__(self, name):
         return getattr(self.fs, name)
 
     @contextlib.contextmanager
     def open_output_stream(self, path):
-        real = self.fs.open_output_stream(path) if self.commit_half else None
+        real = self.fs.open_output_stream(path) if self.commit else None
+        commit = self.commit
 
         class Stream:
             def write(self, data):
                 if real is not None:
-                    real.write(memoryview(data)[: len(data) // 2])
+                    real.write(memoryview(data)[: len(data) // 2] if commit == "half" else data)
                 raise OSError("AWS Error NETWORK_CONNECTION during UploadPart: connection reset")
 
         try:
@@ -112,7 +116,7 @@ class FailingUploads:
                 real.close()  # what pyarrow's own `with` block does on the error: the half is committed
 
 
-def test_a_write_that_fails_leaves_no_object(s3, monkeypatch):
+def test_a_write_that_fails_leaves_no_partial_object(s3, monkeypatch):
     """manifest.json, symbols.json, shards and the phoneme cache appear whole or not at all, also when
     the payload cannot be built (the error comes before any upload) or the upload itself fails."""
     folder = f"{s3}/failed"
@@ -137,25 +141,28 @@ def test_a_write_that_fails_leaves_no_object(s3, monkeypatch):
         )
     assert _objects(folder) == {}
 
-    # The upload fails half way: what the failed upload committed is deleted, an object it left
-    # untouched is kept (a reader sees the old symbols.json or none, never half a new one).
+    # The upload fails: half a payload it committed is deleted, an object it left untouched is kept,
+    # and so is a whole payload committed before the error (a reader sees the old symbols.json, the
+    # whole new one, or none, never half a new one).
     real = files.filesystem
     write_text(f"{folder}/symbols.json", "old")
-    for name, commit_half, left in [
-        ("manifest.json", True, {"symbols.json": "old"}),
-        ("symbols.json", False, {"symbols.json": "old"}),
-        ("symbols.json", True, {}),
+    new = '{"new": "and longer than the old content"}'
+    for name, commit, left in [
+        ("manifest.json", "half", {"symbols.json": "old"}),
+        ("symbols.json", None, {"symbols.json": "old"}),
+        ("symbols.json", "half", {}),
+        ("symbols.json", "all", {"symbols.json": new}),
     ]:
 
-        def failing(location, commit_half=commit_half):
+        def failing(location, commit=commit):
             fs, path = real(location)
-            return FailingUploads(fs, commit_half), path
+            return FailingUploads(fs, commit), path
 
         with monkeypatch.context() as m:
             m.setattr(files, "filesystem", failing)
             with pytest.raises(OSError, match="NETWORK_CONNECTION"):
-                write_text(f"{folder}/{name}", '{"new": "and longer than the old content"}')
-        assert {k: files.read_text(f"{folder}/{k}") for k in _objects(folder)} == left, (name, commit_half)
+                write_text(f"{folder}/{name}", new)
+        assert {k: files.read_text(f"{folder}/{k}") for k in _objects(folder)} == left, (name, commit)
 
 
 @pytest.fixture(scope="module")

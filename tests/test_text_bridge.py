@@ -106,6 +106,7 @@ def test_espeak_phones_of_the_references_languages_all_have_a_spelling(tmp_path)
             "ひとつ、ふたつ、みっつ。",
             "こんにちは、ちょっと まって ください。",
             "さくらが さいています。",
+            "しんぶん、にゅうがく、ぎゅうにゅう。",
         ],
     }
     phonemize = Phonemizer()
@@ -119,7 +120,17 @@ def test_espeak_phones_of_the_references_languages_all_have_a_spelling(tmp_path)
                 continue
             assert ids, (lang, s)
             assert all(unicodedata.combining(c) for c in dropped), (lang, s, dropped)
-    assert reference_ids("onɡ", vocab)[1] == "ʊŋ" and reference_ids("ər", vocab)[1] == "əɹ`"
+    spelled = {s: reference_ids(s, vocab)[1] for s in ("onɡ", "ər", "ai", "uo", "iɛ", "ts.", "ɴ", "nʲ")}
+    assert spelled == {
+        "onɡ": "ʊŋ",
+        "ər": "əɹ`",
+        "ai": "aɪ",
+        "uo": "wo",
+        "iɛ": "jɛ",
+        "ts.": "ts`⁼",
+        "ɴ": "N",
+        "nʲ": "nj",
+    }
     assert reference_ids("o̞", vocab)[1:] == ("o", "\u031e")  # lowered o: the mark has no id
 
 
@@ -219,6 +230,14 @@ def test_public_checkpoint_errors_name_the_fix(public, tmp_path):
             CheckpointError, match=r"goes with the public VALL-E X checkpoint only.*drop train\.init_vocab"
         ):
             check(ours, symbols=SYMBOLS, vocab=vocab_path)
+    # A width 16 heads do not divide evenly: the caller's nhead is what counts, in the checks too.
+    narrow = tmp_path / "narrow.pt"
+    torch.manual_seed(0)
+    export_public(
+        VallexModel(paper_config(d_model=48, nhead=4, num_layers=1, num_phonemes=80, num_languages=3)), narrow
+    )
+    assert describe(narrow, symbols=SYMBOLS, vocab=vocab_path)["languages"] == ["en", "zh", "ja"]
+    assert load_any(narrow, symbols=SYMBOLS, vocab=vocab_path, nhead=4)[0].config.d_model == 48
     # Without a vocabulary the file still imports as the reference's own model (its ids, its languages).
     assert import_public(path, nhead=16).config.num_phonemes == 80
 

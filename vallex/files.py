@@ -76,22 +76,30 @@ def write_text(location: str | os.PathLike, text: str) -> None:
 def write_bytes(location: str | os.PathLike, data: bytes | pa.Buffer) -> None:
     """Write ``data``: locally to a temporary file renamed into place; to a URI as one upload.
 
-    A failing upload leaves the old object, or none: pyarrow has no way to abort an output stream
-    (closing one, which its ``with`` block does even on an exception, commits what it holds), so an
-    object that appeared or changed while the upload failed is deleted again. One that is unchanged
-    (the store never committed the upload) is the old content, and is kept.
+    A failing upload leaves the old object, the whole new one, or none. pyarrow has no way to abort an
+    output stream (closing one, which its ``with`` block does even on an exception, commits what it
+    holds), so after a failure the object is checked: one that changed and is not the payload's size
+    (a partial commit) is deleted; one of the payload's size is the payload (the one ``write`` call had
+    completed) and is kept, as is an unchanged one (the store never committed). The check compares
+    modification time and size, and object stores' times have one-second resolution: a partial commit
+    of exactly the old size within the old object's second would be kept (none of vallex's writes
+    rewrite a key within a second).
     """
     if not is_uri(location):
         write_bytes_atomic(location, data)
         return
     fs, path = filesystem(location)
-    before = _object_version(fs, path)
+    try:
+        before = _object_version(fs, path)
+    except OSError:  # no permission to read metadata: never delete after a failure
+        before = "unknown"
     try:
         with fs.open_output_stream(path) as f:
             f.write(data)
     except BaseException:
         with contextlib.suppress(Exception):
-            if _object_version(fs, path) not in (None, before):
+            after = _object_version(fs, path)
+            if before != "unknown" and after not in (None, before) and after[1] != len(data):
                 fs.delete_file(path)
         raise
 

@@ -50,6 +50,8 @@ log = logging.getLogger("vallex.model")
 PUBLIC_LANGUAGES = ("en", "zh", "ja")  # VALLE.language_ID in the reference
 LANGUAGE_TABLES = ("ar_language_embedding", "nar_language_embedding")
 PHONEME_TABLES = ("ar_text_embedding", "nar_text_embedding")
+TEXT_KEY = "ar_text_embedding.word_embeddings.weight"
+LANGUAGE_KEY = "ar_language_embedding.word_embeddings.weight"
 
 
 class CheckpointError(ValueError):
@@ -123,7 +125,7 @@ def public_config(state: dict[str, torch.Tensor], **overrides) -> VallexConfig:
     """The config of a public-format state dict, read from its shapes: width, depth, feed-forward width,
     text rows and language rows. The head count changes no shape: it is the reference's 16 (``paper``)
     unless ``nhead=`` is given."""
-    key, lang_key = "ar_text_embedding.word_embeddings.weight", "ar_language_embedding.word_embeddings.weight"
+    key, lang_key = TEXT_KEY, LANGUAGE_KEY
     missing = [k for k in (key, lang_key) if k not in state]
     if missing:
         raise CheckpointError(f"not a VALL-E X state dict: no {missing}")
@@ -190,15 +192,19 @@ def _check_public(state: dict[str, torch.Tensor], path, vocab) -> dict[str, int]
     text row); returns the tokenizer's table. Works on a memory-mapped state (shapes only)."""
     from vallex.model.text_bridge import VocabError, check_vocab_fits, read_reference_vocab
 
-    config = public_config(state)
-    if config.num_languages != len(PUBLIC_LANGUAGES):
+    key, lang_key = TEXT_KEY, LANGUAGE_KEY
+    missing = [k for k in (key, lang_key) if k not in state]
+    if missing:
+        raise CheckpointError(f"public VALL-E X checkpoint {path} is not a VALL-E X state dict: no {missing}")
+    languages = state[lang_key].shape[0]
+    if languages != len(PUBLIC_LANGUAGES):
         raise CheckpointError(
-            f"public VALL-E X checkpoint {path} has {config.num_languages} language rows; the format's languages "
+            f"public VALL-E X checkpoint {path} has {languages} language rows; the format's languages "
             f"are {list(PUBLIC_LANGUAGES)} and a file with others does not say which they are"
         )
     try:
         table = read_reference_vocab(vocab)
-        check_vocab_fits(table, config.num_phonemes)
+        check_vocab_fits(table, state[key].shape[0])
     except VocabError as e:
         raise CheckpointError(f"public VALL-E X checkpoint {path}: {e}") from None
     return table

@@ -85,6 +85,8 @@ CHARACTER_SPELLING = {
     "ɝ": "əɹ",
     "ɽ": "ɾ",  # Japanese flap: espeak's retroflex, the reference's tap
     "ᵝ": "",  # Japanese u's compression: the reference writes a bare ɯ
+    "ɴ": "N",  # Japanese moraic n (ん), which the reference writes N
+    "ʲ": "j",  # palatalization (Japanese nʲ, ɡʲ: にゅ, ぎゅ) as the glide
     ";": ",",
     ":": ",",
     "¡": "!",

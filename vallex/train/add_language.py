@@ -128,9 +128,7 @@ def _base_languages(base: Path, symbols: list[str], vocab: str | None) -> tuple[
     try:
         meta = describe(base, symbols=symbols, vocab=vocab)
     except CheckpointError as e:
-        raise AddLanguageError(
-            f"base model {base}: {e}".replace("train.init_vocab", "--base-vocab")
-        ) from None
+        raise AddLanguageError(f"base model {base}: {e}") from None
     return list(meta["languages"]), len(symbols) - len(meta["symbols"]["list"]), meta["kind"]
 
 

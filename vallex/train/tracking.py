@@ -74,6 +74,11 @@ def _open_mlflow(s: dict[str, Any], run_id: str | None):
         "run_name": s["run_name"],
         "create_experiment_if_not_exists": True,
     }
+    inherited = os.environ.pop("MLFLOW_RUN_ID", None)
+    if inherited and inherited != run_id:  # e.g. from `mlflow run`: start_run would log into that run
+        log.warning(
+            "ignoring MLFLOW_RUN_ID=%s from the environment: vallex opens its own MLflow run", inherited
+        )
     if run_id:
         os.environ["MLFLOW_RUN_ID"] = run_id  # mlflow.start_run reopens this run
         try:
