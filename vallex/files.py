@@ -51,6 +51,18 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         ) from None
 
 
+def read_failure(location: str | os.PathLike, error: OSError) -> str:
+    """Why ``location`` could not be read, for an error message: the OS's reason, plus where credentials
+    come from when it is a URI (no credentials, no such bucket or no network look alike there)."""
+    message = f"cannot read {location} ({error})"
+    if is_uri(location):
+        message += (
+            "; check the URI and the credentials (the AWS_* environment variables, ~/.aws or an "
+            "instance profile; for gs:// a service account)"
+        )
+    return message
+
+
 def is_file(location: str | os.PathLike) -> bool:
     if not is_uri(location):
         return Path(location).is_file()

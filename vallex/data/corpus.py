@@ -30,7 +30,7 @@ from vallex.data.schema import (
     SYMBOLS_NAME,
     check_schema,
 )
-from vallex.files import filesystem, is_file, is_uri, join, read_text
+from vallex.files import filesystem, is_file, is_uri, join, read_failure, read_text
 
 
 class CorpusError(ValueError):
@@ -46,12 +46,7 @@ def _read_json(root: str, name: str) -> dict:
             )
         data = json.loads(read_text(path))
     except OSError as e:
-        if not is_uri(path):  # a local file: permissions, a folder in its place, a broken disk
-            raise CorpusError(f"cannot read {path} ({e})") from None
-        raise CorpusError(  # on a bucket: no credentials, no such bucket, no network
-            f"cannot read {path} ({e}); check the URI and the credentials (the AWS_* environment "
-            "variables, ~/.aws or an instance profile; for gs:// a service account)"
-        ) from None
+        raise CorpusError(read_failure(path, e)) from None
     except json.JSONDecodeError as e:
         raise CorpusError(
             f"{path}: not valid JSON ({e.msg}, line {e.lineno}); re-run ray_jobs/prepare.py"

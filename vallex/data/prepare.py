@@ -48,7 +48,17 @@ from vallex.data.schema import (
     shard_name,
 )
 from vallex.data.sources import Utterance
-from vallex.files import is_file, is_uri, join, list_names, read_text, remove, write_bytes, write_text
+from vallex.files import (
+    is_file,
+    is_uri,
+    join,
+    list_names,
+    read_failure,
+    read_text,
+    remove,
+    write_bytes,
+    write_text,
+)
 
 log = logging.getLogger("vallex.prepare")
 
@@ -619,13 +629,7 @@ def _read_json(path: str) -> dict | None:
     except json.JSONDecodeError as e:
         raise PrepareError(f"{path}: corrupt JSON ({e}); delete it to rebuild") from None
     except OSError as e:
-        if not is_uri(path):  # a local file: permissions, a folder in its place, a broken disk
-            raise PrepareError(f"cannot read {path} ({e})") from None
-        raise PrepareError(  # on a bucket: no credentials, no such bucket, no network
-            f"cannot read {path} ({e}); the output must be a bucket this machine can write "
-            "(credentials from the AWS_* environment variables, ~/.aws or an instance profile; for "
-            "gs:// a service account)"
-        ) from None
+        raise PrepareError(read_failure(path, e)) from None
 
 
 def prepare_from_config(cfg, progress: bool = True) -> dict:

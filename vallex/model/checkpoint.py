@@ -121,22 +121,27 @@ def _public_state(data: dict, path) -> dict[str, torch.Tensor]:
     return data["model"]
 
 
+def _table_rows(state: dict[str, torch.Tensor], source: str) -> tuple[int, int, int]:
+    """(text rows, width, language rows) of a VALL-E X state dict (shapes only: mmap is fine)."""
+    missing = [k for k in (TEXT_KEY, LANGUAGE_KEY) if k not in state]
+    if missing:
+        raise CheckpointError(f"{source} is not a VALL-E X state dict: no {missing}")
+    rows, d_model = state[TEXT_KEY].shape
+    return rows, d_model, state[LANGUAGE_KEY].shape[0]
+
+
 def public_config(state: dict[str, torch.Tensor], **overrides) -> VallexConfig:
     """The config of a public-format state dict, read from its shapes: width, depth, feed-forward width,
     text rows and language rows. The head count changes no shape: it is the reference's 16 (``paper``)
     unless ``nhead=`` is given."""
-    key, lang_key = TEXT_KEY, LANGUAGE_KEY
-    missing = [k for k in (key, lang_key) if k not in state]
-    if missing:
-        raise CheckpointError(f"not a VALL-E X state dict: no {missing}")
-    rows, d_model = state[key].shape
+    rows, d_model, languages = _table_rows(state, "the checkpoint")
     layers = {int(k.split(".")[2]) for k in state if k.startswith("ar_decoder.layers.")}
     ff = state.get("ar_decoder.layers.0.linear1.weight")
     found = {
         "d_model": d_model,
         "num_layers": max(layers) + 1 if layers else 0,
         "num_phonemes": rows,
-        "num_languages": state[lang_key].shape[0],
+        "num_languages": languages,
         "dim_feedforward": None if ff is None or ff.shape[0] == 4 * d_model else ff.shape[0],
     }
     return paper_config(**{**found, **overrides})
@@ -192,11 +197,7 @@ def _check_public(state: dict[str, torch.Tensor], path, vocab) -> dict[str, int]
     text row); returns the tokenizer's table. Works on a memory-mapped state (shapes only)."""
     from vallex.model.text_bridge import VocabError, check_vocab_fits, read_reference_vocab
 
-    key, lang_key = TEXT_KEY, LANGUAGE_KEY
-    missing = [k for k in (key, lang_key) if k not in state]
-    if missing:
-        raise CheckpointError(f"public VALL-E X checkpoint {path} is not a VALL-E X state dict: no {missing}")
-    languages = state[lang_key].shape[0]
+    rows, _, languages = _table_rows(state, f"public VALL-E X checkpoint {path}")
     if languages != len(PUBLIC_LANGUAGES):
         raise CheckpointError(
             f"public VALL-E X checkpoint {path} has {languages} language rows; the format's languages "
@@ -204,7 +205,7 @@ def _check_public(state: dict[str, torch.Tensor], path, vocab) -> dict[str, int]
         )
     try:
         table = read_reference_vocab(vocab)
-        check_vocab_fits(table, state[key].shape[0])
+        check_vocab_fits(table, rows)
     except VocabError as e:
         raise CheckpointError(f"public VALL-E X checkpoint {path}: {e}") from None
     return table
@@ -350,9 +351,9 @@ def _export_meta(path, data: dict, symbols: Sequence[str], report=None, **config
     missing = [k for k in ("size", "languages", "num_symbols") if k not in info]
     if missing:
         raise CheckpointError(f"{report}: the 'model' section lacks {missing}")
-    if "ar_text_embedding.word_embeddings.weight" not in data:
+    if TEXT_KEY not in data:
         raise CheckpointError(f"{path} is not a vallex model state dict (no ar_text_embedding)")
-    d_model = data["ar_text_embedding.word_embeddings.weight"].shape[1]
+    d_model = data[TEXT_KEY].shape[1]
     layers = {int(k.split(".")[2]) for k in data if k.startswith("ar_decoder.layers.")}
     n = int(info["num_symbols"])
     symbols = list(symbols)
@@ -380,7 +381,10 @@ def _export_meta(path, data: dict, symbols: Sequence[str], report=None, **config
 def checkpoint_kind(path: str | os.PathLike) -> str:
     """``"vallex"``, ``"public"`` (VALL-E X ``{"model": ...}``) or ``"export"`` (a run's bare state dict),
     read without loading the tensors."""
-    data = _read(path, mmap=True)
+    return _kind(_read(path, mmap=True))
+
+
+def _kind(data: dict) -> str:
     if data.get("format") == FORMAT:
         return "vallex"
     return "public" if set(data) == {"model"} else "export"
@@ -391,17 +395,17 @@ def describe(
 ) -> dict:
     """What :func:`load_any` would return as metadata (``kind``, ``languages``, ``symbols``), checked the
     same way, without building the model: the tensors are memory-mapped, not read. For plans."""
-    kind = checkpoint_kind(path)
+    data = _read(path, mmap=True)
+    kind = _kind(data)
     _vocab_matches_kind(path, kind, vocab)
     if kind == "public":
-        _check_public(_public_state(_read(path, mmap=True), path), path, vocab)
+        _check_public(_public_state(data, path), path, vocab)
         return {"kind": kind, "languages": list(PUBLIC_LANGUAGES), "symbols": {"list": list(symbols)}}
     if kind == "vallex":
-        data = _read(path, mmap=True)
         meta = {k: data[k] for k in ("size", "config", "languages", "symbols")}
         _check_extends(meta, symbols)
         return {"kind": kind, **meta}
-    return {"kind": kind, **_export_meta(path, _read(path, mmap=True), symbols)}
+    return {"kind": kind, **_export_meta(path, data, symbols)}
 
 
 def _vocab_matches_kind(path, kind: str, vocab) -> None:
