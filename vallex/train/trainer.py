@@ -368,6 +368,10 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     if resuming:
         log.info("found checkpoints in %s: resuming", run_dir)
 
+    if not cfg.train.use_gpu:  # DeepSpeed's CPU op: built here, said out loud, not silently in each worker
+        from vallex.train.comm_op import ensure_built
+
+        ensure_built()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

@@ -236,7 +236,9 @@ class Progress(Callback):
     """
 
     def __init__(self, phase: str, total: int, setup: Mapping[str, Any]):
-        self.phase, self.total, self.trial_setup = phase, total, setup
+        # Pickled with the experiment's state: keep what the lines need, never the run's config ("base").
+        self.phase, self.total = phase, total
+        self.trial_setup = {k: v for k, v in setup.items() if k != "base"}
         self.max_steps = setup["max_steps"]
         self.started: dict[str, float] = {}
         # Concluded trials: those already concluded when a resumed experiment starts, plus those that

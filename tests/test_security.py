@@ -1,0 +1,163 @@
+"""What vallex promises about secrets and what it listens on (docs/SECURITY.md).
+
+- secrets: the values of ``job.runtime_env.env_vars`` and the credentials of a URL never reach a file
+  vallex writes, a copy of the config handed to workers or Tune, or a log line (the real writers here;
+  tests/test_tune.py's end-to-end search greps every file of a real Tune run for them);
+- cluster configs: the dashboard / job API is never opened to the network without Ray's token
+  authentication, the Ray Client port is not exposed, GCP nodes get narrow OAuth scopes, the Docker
+  build context leaves runs, .git and .venv out;
+- a real ``ray start --head`` with ``RAY_AUTH_MODE=token`` refuses a job submitted without its token and
+  runs one that ``ray_jobs/submit.py`` submits with it.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vallex.config import REDACTED, load_config, mask_url, redact, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "s3cr3t-VALUE-4f1c"  # an env var's value
+PASSWORD = "pw-9ZQ-hunter2"  # inside a tracking URI
+
+
+def _secret_overrides(tmp_path: Path) -> list[str]:
+    return [
+        f"run.output_dir={tmp_path}",
+        f"job.runtime_env.env_vars.WANDB_API_KEY={SECRET}",
+        f"train.tracking_uri=https://vallex:{PASSWORD}@mlflow.example:5000/?token={PASSWORD}",
+        "train.tracking=[mlflow]",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Secrets
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("http://alice:pw@mlflow:5000/api", "http://alice:***@mlflow:5000/api"),
+        ("https://ghp_abc123@github.com/o/r.git", "https://***@github.com/o/r.git"),
+        ("https://h/x?run=3&access_token=abc&sig=9", "https://h/x?run=3&access_token=***&sig=***"),
+        (
+            "s3://b/k?X-Amz-Credential=AKIA/x&X-Amz-Signature=ff",
+            "s3://b/k?X-Amz-Credential=***&X-Amz-Signature=***",
+        ),
+        ("sqlite:////runs/demo/mlflow.db", "sqlite:////runs/demo/mlflow.db"),
+        ("databricks", "databricks"),
+        ("not a url: a?token=1", "not a url: a?token=1"),
+    ],
+)
+def test_mask_url(text, expected):
+    assert mask_url(text) == expected
+
+
+def test_config_copies_and_written_config_hold_no_secrets(tmp_path):
+    """The one redaction path, through the real writers: config.yaml, the dict workers and Tune trials
+    get, the tracker params, and the Tune callback pickled with the experiment's state."""
+    from vallex.data.synthetic import write_synthetic_corpus
+    from vallex.train.tracking import tracking_settings
+    from vallex.tune.search import Progress, make_setup, trial_config
+
+    cfg = load_config(ROOT / "job.yaml", _secret_overrides(tmp_path))
+    assert cfg.job.runtime_env["env_vars"]["WANDB_API_KEY"] == SECRET  # what submit.py sends: intact
+
+    save_config(cfg, tmp_path / "config.yaml")
+    written = (tmp_path / "config.yaml").read_text()
+    assert SECRET not in written and PASSWORD not in written
+    saved = yaml.safe_load(written)
+    assert saved["job"]["runtime_env"]["env_vars"] == {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": REDACTED,  # names kept, values gone
+        "WANDB_API_KEY": REDACTED,
+    }
+    assert saved["train"]["tracking_uri"] == "https://vallex:***@mlflow.example:5000/?token=***"
+
+    # Workers get to_dict(): no env values, but the real tracking URI (rank 0 must reach the server).
+    data = cfg.to_dict()
+    assert SECRET not in repr(data) and data["train"]["tracking_uri"] == cfg.train.tracking_uri
+    settings = tracking_settings(cfg)
+    assert settings["mlflow_uri"] == cfg.train.tracking_uri
+    assert PASSWORD not in repr(settings["config"]) and SECRET not in repr(settings["config"])  # params
+
+    # Tune: every trial's config is built from setup["base"]; the Progress callback is pickled into the
+    # experiment's state on disk.
+    write_synthetic_corpus(tmp_path / "prepare", {"en": 20, "fr": 10})
+    setup = make_setup(cfg)
+    trial = trial_config(setup, {"en": 0.5, "fr": 0.5}, "t0")
+    assert SECRET not in repr(setup) and SECRET not in repr(trial.to_dict())
+    assert trial.train.tracking_uri == cfg.train.tracking_uri  # a trial still logs to the server
+    state = pickle.dumps(Progress("search", 1, setup))
+    assert SECRET.encode() not in state and PASSWORD.encode() not in state
+
+
+def test_redact_keeps_names_and_leaves_the_input_alone():
+    data = {"job": {"runtime_env": {"env_vars": {"A": "1", "B": "two"}, "pip": ["x"]}}, "train": {"lr": 1.0}}
+    out = redact(data)
+    assert out["job"]["runtime_env"]["env_vars"] == {"A": REDACTED, "B": REDACTED}
+    assert out["job"]["runtime_env"]["pip"] == ["x"] and out["train"] == {"lr": 1.0}
+    assert data["job"]["runtime_env"]["env_vars"] == {"A": "1", "B": "two"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cluster configs (static): no open job API without token auth, no Ray Client port, narrow scopes
+
+
+def _cluster_docs() -> dict[str, list[dict]]:
+    return {
+        str(p.relative_to(ROOT)): [d for d in yaml.safe_load_all(p.read_text()) if d]
+        for p in sorted((ROOT / "cluster").rglob("*.yaml"))
+        if "deepspeed" not in p.parts
+    }
+
+
+def test_cluster_configs_never_open_the_job_api_without_token_auth():
+    docs = _cluster_docs()
+    assert {
+        "cluster/launcher/aws.yaml",
+        "cluster/launcher/gcp.yaml",
+        "cluster/kuberay/raycluster.yaml",
+    } <= set(docs)
+    for path, items in docs.items():
+        assert "cloud-platform" not in yaml.safe_dump(items), f"{path}: a node gets the cloud-platform scope"
+        for doc in items:
+            if doc.get("kind") == "RayCluster":
+                spec = doc["spec"]
+            elif doc.get("kind") == "RayJob":
+                spec = doc["spec"]["rayClusterSpec"]
+            elif "available_node_types" in doc:  # a Ray cluster launcher config
+                run_options = " ".join(doc.get("docker", {}).get("run_options", []))
+                assert "RAY_AUTH_MODE=token" in run_options, f"{path}: Ray runs without token auth"
+                mounts = doc.get("file_mounts", {})
+                assert any(t.endswith("/.ray/auth_token") for t in mounts), f"{path}: no token on the nodes"
+                commands = " ".join(doc["head_start_ray_commands"] + doc["worker_start_ray_commands"])
+                assert "ray-client-server-port" not in commands
+                continue
+            else:
+                continue
+            assert spec.get("authOptions", {}).get("mode") == "token", (
+                f"{path}: {doc['kind']} without authOptions"
+            )
+            ports = [
+                p["containerPort"]
+                for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+                for c in group["template"]["spec"]["containers"]
+                for p in c.get("ports", [])
+            ]
+            assert 10001 not in ports, f"{path}: the Ray Client port is exposed"
+    gcp = docs["cluster/launcher/gcp.yaml"][0]
+    for name, node in gcp["available_node_types"].items():
+        scopes = {s for sa in node["node_config"]["serviceAccounts"] for s in sa["scopes"]}
+        assert "https://www.googleapis.com/auth/devstorage.read_write" in scopes, name
+        assert ("https://www.googleapis.com/auth/compute" in scopes) == (name == gcp["head_node_type"]), name
+
+
+def test_docker_image_leaves_runs_git_and_venv_out_and_builds_the_comm_op():
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", "runs", ".cache", "**/__pycache__"} <= ignored
+    dockerfile = (ROOT / "cluster" / "docker" / "Dockerfile").read_text()
+    assert "python -m vallex.train.comm_op" in dockerfile and "ENV RAY_AUTH_MODE=token" in dockerfile
