@@ -105,6 +105,73 @@ def test_redact_keeps_names_and_leaves_the_input_alone():
     assert data["job"]["runtime_env"]["env_vars"] == {"A": "1", "B": "two"}
 
 
+def test_config_yaml_cannot_build_python_objects(tmp_path):
+    from vallex.config import ConfigError
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f"run: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+    with pytest.raises(ConfigError):
+        load_config(None, [f"run.name=!!python/object/apply:os.system ['touch {marker}']"])
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed's CPU communication op: the cache check that decides whether a run announces a build
+
+
+def test_comm_op_cache_check_reads_torchs_build_folder(tmp_path, monkeypatch):
+    """is_cached() must agree with what torch's JIT loader will do: a library built from this
+    environment's DeepSpeed sources is cached; one recorded from another path (a symlinked .venv) or
+    missing is not, and then the run says what it is about to do before the (minutes-long) build."""
+    import importlib.util
+    import logging
+
+    from vallex.train import comm_op
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = comm_op.build_dir()
+    assert folder == tmp_path / comm_op.OP_NAME  # torch's own rule for the build folder
+    package = Path(importlib.util.find_spec("deepspeed").origin).parent
+    sources = [package / "ops/csrc/cpu/comm/shm_interface.cpp", package / "ops/csrc/cpu/comm/shm.cpp"]
+    assert all(p.is_file() for p in sources)  # the paths the check looks for are DeepSpeed's real sources
+    assert not comm_op.is_cached()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "build.ninja").write_text("".join(f"build x.o: compile {p}\n" for p in sources))
+    assert not comm_op.is_cached()  # no library yet
+    (folder / f"{comm_op.OP_NAME}.so").write_bytes(b"\x7fELF")
+    assert comm_op.is_cached()
+    (folder / "build.ninja").write_text(
+        "".join(f"build x.o: compile /elsewhere/.venv/deepspeed/{p.name}\n" for p in sources)
+    )
+    assert not comm_op.is_cached()  # ninja would rebuild: another path to the sources
+
+    # Not cached: the announcement comes before the build starts (the build itself is DeepSpeed's).
+    order = []
+    monkeypatch.setattr(comm_op, "op_needed", lambda: True)
+    monkeypatch.setattr(comm_op, "build", lambda: order.append("build") or 1.0)
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            order.append(record.getMessage())
+
+    logger = logging.getLogger("vallex.train")
+    handler, level = Record(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        comm_op.ensure_built()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert order[0].startswith(
+        "building DeepSpeed's CPU communication op (deepspeed_shm_comm) with gcc, once"
+    )
+    assert order[1] == "build" and "ready" in order[2]
+
+
 # ---------------------------------------------------------------------------------------------------
 # Cluster configs (static): no open job API without token auth, no Ray Client port, narrow scopes
 
