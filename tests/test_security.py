@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import runpy
+import time
 from pathlib import Path
 
 import pytest
@@ -319,3 +320,41 @@ def test_token_auth_cluster_refuses_jobs_without_the_token_and_runs_submit_pys(t
         assert token_file.read_text() not in captured.out + captured.err  # the token is never printed
     finally:
         _stop_cluster(temp_dir, gcs)
+
+
+def test_driver_says_what_happens_while_the_train_workers_start(ray_cluster, tmp_path, monkeypatch):
+    """The driver's poller of the real metrics sink prints a line when no evaluation came for a while
+    (worker start-up, DeepSpeed set-up, the first Ray Data read), instead of staying silent."""
+    import logging
+    import threading
+
+    from vallex.train import trainer
+    from vallex.train.metrics import sink_on_this_node
+
+    monkeypatch.setattr(trainer, "STARTUP_HEARTBEAT_S", 0.5)
+    lines: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("vallex.train")
+    handler, level = Record(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    stop = threading.Event()
+    sink = sink_on_this_node(str(tmp_path / "metrics.jsonl"), truncate=True)
+    poller = threading.Thread(target=trainer._poll, args=(sink, 10, stop), daemon=True)
+    try:
+        poller.start()
+        deadline = time.time() + 60
+        while not any("starting the Train workers" in line for line in lines) and time.time() < deadline:
+            stop.wait(0.2)
+    finally:
+        stop.set()
+        poller.join(timeout=15)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert any(
+        line.startswith("starting the Train workers (DeepSpeed set-up, first data read)") for line in lines
+    ), lines
