@@ -358,3 +358,46 @@ def test_driver_says_what_happens_while_the_train_workers_start(ray_cluster, tmp
     assert any(
         line.startswith("starting the Train workers (DeepSpeed set-up, first data read)") for line in lines
     ), lines
+
+
+def test_tune_progress_names_the_running_trials_when_nothing_was_said_for_a_while(tmp_path, monkeypatch):
+    """A trial's own lines stay in its worker; the driver's Progress callback says which trials run."""
+    import logging
+    from types import SimpleNamespace
+
+    from vallex.data.synthetic import write_synthetic_corpus
+    from vallex.tune import search
+
+    write_synthetic_corpus(tmp_path / "prepare", {"en": 20, "fr": 10})
+    progress = search.Progress("search", 2, make_setup_for(tmp_path))
+    progress.setup()
+    trial = SimpleNamespace(
+        trial_id="t1", status="RUNNING", config={"stick_en": 0.5}, last_result={"step": 3}
+    )
+    lines: list[str] = []
+
+    class Record(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("vallex.tune")
+    handler, level = Record(logging.INFO), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        progress.on_trial_start(0, [trial], trial)
+        progress.on_step_begin(1, [trial])  # just said something: quiet
+        progress.started["t1"] -= 45
+        progress.last_line -= search.HEARTBEAT_S
+        progress.on_step_begin(2, [trial])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert len(lines) == 2 and lines[0].startswith("search t1 started"), lines
+    assert lines[1] == "search trials running: t1 (45 s, step 3)"
+
+
+def make_setup_for(tmp_path):
+    from vallex.tune.search import make_setup
+
+    return make_setup(load_config(None, [f"run.output_dir={tmp_path}", "train.max_steps=3"]))
