@@ -171,6 +171,17 @@ def test_comm_op_cache_check_reads_torchs_build_folder(tmp_path, monkeypatch):
         "building DeepSpeed's CPU communication op (deepspeed_shm_comm) with gcc, once"
     )
     assert order[1] == "build" and "ready" in order[2]
+    # A lock left by a killed build makes torch wait forever: the run says so before it waits.
+    (folder / "lock").touch()
+    order.clear()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        comm_op.ensure_built()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert order[1].startswith(f"another process holds torch's build lock {folder / 'lock'}"), order
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ OP_NAME = "deepspeed_shm_comm"
 # builder decides (a no-op build when it is up to date).
 _SOURCES = ("ops/csrc/cpu/comm/shm_interface.cpp", "ops/csrc/cpu/comm/shm.cpp")
 HEARTBEAT_S = 30.0
+# torch's JIT build holds <build dir>/lock while it compiles, and a process that finds it waits for it to
+# go away, without a timeout: a build killed mid-way (seen here: an OOM kill) leaves it behind for good.
+STALE_LOCK_S = 600.0
 
 
 def op_needed() -> bool:
@@ -82,9 +85,19 @@ def build(heartbeat_s: float = HEARTBEAT_S) -> float | None:
     done = threading.Event()
     t0 = time.time()
 
+    lock = (build_dir() or Path("/nonexistent")) / "lock"
+
     def beat():
         while not done.wait(heartbeat_s):
-            log.info("still building DeepSpeed's CPU communication op (%.0f s so far)", time.time() - t0)
+            waited = time.time() - t0
+            log.info("still building DeepSpeed's CPU communication op (%.0f s so far)", waited)
+            if waited > STALE_LOCK_S and lock.exists():
+                log.warning(
+                    "torch's build lock %s is still there after %.0f s: if no gcc/ninja is running, an "
+                    "earlier build was killed and left it; delete it and run again",
+                    lock,
+                    waited,
+                )
 
     thread = threading.Thread(target=beat, daemon=True)
     thread.start()
@@ -107,6 +120,14 @@ def ensure_built() -> None:
         OP_NAME,
         where or "torch's extension cache",
     )
+    if where is not None and (where / "lock").exists():
+        age = time.time() - (where / "lock").stat().st_mtime
+        log.info(
+            "another process holds torch's build lock %s (for %.0f s): waiting for it; if no build is "
+            "running, a killed one left it: delete it",
+            where / "lock",
+            age,
+        )
     took = build()
     if took is not None:
         log.info("DeepSpeed's CPU communication op is ready (%.0f s); training starts", took)
