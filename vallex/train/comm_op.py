@@ -50,12 +50,19 @@ def op_needed() -> bool:
 
 def build_dir() -> Path | None:
     """torch's build folder of the op (it is where ``torch.utils.cpp_extension.load`` builds and caches)."""
+    # Importing torch's cpp_extension warns "No CUDA runtime is found" on CPU machines, through torch's own
+    # console handler: not a line for the user's terminal.
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         from torch.utils.cpp_extension import _get_build_directory
 
         return Path(_get_build_directory(OP_NAME, verbose=False))
     except Exception:  # a private torch helper: if it moves, say "not cached" and let DeepSpeed decide
         return None
+    finally:
+        quiet.setLevel(level)
 
 
 def is_cached() -> bool:
