@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m vallex.train.comm_op  # DeepSpeed's CPU op: compiled now (minutes), not silently at the first run
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

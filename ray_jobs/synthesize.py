@@ -69,8 +69,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _say(message: str) -> None:
+    """A progress line on stderr (stdout lists the files written): each phase can take seconds to minutes."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    _say("loading torch")
     import numpy as np
     import soundfile as sf
     import torch
@@ -86,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = SamplingSettings(args.top_k, args.top_p, args.temperature, args.seed, args.max_frames)
     table = SymbolTable.load(args.symbols)
+    _say(f"loading {args.checkpoint} on {device}")
     model, meta = load_any(args.checkpoint, symbols=table.symbols)
     model.to(device).eval()
     languages = meta["languages"]
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         wav, sr = load_audio(args.prompt_audio)
         prompt_codes = codec.encode([resample(wav, sr, SAMPLE_RATE)])[0]
         prompt_ids = table.encode(phonemizer([args.prompt_text], prompt_language)[0], allow_unknown=True)
+    _say(f"synthesizing {len(ids)} text(s) in {args.language} (up to {args.max_frames} frames each)")
     codes = synthesize_codes(
         model,
         ids,
@@ -113,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         prompt_codes=prompt_codes,
         prompt_language=language_id(languages, prompt_language) if args.prompt_audio else None,
     )
+    _say("decoding the codes to audio with EnCodec")
     wavs = codec.decode(codes)
 
     out = Path(args.out)

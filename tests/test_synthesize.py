@@ -67,8 +67,11 @@ def synthesize(setup, out, *extra):
     return side, wavs
 
 
-def test_synthesize_writes_wavs_and_sidecar_deterministically(setup, tmp_path):
+def test_synthesize_writes_wavs_and_sidecar_deterministically(setup, tmp_path, capsys):
     side, wavs = synthesize(setup, tmp_path / "a", "--seed", "3", "--top-k", "50", "--temperature", "0.9")
+    progress = capsys.readouterr().err  # each phase says what it does before doing it
+    assert "synthesizing 2 text(s) in en (up to 30 frames each)" in progress
+    assert "decoding the codes to audio with EnCodec" in progress
     assert [f["file"] for f in side["files"]] == ["000.wav", "001.wav"]
     assert [f["text"] for f in side["files"]] == TEXTS
     for f, (w, sr) in zip(side["files"], wavs, strict=True):

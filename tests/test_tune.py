@@ -38,6 +38,7 @@ from vallex.tune.objective import pick_best, score
 from vallex.tune.search import load_reference, make_setup, run_search, trial_objective, trial_weights
 
 ROOT = Path(__file__).resolve().parents[1]
+SECRET = "tune-s3cr3t-9d2e"
 
 
 def _valid(**losses):
@@ -419,6 +420,9 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
         yaml.safe_dump(
             {
                 "run": {"output_dir": str(tmp_path), "name": "e2e"},
+                # Secrets no file of the run may hold (docs/SECURITY.md): an env var's value, and a
+                # tracking URI's password (unused: train.tracking is off).
+                "job": {"runtime_env": {"env_vars": {"WANDB_API_KEY": SECRET}}},
                 "model": {"size": "tiny"},
                 "data": {"window_rows": 32},
                 "train": {
@@ -427,6 +431,7 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
                     "zero_stage": 2,
                     "batch_size": 4,
                     "warmup_steps": 1,
+                    "tracking_uri": f"https://vallex:{SECRET}-pw@mlflow.example:5000",
                 },
                 "tune": {
                     "num_samples": 3,
@@ -543,6 +548,18 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
     # train.py takes the file as data.weights
     cfg = load_config(config, [f"data.weights={out / 'best_weights.json'}"])
     assert resolve_weights(cfg.data.weights, {"en": 40, "zh": 24}) == pytest.approx(best["weights"])
+    # No file the search wrote (trial configs, Tune's and Train's state and checkpoints, reports, logs)
+    # holds the secrets of the config it was given.
+    holding = [
+        str(p.relative_to(tmp_path))
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p != config and SECRET.encode() in p.read_bytes()
+    ]
+    assert not holding, holding
+    assert (
+        "WANDB_API_KEY: <redacted>"
+        in (out / "trials" / trained[0]["trial_id"] / "train" / "config.yaml").read_text()
+    )
 
 
 def test_asha_rungs_without_an_evaluation_before_the_last_step_are_flagged():

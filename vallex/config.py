@@ -18,6 +18,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -521,7 +522,11 @@ class Config:
         return str((self.output_dir / "ray_results").resolve())
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data for another process (Ray Train workers, Tune trials), with the values
+        of ``job.runtime_env.env_vars`` replaced by ``<redacted>``: they are only needed to submit the job
+        (``ray_jobs/submit.py`` reads ``cfg.job``), and a copy must never carry them further. Anything
+        written to disk or logged goes through :func:`redact` as well."""
+        return redact(dataclasses.asdict(self), urls=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -689,9 +694,64 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the run's config as YAML, atomically, without secrets (:func:`redact`)."""
     from vallex.files import write_text_atomic
 
-    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True))
+    write_text_atomic(path, yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False, allow_unicode=True))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Secrets: what a config may carry that must never be written to disk or logged.
+
+REDACTED = "<redacted>"
+MASK = "***"
+# user:password@ (or a lone token@) after a scheme; query parameters whose name says credential.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@?#\s]+)@")
+_URL_SECRET_PARAM = re.compile(
+    r"(?P<lead>[?&;])(?P<name>[^=&#\s]*(?:token|key|secret|password|passwd|pwd|sig|signature|credential|auth)"
+    r"[^=&#\s]*)=(?P<value>[^&#\s]*)",
+    re.IGNORECASE,
+)
+
+
+def mask_url(text: str) -> str:
+    """``text`` with the credentials of every URL in it masked: ``https://user:pw@host`` ->
+    ``https://user:***@host``, ``https://TOKEN@host`` -> ``https://***@host``, ``?token=abc`` ->
+    ``?token=***`` (also ``key``, ``secret``, ``password``, ``sig``, ``X-Amz-Credential``, ...). Text
+    without ``://`` is returned unchanged."""
+    if "://" not in text:
+        return text
+
+    def userinfo(m: re.Match) -> str:
+        user, sep, _ = m["userinfo"].partition(":")
+        return f"{m['scheme']}{user}:{MASK}@" if sep else f"{m['scheme']}{MASK}@"
+
+    text = _URL_USERINFO.sub(userinfo, text)
+    return _URL_SECRET_PARAM.sub(lambda m: f"{m['lead']}{m['name']}={MASK}", text)
+
+
+def redact(data: dict[str, Any], *, urls: bool = True) -> dict[str, Any]:
+    """A copy of a config dict (``dataclasses.asdict(Config)``) fit to be written or logged: every value
+    of ``job.runtime_env.env_vars`` becomes ``<redacted>`` (the names stay, so a reader sees which were
+    set), and with ``urls`` every string holding a URL has its credentials masked (:func:`mask_url`:
+    ``train.tracking_uri``, a ``pip`` index URL, ...). The one place vallex strips secrets: every writer
+    and logger of a config goes through it (``Config.to_dict`` with ``urls=False``, since a worker
+    still needs the real tracking URI)."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        if urls and isinstance(value, str):
+            return mask_url(value)
+        return value
+
+    out = walk(data)
+    env = ((out.get("job") or {}).get("runtime_env") or {}).get("env_vars")
+    if isinstance(env, dict):
+        out["job"]["runtime_env"]["env_vars"] = {str(k): REDACTED for k in env}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

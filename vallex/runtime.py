@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 log = logging.getLogger("vallex")
 
@@ -16,6 +17,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     Worker output is not forwarded to the driver: vallex prints its own compact progress, and the
     frameworks' chatter stays in Ray's per-worker log files (``/tmp/ray/session_latest/logs``).
     """
+    # Importing torch and starting Ray each take tens of seconds on a busy machine: say so before.
+    address = os.environ.get("RAY_ADDRESS")
+    if "torch" not in sys.modules:
+        log.info("loading torch")
     # torch before joining a cluster: importing it after ray.init() in a `ray job submit` driver was
     # seen to abort with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" (issue 8 notes).
     import ray
@@ -23,7 +28,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            log.info("joining the Ray cluster at %s", address)
+        else:
+            log.info("starting a local Ray cluster")
         kwargs = {"log_to_driver": False, "configure_logging": False}
         if address:
             ray.init(address=address, **kwargs)

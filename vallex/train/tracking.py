@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vallex.config import Config
+from vallex.config import Config, mask_url, redact
 
 log = logging.getLogger("vallex.train")
 
@@ -45,8 +45,9 @@ def tracking_settings(cfg: Config) -> dict[str, Any] | None:
     if not cfg.train.tracking:
         return None
     output_dir = cfg.output_dir.resolve()
-    # The run's config minus job: job.runtime_env may carry credentials (env_vars).
-    config = {k: v for k, v in cfg.to_dict().items() if k != "job"}
+    # The run's config minus job (its entrypoint and runtime_env are the submitter's business), with
+    # every credential masked: it is logged as the runs' params.
+    config = {k: v for k, v in redact(cfg.to_dict()).items() if k != "job"}
     return {
         "trackers": list(cfg.train.tracking),
         "project": cfg.train.tracking_project or cfg.run.name,
@@ -85,7 +86,10 @@ def _open_mlflow(s: dict[str, Any], run_id: str | None):
             return setup_mlflow(**where)
         except MlflowException as e:
             log.warning(
-                "cannot reopen MLflow run %s at %s (%s); starting a new run", run_id, s["mlflow_uri"], e
+                "cannot reopen MLflow run %s at %s (%s); starting a new run",
+                run_id,
+                mask_url(s["mlflow_uri"]),
+                mask_url(str(e)),
             )
         finally:  # start_run consumes it, but an error before start_run would leave it for the next one
             os.environ.pop("MLFLOW_RUN_ID", None)
@@ -115,7 +119,9 @@ class Tracker:
         if "mlflow" in s["trackers"]:
             self.mlflow = _open_mlflow(s, resume.get("mlflow"))
             ids["mlflow"] = self.mlflow.active_run().info.run_id
-            log.info("MLflow run %s in experiment %r at %s", ids["mlflow"], s["project"], s["mlflow_uri"])
+            log.info(
+                "MLflow run %s in experiment %r at %s", ids["mlflow"], s["project"], mask_url(s["mlflow_uri"])
+            )
         if "wandb" in s["trackers"]:
             from ray.air.integrations.wandb import setup_wandb
 

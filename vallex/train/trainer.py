@@ -260,16 +260,38 @@ def show_record(rec: dict, max_steps: int) -> None:
             )
 
 
+# The longest the driver stays silent during fit: while the workers start (no evaluation yet), and
+# between evaluations (steady training; train.eval_every sets how often a line comes anyway).
+STARTUP_HEARTBEAT_S, TRAINING_HEARTBEAT_S = 15.0, 60.0
+
+
 def _poll(sink, max_steps: int, stop: threading.Event) -> None:
-    """Print each evaluation record as rank 0 sends it (runs in a driver thread during fit)."""
+    """Print each evaluation record as rank 0 sends it (runs in a driver thread during fit), and a line
+    when nothing was shown for a while: starting the workers (DeepSpeed set-up, the first Ray Data
+    read) or a long stretch between evaluations must not look like a hang."""
     import ray
 
+    t0 = shown = evaluated = time.time()
+    last_step = None
     while not stop.is_set():
         try:
             for rec in ray.get(sink.drain.remote(), timeout=10):
                 show_record(rec, max_steps)
+                shown = evaluated = time.time()
+                last_step = rec.get("step", last_step)
         except Exception as e:  # the sink is best-effort display; the file is the record
             log.debug("metrics poll failed: %s", e)
+        now = time.time()
+        if now - shown >= (STARTUP_HEARTBEAT_S if last_step is None else TRAINING_HEARTBEAT_S):
+            if last_step is None:
+                log.info(
+                    "starting the Train workers (DeepSpeed set-up, first data read) before the first "
+                    "evaluation: %.0f s so far",
+                    now - t0,
+                )
+            else:
+                log.info("training on; last evaluation at step %s, %.0f s ago", last_step, now - evaluated)
+            shown = now
         stop.wait(1.0)
 
 
@@ -368,6 +390,10 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     if resuming:
         log.info("found checkpoints in %s: resuming", run_dir)
 
+    if not cfg.train.use_gpu:  # DeepSpeed's CPU op: built here, said out loud, not silently in each worker
+        from vallex.train.comm_op import ensure_built
+
+        ensure_built()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

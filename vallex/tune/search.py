@@ -225,6 +225,7 @@ def trial_concurrency(cfg: Config) -> int:
     return max(1, n)
 
 
+HEARTBEAT_S = 30.0  # the longest the search stays silent while trials run
 _ACTIVE: dict[str, Progress] = {}  # phase -> the Progress callback of the experiment running now
 
 
@@ -236,7 +237,9 @@ class Progress(Callback):
     """
 
     def __init__(self, phase: str, total: int, setup: Mapping[str, Any]):
-        self.phase, self.total, self.trial_setup = phase, total, setup
+        # Pickled with the experiment's state: keep what the lines need, never the run's config ("base").
+        self.phase, self.total = phase, total
+        self.trial_setup = {k: v for k, v in setup.items() if k != "base"}
         self.max_steps = setup["max_steps"]
         self.started: dict[str, float] = {}
         # Concluded trials: those already concluded when a resumed experiment starts, plus those that
@@ -248,6 +251,7 @@ class Progress(Callback):
 
     def setup(self, **info):
         self.before, self.now, self.started = None, set(), {}
+        self.last_line = time.time()
         _ACTIVE[self.phase] = self
 
     def _label(self, trial) -> str:
@@ -259,6 +263,21 @@ class Progress(Callback):
     def on_step_begin(self, iteration, trials, **info):
         if self.before is None:
             self.before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        # A trial's own lines stay in its worker: say which are running when nothing was said for a while.
+        now = time.time()
+        if now - getattr(self, "last_line", now) >= HEARTBEAT_S:
+            running = [t for t in trials if t.status == "RUNNING"]
+            if running:
+                log.info(
+                    "%s trials running: %s",
+                    self.phase,
+                    ", ".join(
+                        f"{t.config.get('run', t.trial_id)} ({now - self.started.get(t.trial_id, now):.0f} s, "
+                        f"step {(t.last_result or {}).get('step', 0)})"
+                        for t in running
+                    ),
+                )
+            self.last_line = now
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()
@@ -269,6 +288,7 @@ class Progress(Callback):
         except Exception as e:  # a display line must not stop the search
             weights = f"(weights unknown: {e})"
         log.info("%s started: weights %s", self._label(trial), weights)
+        self.last_line = time.time()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.now.add(trial.trial_id)
@@ -289,6 +309,7 @@ class Progress(Callback):
             f" | objective {obj:.4f}" if isinstance(obj, (int, float)) else "",
             losses,
         )
+        self.last_line = time.time()
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.now.add(trial.trial_id)
