@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from vallex.config import CodecSection, PrepareSection
+from vallex.data import prepare
+from vallex.data.corpus import PreparedCorpus
 from vallex.data.demo_corpus import make_demo_corpus
 from vallex.data.prepare import PrepareError, prepare_corpus, progress_postfix, read_shard_stats
 from vallex.data.schema import SHARD_SCHEMA, check_schema, codes_matrix
@@ -133,7 +135,9 @@ def test_prepare_writes_shards_manifest_and_counts_bad_input(ray_cluster, demo_m
         assert row["language"] == "en" and row["split"] in ("train", "valid")
 
 
-def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(ray_cluster, demo_manifest, tmp_path):
+def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(
+    ray_cluster, demo_manifest, tmp_path, monkeypatch
+):
     out = tmp_path / "prepared"
     first = _subset(demo_manifest, tmp_path / "a.jsonl", {"en": (4, 2)})
     prepare_corpus(read_manifest(first), out, SETTINGS, progress=False)
@@ -151,11 +155,39 @@ def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(ray_cluster
         "shards_reused": len(en_shards),
     }
 
-    # Add Chinese: only its shards are written, old ids stay, the table grows and its version bumps.
+    # Adding Chinese fails twice (disk full): symbols.json and manifest.json commit together, so the
+    # corpus still opens as it was, with the table its shards were written with.
     added = _subset(demo_manifest, tmp_path / "b.jsonl", {"zh": (3, 2)})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare, "_run_jobs", disk_full)  # in the encode pass
+    with pytest.raises(OSError, match="No space left"):
+        prepare_corpus(read_manifest(added), out, SETTINGS, progress=False)
+    monkeypatch.undo()
+    assert json.loads((out / "symbols.json").read_text()) == symbols_before
+    assert PreparedCorpus.open(out).symbols == symbols_before["symbols"]
+
+    write_text = prepare.write_text
+    monkeypatch.setattr(  # after the shards and symbols.json, at the last write
+        prepare,
+        "write_text",
+        lambda path, text: disk_full() if path.endswith("manifest.json") else write_text(path, text),
+    )
+    with pytest.raises(OSError, match="No space left"):
+        prepare_corpus(read_manifest(added), out, SETTINGS, progress=False)
+    monkeypatch.undo()
+    assert json.loads((out / "symbols.json").read_text())["version"] == symbols_before["version"] + 1
+    corpus = PreparedCorpus.open(out)
+    assert corpus.languages == ["en"] and corpus.symbols == symbols_before["symbols"]
+
+    # Add Chinese: only its shards are written, old ids stay, the table grows and its version bumps.
+    # (The failed runs cached the phonemes, and the second one wrote the shards.)
     manifest = prepare_corpus(read_manifest(added), out, SETTINGS, progress=False)
     assert {p: p.stat().st_mtime_ns for p in en_shards} == mtimes
-    assert manifest["last_run"]["phonemized"] == 5 and manifest["last_run"]["cached"] == 0
+    assert manifest["last_run"] == {"phonemized": 0, "cached": 5, "shards_written": 0, "shards_reused": 2}
+    assert PreparedCorpus.open(out).languages == ["en", "zh"]
     assert set(manifest["languages"]) == {"en", "zh"}
     symbols_after = json.loads((out / "symbols.json").read_text())
     n = len(symbols_before["symbols"])

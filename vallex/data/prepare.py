@@ -372,17 +372,31 @@ def prepare_corpus(
     """Prepare ``utts`` into ``out_dir``; returns the manifest (also written to ``out_dir/manifest.json``).
 
     ``out_dir`` is a local folder or a URI (``s3://bucket/prefix``). Languages already in ``out_dir``
-    but absent from ``utts`` are kept: this is how a language is added.
+    but absent from ``utts`` are kept: this is how a language is added. One preparation at a time
+    owns ``out_dir`` (:mod:`vallex.locks`): a second one is refused, naming the first.
     """
-
-    from vallex.codec.encodec import CodecSettings
-    from vallex.text.symbols import SymbolTable
+    from vallex.locks import hold_lock
 
     if is_uri(out_dir):
         out = str(out_dir).rstrip("/")
     else:
         out = os.path.abspath(out_dir)
         os.makedirs(out, exist_ok=True)
+    with hold_lock(out, f"preparation of {out}"):
+        return _prepare_owned(utts, out, settings, seed, valid_fraction, progress)
+
+
+def _prepare_owned(
+    utts: list[Utterance],
+    out: str,
+    settings: PrepareSection,
+    seed: int,
+    valid_fraction: float,
+    progress: bool,
+) -> dict:
+    from vallex.codec.encodec import CodecSettings
+    from vallex.text.symbols import SymbolTable
+
     codec = CodecSettings(
         bandwidth=settings.codec.bandwidth,
         pretrained=settings.codec.pretrained,
@@ -419,10 +433,8 @@ def prepare_corpus(
         else:
             ready.append(u)
     table = SymbolTable.load_or_new(join(out, SYMBOLS_NAME))
+    # Grown in memory only: symbols.json and manifest.json are committed together at the end.
     added = table.extend(s for u in ready for s in phones[u.id])
-    if added:
-        table.save(join(out, SYMBOLS_NAME))
-        log.info("symbol table v%d: %d symbols (+%d new)", table.version, len(table), len(added))
 
     # Pass 2: shard jobs; shards already written by an identical job are skipped.
     jobs, reused = [], []
@@ -475,8 +487,19 @@ def prepare_corpus(
     manifest = _build_manifest(out, languages, skips, codec, table, old_manifest)
     # What this run did (a re-run of finished work shows zeros).
     manifest["last_run"] = {**phonemized, "shards_written": len(jobs), "shards_reused": len(reused)}
-    write_text(join(out, MANIFEST_NAME), json.dumps(manifest, indent=2, ensure_ascii=False))
+    _commit(out, table, manifest, added)
     return manifest
+
+
+def _commit(out: str, table, manifest: dict, added: list[str]) -> None:
+    """Save the symbol table, then the manifest: the commit record, which names the table (version,
+    fingerprint, size) and each shard's job. Until the manifest is written a reader sees the previous
+    corpus whole: the old manifest and its shards, and (the table being append-only) a symbols.json
+    that is the committed one or an extension of it (see :mod:`vallex.data.corpus`)."""
+    if added:
+        table.save(join(out, SYMBOLS_NAME))
+        log.info("symbol table v%d: %d symbols (+%d new)", table.version, len(table), len(added))
+    write_text(join(out, MANIFEST_NAME), json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
 def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool) -> None:
@@ -558,6 +581,7 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
         entry = {
             "shards": [],
             "shard_rows": {},  # shard path -> {"train": n, "valid": m}
+            "shard_jobs": {},  # shard path -> its job fingerprint (checked by PreparedCorpus.open)
             "utterances": {"train": 0, "valid": 0},
             "hours": 0.0,
             "frames": 0,
@@ -565,12 +589,13 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
         }
         speakers: set[str] = set()
         for rel in shards:
-            _, stats = read_shard_stats(join(out, rel))
+            job, stats = read_shard_stats(join(out, rel))
             if stats is None:
                 raise PrepareError(
                     f"{join(out, rel)}: shard has no vallex metadata; delete it and re-run preparation"
                 )
             entry["shards"].append(rel)
+            entry["shard_jobs"][rel] = job
             entry["shard_rows"][rel] = {s: int(stats["splits"].get(s, 0)) for s in ("train", "valid")}
             for split, n in stats["splits"].items():
                 entry["utterances"][split] += n
@@ -594,15 +619,16 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
             )
         langs_out[lang] = entry
     for lang, entry in langs_out.items():
-        if "shard_rows" not in entry:  # kept from a manifest written before shard_rows existed
-            entry["shard_rows"] = {}
+        if "shard_rows" not in entry or "shard_jobs" not in entry:  # kept from an older manifest
+            entry["shard_rows"], entry["shard_jobs"] = {}, {}
             for rel in entry["shards"]:
-                _, stats = read_shard_stats(join(out, rel))
+                job, stats = read_shard_stats(join(out, rel))
                 if stats is None:
                     raise PrepareError(
                         f"{join(out, rel)}: shard of {lang!r} is unreadable; re-run preparation for it"
                     )
                 entry["shard_rows"][rel] = {s: int(stats["splits"].get(s, 0)) for s in ("train", "valid")}
+                entry["shard_jobs"][rel] = job
         if entry["skipped_total"]:
             log.info(
                 "%s: skipped %d utterance(s): %s",
