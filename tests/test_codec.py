@@ -292,13 +292,13 @@ def _encoder(min_duration: float = 0.5, max_duration: float = 20.0):
 
 
 def test_a_too_long_file_is_skipped_from_its_header_without_decoding(tmp_path, monkeypatch):
-    """A 10-minute FLAC (small on disk: a tone compresses well) is skipped from its header with nothing
+    """A 3-minute FLAC (small on disk: a tone compresses well) is skipped from its header with nothing
     decoded; a WAV whose header lies about its length (a streaming size) is decoded only up to the
     limit."""
     from vallex.data.prepare import SkipCounter
 
     sr = 8000
-    sf.write(tmp_path / "long.flac", _tone(600.0, sr), sr)
+    sf.write(tmp_path / "long.flac", _tone(180.0, sr), sr)
     streaming = tmp_path / "streaming.wav"
     sf.write(streaming, _tone(60.0, sr), sr, subtype="PCM_16")
     data = bytearray(streaming.read_bytes())
@@ -399,3 +399,31 @@ def test_surround_audio_leaves_the_lfe_channel_out_of_the_mix(tmp_path):
 
     sf.write(tmp_path / "stereo.wav", np.stack([speech, hum], axis=1), sr)
     assert read_audio(tmp_path / "stereo.wav").mix == "mean of 2 channels"
+
+
+def test_a_clip_the_codec_fails_on_is_a_counted_skip(tokenizer, monkeypatch, one_thread):
+    """A batch that fails to encode is retried clip by clip: the bad clip is skipped with its error,
+    the others get the codes they get alone."""
+    from vallex.data.prepare import SkipCounter
+
+    clips = [_speechlike(0.1 + 0.04 * i, i) for i in range(3)]
+    kept = [
+        ({"id": f"u{i}", "audio": f"u{i}.wav"}, w, len(w) / SAMPLE_RATE, "mono") for i, w in enumerate(clips)
+    ]
+    real = tokenizer.encode
+
+    def encode(wavs):
+        if any(len(w) == len(clips[1]) for w in wavs):
+            raise RuntimeError("codec blew up")
+        return real(wavs)
+
+    enc = _encoder()
+    enc.tokenizer, enc.codec_batch_size = tokenizer, 4
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    skips = SkipCounter()
+    items, codes = enc._encode(kept, skips)
+    assert [item[0]["id"] for item in items] == ["u0", "u2"]
+    for item, c in zip(items, codes, strict=True):
+        np.testing.assert_array_equal(c, real([item[1]])[0])
+    assert skips.data["encode_failed"]["examples"] == ["u1"]
+    assert skips.data["encode_failed"]["errors"] == ["u1: RuntimeError: codec blew up"]
