@@ -13,7 +13,13 @@ fingerprint of its job in the Parquet metadata, so a re-run skips the shards alr
 killed run resumes where it stopped (a shard is only ever renamed into place complete; temp files a
 kill leaves are removed, and a file that is not a complete shard is rewritten). Every dropped utterance
 is counted by reason in ``manifest.json``, which also lists each language's ``shards`` (paths) and, in
-parallel, ``shard_rows`` (path -> train/valid row counts).
+parallel, ``shard_rows`` (path -> train/valid row counts), ``shard_jobs`` (path -> job fingerprint) and
+``channel_mix`` (how many kept clips were mixed to mono by which rule, see :mod:`vallex.codec.audio`).
+
+``symbols.json`` and ``manifest.json`` commit together: the grown symbol table is saved only after every
+shard is written, and the manifest, which names the table (version, fingerprint, size) and each shard's
+job, last. A run that fails anywhere leaves the previous corpus openable (see :mod:`vallex.data.corpus`).
+One preparation at a time owns the output folder (:mod:`vallex.locks`); a second is refused.
 
 The output may be a local folder or a URI (``s3://bucket/prefix``, ``gs://...``): everything, the
 phoneme cache included, is written there through pyarrow's filesystems (see :mod:`vallex.files`).
