@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vallex.config import load_config
-from vallex.data.synthetic import write_synthetic_corpus
+from vallex.data.synthetic import symbols_fingerprint, write_synthetic_corpus
 from vallex.train.add_language import (
     AddLanguageError,
     AddLanguagePlan,
@@ -175,6 +175,9 @@ def test_plan_checks_name_the_problem(corpora, saved_base):
     table = json.loads((other / "symbols.json").read_text())
     table["symbols"][5] = "changed"
     (other / "symbols.json").write_text(json.dumps(table))
+    manifest = json.loads((other / "manifest.json").read_text())  # a corpus consistent in itself
+    manifest["symbols_fingerprint"] = symbols_fingerprint(table["symbols"])
+    (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         AddLanguageError,
         match=r"model.pt: the symbol table .* nor an extension of it \(first difference at id 5\)",

@@ -233,3 +233,197 @@ def test_resample_length_and_pitch():
         assert len(resample(np.zeros(n, np.float32), a, b)) == int(np.ceil(n * b / a))
     with pytest.raises(ValueError, match="mono"):
         resample(np.zeros((2, 10), np.float32), 16000, 24000)
+
+
+# ------------------------------------------------------------------------------------------------
+# bounded memory on any audio (rates, lengths, channel layouts)
+
+
+def _tone(seconds: float, sr: int, hz: float = 440.0, amp: float = 0.3) -> np.ndarray:
+    return (amp * np.sin(2 * np.pi * hz * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
+
+
+def _peak_hz(x: np.ndarray, sr: int) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(x))) * sr / len(x))
+
+
+def test_resampling_any_rate_keeps_memory_bounded_and_pitch_right():
+    """An off-grid rate (44 101 Hz: today's kernel would be 24000 x 44125 float64 taps, ~8.5 GB) and
+    192 kHz, 30 s each: exact length, right pitch, and no big allocation (peak RSS rise < 1 GB)."""
+    import resource
+
+    from vallex.codec.audio import MAX_RATIO_TERM, resample_ratio
+
+    for sr in (44101, 192000):
+        tone = _tone(30.0, sr)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out = resample(tone, sr, SAMPLE_RATE)
+        rise_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert rise_mb < 1024, f"{sr} Hz: peak RSS rose by {rise_mb:.0f} MB"
+        assert len(out) == -(-len(tone) * SAMPLE_RATE // sr) and out.dtype == np.float32
+        assert abs(_peak_hz(out, SAMPLE_RATE) - 440) < 0.1
+    # Every rate preparation accepts: a small filter bank, and a ratio within 5e-4 of the true one.
+    for sr in [*range(8000, 192001, 97), 8004, 44101, 48001, 191999]:
+        up, down = resample_ratio(sr, SAMPLE_RATE)
+        assert max(up, down) <= MAX_RATIO_TERM and abs(up / down * sr / SAMPLE_RATE - 1) <= 5e-4, sr
+
+
+def _count_decoded(monkeypatch) -> list[int]:
+    """Frames decoded through soundfile from now on (every reader ends in SoundFile.read)."""
+    decoded = []
+    real = sf.SoundFile.read
+
+    def read(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        decoded.append(len(out))
+        return out
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    return decoded
+
+
+def _encoder(min_duration: float = 0.5, max_duration: float = 20.0):
+    """Preparation's per-actor reader, without its EnCodec model (not needed to read audio)."""
+    from vallex.data.prepare import ShardEncoder
+
+    enc = ShardEncoder.__new__(ShardEncoder)
+    enc.min_duration, enc.max_duration = min_duration, max_duration
+    return enc
+
+
+def test_a_too_long_file_is_skipped_from_its_header_without_decoding(tmp_path, monkeypatch):
+    """A 3-minute FLAC (small on disk: a tone compresses well) is skipped from its header with nothing
+    decoded; a WAV whose header lies about its length (a streaming size) is decoded only up to the
+    limit."""
+    from vallex.data.prepare import SkipCounter
+
+    sr = 8000
+    sf.write(tmp_path / "long.flac", _tone(180.0, sr), sr)
+    streaming = tmp_path / "streaming.wav"
+    sf.write(streaming, _tone(60.0, sr), sr, subtype="PCM_16")
+    data = bytearray(streaming.read_bytes())
+    at = data.index(b"data")
+    data[at + 4 : at + 8] = (0xFFFFFFFF).to_bytes(4, "little")  # "unknown size", as ffmpeg writes to a pipe
+    streaming.write_bytes(bytes(data))
+
+    decoded = _count_decoded(monkeypatch)
+    skips = SkipCounter()
+    rows = [
+        {"id": "long", "audio": str(tmp_path / "long.flac")},
+        {"id": "streaming", "audio": str(streaming)},
+    ]
+    assert _encoder(max_duration=20.0)._load(rows[:1], skips) == []
+    assert skips.data["too_long"]["examples"] == ["long"] and sum(decoded) == 0
+    assert _encoder(max_duration=20.0)._load(rows[1:], skips) == []
+    assert skips.data["too_long"]["examples"] == ["long", "streaming"]
+    assert sum(decoded) <= 20 * sr + 1
+
+
+def test_any_failure_on_one_file_is_a_counted_skip_with_its_reason(tmp_path, monkeypatch):
+    """A decoder crash, a resampler crash, a rate out of range: each skips its file with the reason
+    (and the error, for the report); the others are kept."""
+    import vallex.codec.audio as audio
+    from vallex.data.prepare import SkipCounter
+
+    rows = []
+    for name, sr in (("good", 16000), ("decoder", 16000), ("resampler", 22050), ("low_rate", 4000)):
+        sf.write(tmp_path / f"{name}.wav", _tone(1.0, sr), sr)
+        rows.append({"id": name, "audio": str(tmp_path / f"{name}.wav")})
+
+    real_read, real_resample = sf.SoundFile.read, audio.resample
+
+    def read(self, *args, **kwargs):
+        if self.name.endswith("decoder.wav"):
+            raise MemoryError("decoder ran out of memory")
+        return real_read(self, *args, **kwargs)
+
+    def resample_(wav, sr_from, sr_to):
+        if sr_from == 22050:
+            raise RuntimeError("resampler exploded")
+        return real_resample(wav, sr_from, sr_to)
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    monkeypatch.setattr(audio, "resample", resample_)
+    skips = SkipCounter()
+    kept = _encoder()._load(rows, skips)
+    assert [item[0]["id"] for item in kept] == ["good"] and len(kept[0][1]) == SAMPLE_RATE
+    assert {r: e["examples"] for r, e in skips.data.items()} == {
+        "audio_failed": ["decoder"],
+        "resample_failed": ["resampler"],
+        "unsupported_sample_rate": ["low_rate"],
+    }
+    assert "MemoryError: decoder ran out of memory" in skips.data["audio_failed"]["errors"][0]
+    assert "RuntimeError: resampler exploded" in skips.data["resample_failed"]["errors"][0]
+
+
+def test_surround_audio_leaves_the_lfe_channel_out_of_the_mix(tmp_path):
+    """5.1 WAV (channel mask), 5.1 FLAC (its standard order), 5.1 Vorbis (LFE last), and a 4.1 WAV whose
+    mask puts the LFE third: the mono mix is the mean of the other channels, and says so."""
+    from vallex.codec.audio import read_audio
+
+    sr = 16000
+    speech, hum = _tone(1.0, sr, 440.0, 0.2), _tone(1.0, sr, 40.0, 0.9)
+
+    def layout(channels: int, lfe: int) -> np.ndarray:
+        x = np.stack([speech * (1 + 0.1 * c) for c in range(channels)], axis=1)
+        x[:, lfe] = hum
+        return x
+
+    def expected(x: np.ndarray, lfe: int) -> np.ndarray:
+        return np.delete(x, lfe, axis=1).mean(axis=1)
+
+    cases = []
+    x = layout(6, 3)
+    sf.write(tmp_path / "a51.wav", x, sr, format="WAVEX", subtype="FLOAT")
+    cases.append(("a51.wav", x, 3, "WAVE channel mask"))
+    sf.write(tmp_path / "a51.flac", x, sr, subtype="PCM_24")
+    cases.append(("a51.flac", x, 3, "5.1 order L R C LFE"))
+    v = layout(6, 5)
+    sf.write(tmp_path / "a51.ogg", v, sr, format="OGG", subtype="VORBIS")
+    cases.append(("a51.ogg", v, 5, "Vorbis 5.1 order"))
+    q = layout(5, 2)
+    sf.write(tmp_path / "a41.wav", q, sr, format="WAVEX", subtype="FLOAT")
+    data = bytearray((tmp_path / "a41.wav").read_bytes())
+    fmt = data.index(b"fmt ") + 8
+    data[fmt + 20 : fmt + 24] = (0x1 | 0x2 | 0x8 | 0x10 | 0x20).to_bytes(4, "little")  # FL FR LFE BL BR
+    (tmp_path / "a41.wav").write_bytes(bytes(data))
+    cases.append(("a41.wav", q, 2, "WAVE channel mask"))
+
+    for name, x, lfe, source in cases:
+        audio = read_audio(tmp_path / name)
+        n = x.shape[1]
+        assert audio.mix == f"mean of {n - 1} of {n} channels, LFE (channel {lfe + 1}) left out ({source})"
+        tol = 0.02 if name.endswith(".ogg") else 1e-3  # Vorbis is lossy
+        np.testing.assert_allclose(load_audio(tmp_path / name)[0], expected(x, lfe), atol=tol)
+        assert abs(_peak_hz(audio.samples, sr) - 440) < 2  # no 40 Hz hum on top
+
+    sf.write(tmp_path / "stereo.wav", np.stack([speech, hum], axis=1), sr)
+    assert read_audio(tmp_path / "stereo.wav").mix == "mean of 2 channels"
+
+
+def test_a_clip_the_codec_fails_on_is_a_counted_skip(tokenizer, monkeypatch, one_thread):
+    """A batch that fails to encode is retried clip by clip: the bad clip is skipped with its error,
+    the others get the codes they get alone."""
+    from vallex.data.prepare import SkipCounter
+
+    clips = [_speechlike(0.1 + 0.04 * i, i) for i in range(3)]
+    kept = [
+        ({"id": f"u{i}", "audio": f"u{i}.wav"}, w, len(w) / SAMPLE_RATE, "mono") for i, w in enumerate(clips)
+    ]
+    real = tokenizer.encode
+
+    def encode(wavs):
+        if any(len(w) == len(clips[1]) for w in wavs):
+            raise RuntimeError("codec blew up")
+        return real(wavs)
+
+    enc = _encoder()
+    enc.tokenizer, enc.codec_batch_size = tokenizer, 4
+    monkeypatch.setattr(tokenizer, "encode", encode)
+    skips = SkipCounter()
+    items, codes = enc._encode(kept, skips)
+    assert [item[0]["id"] for item in items] == ["u0", "u2"]
+    for item, c in zip(items, codes, strict=True):
+        np.testing.assert_array_equal(c, real([item[1]])[0])
+    assert skips.data["encode_failed"]["examples"] == ["u1"]
+    assert skips.data["encode_failed"]["errors"] == ["u1: RuntimeError: codec blew up"]

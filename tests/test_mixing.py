@@ -111,6 +111,56 @@ def test_symbols_version_mismatch(tmp_path):
         PreparedCorpus.open(c.root)
 
 
+def test_symbol_table_edited_reordered_or_truncated_is_refused_when_the_corpus_opens(tmp_path):
+    """What training opens (PreparedCorpus.open, before any Ray work): a symbols.json whose ids would
+    mean something else than in the shards is refused, naming both files; one an interrupted
+    preparation extended (append-only) opens as the manifest committed it."""
+    from vallex.text.symbols import symbols_fingerprint
+
+    c = _copy(tmp_path)
+    path = Path(c.root) / "symbols.json"
+    table = json.loads(path.read_text())
+    symbols, version = table["symbols"], table["version"]
+    reordered = symbols[:4] + symbols[4:][::-1]
+    cases = {
+        "reordered": {"version": version, "symbols": reordered},
+        "reordered, stale fingerprint": {
+            "version": version,
+            "symbols": reordered,
+            "fingerprint": symbols_fingerprint(symbols),
+        },
+        "reordered, fingerprint recomputed": {
+            "version": version,
+            "symbols": reordered,
+            "fingerprint": symbols_fingerprint(reordered),
+        },
+        "truncated": {"version": version, "symbols": symbols[:-5]},
+        "another corpus's": {"version": version + 1, "symbols": reordered},
+    }
+    for name, content in cases.items():
+        path.write_text(json.dumps(content))
+        with pytest.raises(CorpusError) as err:
+            PreparedCorpus.open(c.root)
+        message = str(err.value)
+        assert str(path) in message and "manifest.json" in message, (name, message)
+        assert "restore" in message, (name, message)
+
+    # An interrupted preparation saved a grown table (its version bumped) and not its manifest.
+    manifest_path = Path(c.root) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["num_symbols"] = len(symbols)
+    manifest_path.write_text(json.dumps(manifest))
+    path.write_text(json.dumps({"version": version + 1, "symbols": [*symbols, "new1", "new2"]}))
+    opened = PreparedCorpus.open(c.root)
+    assert opened.symbols == symbols and opened.num_symbols == len(symbols)
+
+
+def test_a_language_without_validation_rows_is_refused_when_the_corpus_opens(tmp_path):
+    root = write_synthetic_corpus(tmp_path / "c", {"en": 10, "zh": 10}, valid_per_language=0)
+    with pytest.raises(CorpusError, match=r"language 'en' has no validation utterances.*split=valid"):
+        PreparedCorpus.open(root)
+
+
 def test_manifest_count_that_disagrees_with_the_shards(tmp_path):
     c = _copy(tmp_path)
     manifest = json.loads((Path(c.root) / "manifest.json").read_text())

@@ -17,6 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from vallex.config import CodecSection, PrepareSection
+from vallex.data import prepare
+from vallex.data.corpus import PreparedCorpus
 from vallex.data.demo_corpus import make_demo_corpus
 from vallex.data.prepare import PrepareError, prepare_corpus, progress_postfix, read_shard_stats
 from vallex.data.schema import SHARD_SCHEMA, check_schema, codes_matrix
@@ -86,19 +88,69 @@ def _planted(tmp: Path, demo: Path) -> list[dict]:
             "text": "Too short.",
         },
         {**base, "id": "bad-missing", "audio": str(tmp / "bad/nowhere.wav"), "text": "Missing file."},
+        {
+            **base,
+            "id": "bad-long",  # 25 s > max_duration: skipped from its header, never decoded
+            "audio": _write_sf(
+                tmp / "bad/long.flac", 0.3 * np.sin(2 * np.pi * 220 * np.arange(22050 * 25) / 22050)
+            ),
+            "text": "Too long.",
+        },
+        {
+            **base,
+            "id": "bad-rate",
+            "audio": _write_sf(tmp / "bad/rate.wav", _speech(good_audio), sr=4000),
+            "text": good["text"],
+        },
+    ]
+
+
+def _write_sf(path: Path, samples: np.ndarray, sr: int = 22050, **kwargs) -> str:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, samples, sr, **kwargs)
+    return str(path)
+
+
+def _speech(path: Path) -> np.ndarray:
+    import soundfile as sf
+
+    return sf.read(path, dtype="float32")[0]
+
+
+def _odd_but_good(tmp: Path, demo: Path) -> list[dict]:
+    """Real speech at an off-grid rate (44 101 Hz) and in 5.1 (a 40 Hz hum on the LFE channel)."""
+    good = [r for r in _rows(demo) if r["language"] == "en" and r["split"] == "train"][-2:]
+    speech = [_speech(demo.parent / r["audio"]) for r in good]
+    surround = np.repeat(speech[1][:, None], 6, axis=1)
+    surround[:, 3] = 0.5 * np.sin(2 * np.pi * 40 * np.arange(len(surround)) / 22050)
+    base = {"language": "en", "speaker": "en-odd", "split": "train"}
+    return [
+        {
+            **base,
+            "id": "odd-rate",
+            "audio": _write_sf(tmp / "odd/rate.wav", speech[0], sr=44101),
+            "text": good[0]["text"],
+        },
+        {
+            **base,
+            "id": "odd-surround",
+            "audio": _write_sf(tmp / "odd/surround.wav", surround, format="WAVEX", subtype="FLOAT"),
+            "text": good[1]["text"],
+        },
     ]
 
 
 def test_prepare_writes_shards_manifest_and_counts_bad_input(ray_cluster, demo_manifest, tmp_path):
-    src = _subset(
-        demo_manifest, tmp_path / "m.jsonl", {"en": (6, 2), "ar": (3, 2)}, _planted(tmp_path, demo_manifest)
-    )
+    extra = _planted(tmp_path, demo_manifest) + _odd_but_good(tmp_path, demo_manifest)
+    src = _subset(demo_manifest, tmp_path / "m.jsonl", {"en": (6, 2), "ar": (3, 2)}, extra)
     out = tmp_path / "prepared"
     manifest = prepare_corpus(read_manifest(src), out, SETTINGS, progress=False)
 
     assert json.loads((out / "manifest.json").read_text()) == manifest
     en, ar = manifest["languages"]["en"], manifest["languages"]["ar"]
-    assert en["utterances"] == {"train": 6, "valid": 2} and ar["utterances"] == {"train": 3, "valid": 2}
+    assert en["utterances"] == {"train": 8, "valid": 2} and ar["utterances"] == {"train": 3, "valid": 2}
     skipped = {reason: e["examples"] for reason, e in en["skipped"].items()}
     assert skipped == {
         "unreadable_audio": ["bad-truncated"],
@@ -106,8 +158,19 @@ def test_prepare_writes_shards_manifest_and_counts_bad_input(ray_cluster, demo_m
         "silent": ["bad-silence"],
         "too_short": ["bad-short"],
         "missing_audio": ["bad-missing"],
+        "too_long": ["bad-long"],
+        "unsupported_sample_rate": ["bad-rate"],
     }
-    assert en["skipped_total"] == 5 and ar["skipped_total"] == 0
+    assert en["skipped"]["unsupported_sample_rate"]["errors"] == [
+        "bad-rate: 4000 Hz, outside 8000..192000 Hz"
+    ]
+    assert "truncated.wav" in en["skipped"]["unreadable_audio"]["errors"][0]
+    assert en["skipped_total"] == 7 and ar["skipped_total"] == 0
+    # How channels were mixed: the 5.1 clip without its LFE channel, the rest mono.
+    assert en["channel_mix"] == {
+        "mean of 5 of 6 channels, LFE (channel 4) left out (WAVE channel mask)": 1,
+        "mono": 9,
+    }
     assert manifest["codec"]["pretrained"] is False and manifest["codec"]["num_codebooks"] == 8
 
     symbols = json.loads((out / "symbols.json").read_text())
@@ -133,7 +196,9 @@ def test_prepare_writes_shards_manifest_and_counts_bad_input(ray_cluster, demo_m
         assert row["language"] == "en" and row["split"] in ("train", "valid")
 
 
-def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(ray_cluster, demo_manifest, tmp_path):
+def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(
+    ray_cluster, demo_manifest, tmp_path, monkeypatch
+):
     out = tmp_path / "prepared"
     first = _subset(demo_manifest, tmp_path / "a.jsonl", {"en": (4, 2)})
     prepare_corpus(read_manifest(first), out, SETTINGS, progress=False)
@@ -151,11 +216,39 @@ def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(ray_cluster
         "shards_reused": len(en_shards),
     }
 
-    # Add Chinese: only its shards are written, old ids stay, the table grows and its version bumps.
+    # Adding Chinese fails twice (disk full): symbols.json and manifest.json commit together, so the
+    # corpus still opens as it was, with the table its shards were written with.
     added = _subset(demo_manifest, tmp_path / "b.jsonl", {"zh": (3, 2)})
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare, "_run_jobs", disk_full)  # in the encode pass
+    with pytest.raises(OSError, match="No space left"):
+        prepare_corpus(read_manifest(added), out, SETTINGS, progress=False)
+    monkeypatch.undo()
+    assert json.loads((out / "symbols.json").read_text()) == symbols_before
+    assert PreparedCorpus.open(out).symbols == symbols_before["symbols"]
+
+    write_text = prepare.write_text
+    monkeypatch.setattr(  # after the shards and symbols.json, at the last write
+        prepare,
+        "write_text",
+        lambda path, text: disk_full() if path.endswith("manifest.json") else write_text(path, text),
+    )
+    with pytest.raises(OSError, match="No space left"):
+        prepare_corpus(read_manifest(added), out, SETTINGS, progress=False)
+    monkeypatch.undo()
+    assert json.loads((out / "symbols.json").read_text())["version"] == symbols_before["version"] + 1
+    corpus = PreparedCorpus.open(out)
+    assert corpus.languages == ["en"] and corpus.symbols == symbols_before["symbols"]
+
+    # Add Chinese: only its shards are written, old ids stay, the table grows and its version bumps.
+    # (The failed runs cached the phonemes, and the second one wrote the shards.)
     manifest = prepare_corpus(read_manifest(added), out, SETTINGS, progress=False)
     assert {p: p.stat().st_mtime_ns for p in en_shards} == mtimes
-    assert manifest["last_run"]["phonemized"] == 5 and manifest["last_run"]["cached"] == 0
+    assert manifest["last_run"] == {"phonemized": 0, "cached": 5, "shards_written": 0, "shards_reused": 2}
+    assert PreparedCorpus.open(out).languages == ["en", "zh"]
     assert set(manifest["languages"]) == {"en", "zh"}
     symbols_after = json.loads((out / "symbols.json").read_text())
     n = len(symbols_before["symbols"])

@@ -204,6 +204,18 @@ def test_prepare_to_s3_reruns_and_reads_back(s3, small_manifest, tmp_path, monke
     assert again["last_run"] == {"phonemized": 0, "cached": 12, "shards_written": 0, "shards_reused": 4}
     after = _objects(uri)
     assert {k: after[k].mtime for k in shards} == {k: objects[k].mtime for k in shards}
+    assert ".vallex.lock" not in after  # each run's lock object was removed when it ended
+
+    # A preparation running elsewhere holds the prefix (its lock object): this one is refused, naming it.
+    from vallex.locks import LockError
+
+    other = {"purpose": f"preparation of {uri}", "host": "gpu-node-7", "pid": 4242, "command": "prepare.py"}
+    write_text(f"{uri}/.vallex.lock", json.dumps(other))
+    with pytest.raises(
+        LockError, match=r"preparation of s3://.* \(pid 4242 on host gpu-node-7.*delete s3://"
+    ):
+        prepare_corpus(read_manifest(small_manifest), uri, SETTINGS, progress=False)
+    files.remove(f"{uri}/.vallex.lock")
 
     # Training reads the corpus from the same URI: the checks, the counts, validation, the mixed stream.
     corpus = PreparedCorpus.open(uri)

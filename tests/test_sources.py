@@ -187,3 +187,64 @@ def test_prepare_entry_point_reads_both_layouts(ray_cluster, corpora, tmp_path):
         abs(f - d * 75) <= 2
         for f, d in zip(table["frames"].to_pylist(), table["duration"].to_pylist(), strict=True)
     )
+
+
+# ------------------------------------------------------------------------------------ text encodings
+
+_HEADER = "audio,text,language,speaker"
+
+
+def test_manifests_with_a_byte_order_mark_are_read(tmp_path):
+    """Spreadsheet exports: UTF-8 with a BOM (CSV, JSONL) and Excel's UTF-16 "Unicode text" (TSV)."""
+    from vallex.data.sources import read_manifest
+
+    rows = [("a.wav", "Déjà vu.", "fr", "s1"), ("b.wav", "日本語です。", "ja", "s2")]
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_bytes(b"\xef\xbb\xbf" + "\n".join([_HEADER, *map(",".join, rows)]).encode() + b"\n")
+    jsonl = tmp_path / "m.jsonl"
+    lines = [json.dumps(dict(zip(_HEADER.split(","), r, strict=True)), ensure_ascii=False) for r in rows]
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    tsv = tmp_path / "m.tsv"
+    tsv.write_bytes("\r\n".join(["\t".join(_HEADER.split(",")), *map("\t".join, rows)]).encode("utf-16"))
+    assert tsv.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff")
+    for path in (csv_path, jsonl, tsv):
+        utts = read_manifest(path)
+        assert [(Path(u.audio).name, u.text, u.language, u.speaker) for u in utts] == rows, path
+
+
+def test_text_that_is_not_utf8_is_an_error_naming_file_and_line(tmp_path):
+    """A Latin-1 export, raw surrogate bytes, an escaped lone surrogate: a ManifestError naming the file
+    and the line (and how to convert), never a bare UnicodeDecodeError or a crash later in preparation."""
+    from vallex.data.sources import read_manifest
+
+    good = "a.wav,Hello.,en,s1"
+    cases = {
+        "latin1.csv": "\n".join([_HEADER, good, "b.wav,Déjà vu.,fr,s2"]).encode("latin-1"),
+        "latin1.tsv": "\n".join([_HEADER.replace(",", "\t"), "b.wav\tÇa va.\tfr\ts2"]).encode("cp1252"),
+        "surrogate_bytes.jsonl": b'{"audio": "a.wav", "text": "ok", "language": "en", "speaker": "s"}\n'
+        b'{"audio": "b.wav", "text": "\xed\xa0\x80", "language": "en", "speaker": "s"}\n',
+    }
+    lines = {"latin1.csv": 3, "latin1.tsv": 2, "surrogate_bytes.jsonl": 2}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ManifestError, match=rf"{name}:{lines[name]}: not UTF-8 text .*iconv"):
+            read_manifest(tmp_path / name)
+
+    escaped = tmp_path / "escaped.jsonl"
+    escaped.write_text(
+        '{"audio": "a.wav", "text": "ok", "language": "en", "speaker": "s"}\n'
+        '{"audio": "b.wav", "text": "half a pair: \\ud83d", "language": "en", "speaker": "s"}\n'
+    )
+    with pytest.raises(ManifestError, match=r"escaped.jsonl:2: 'text' holds a lone surrogate"):
+        read_manifest(escaped)
+
+    lj = tmp_path / "lj"
+    lj.mkdir()
+    (lj / "metadata.csv").write_bytes("a|Hello.|Hello.\nb|Café crème.|Café crème.\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"metadata.csv:2: not UTF-8 text"):
+        read_corpus(lj, language="fr")
+    cv = tmp_path / "cv"
+    cv.mkdir()
+    (cv / "validated.tsv").write_bytes("client_id\tpath\tsentence\nx\ta.mp3\tÀ bientôt.\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"validated.tsv:2: not UTF-8 text"):
+        read_corpus(cv, language="fr")

@@ -2,8 +2,17 @@
 
 ``PreparedCorpus.open(path)`` reads ``manifest.json`` and ``symbols.json`` and checks what would
 otherwise fail late and far away (inside a Ray task, mid-training): every listed shard exists, every
-shard footer has ``SHARD_SCHEMA``, and the manifest was written against the same symbol table that
-sits beside it. Only Parquet footers are read, so opening a large corpus costs milliseconds per shard.
+shard footer has ``SHARD_SCHEMA``, every language has validation rows, and the manifest was written
+against the symbol table that sits beside it (same version and fingerprint: a table reordered,
+truncated or edited by hand would give every id in the shards another meaning). Only Parquet footers
+are read, so opening a large corpus costs milliseconds per shard.
+
+``manifest.json`` is the commit record of a preparation: it is written last and names the symbol
+table (version, fingerprint, size) and each shard's job fingerprint. A preparation that failed after
+saving a grown ``symbols.json`` but before its manifest leaves a table that *extends* the committed one
+(the table is append-only): the corpus then opens as committed, with the table's first
+``num_symbols`` symbols. Shards rewritten by such a run no longer match their manifest entry and are
+refused.
 
 The corpus may be a local folder or a URI (``s3://bucket/prefix``, ``gs://...``); shard paths are
 then URIs too, which pyarrow opens wherever they are read (the driver, Ray Data's read tasks).
@@ -12,6 +21,7 @@ then URIs too, which pyarrow opens wherever they are read (the driver, Ray Data'
 from __future__ import annotations
 
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +41,9 @@ from vallex.data.schema import (
     check_schema,
 )
 from vallex.files import filesystem, is_file, is_uri, join, read_failure, read_text
+from vallex.text.symbols import SymbolTable, SymbolTableError, symbols_fingerprint
+
+log = logging.getLogger("vallex.corpus")
 
 
 class CorpusError(ValueError):
@@ -64,14 +77,84 @@ def _require_key(data: dict, key: str, path: str):
     return data[key]
 
 
-def _check_shard(shard: str, manifest_path: str, lang: str) -> None:
+def _check_shard(
+    shard: str, job: str | None, *, manifest_path: str, lang: str, symbols_version
+) -> dict | None:
+    """Check one shard's footer against its manifest entry; returns its split counts when the footer
+    records them (shards written by ray_jobs/prepare.py do), else None."""
     if not is_file(shard):
         raise CorpusError(
             f"{manifest_path}: languages.{lang} lists {shard}, which does not exist; "
             "the corpus was moved or partly deleted: re-run ray_jobs/prepare.py"
         )
     # Footer only: no row data is read here.
-    check_schema(pq.read_schema(shard), shard)
+    schema = pq.read_schema(shard)
+    check_schema(schema, shard)
+    md = schema.metadata or {}
+    written = md.get(b"vallex_symbols_version")
+    if written is not None and isinstance(symbols_version, int) and int(written) > symbols_version:
+        raise CorpusError(
+            f"{shard}: written with symbol table version {int(written)}, newer than the version "
+            f"{symbols_version} that {manifest_path} commits: a preparation rewrote it and did not finish; "
+            "re-run ray_jobs/prepare.py to complete it"
+        )
+    if job is not None and md.get(b"vallex_job", b"").decode() != job:
+        raise CorpusError(
+            f"{shard}: not the shard {manifest_path} lists (its job fingerprint differs): a preparation "
+            "rewrote it and did not finish; re-run ray_jobs/prepare.py to complete it"
+        )
+    try:
+        splits = json.loads(md[b"vallex_stats"])["splits"]
+        return {s: int(splits.get(s, 0)) for s in SPLITS}
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _committed_symbols(manifest: dict, table: dict, manifest_path: str, symbols_path: str) -> list[str]:
+    """The symbol list the manifest's shards were written with, checked against ``symbols.json``."""
+    try:
+        loaded = SymbolTable.from_json(table, symbols_path)  # a stored fingerprint is checked here
+    except SymbolTableError as e:
+        raise CorpusError(f"{e}; it does not match {manifest_path}") from None
+    symbols = loaded.symbols
+    want_version = _require_key(manifest, "symbols_version", manifest_path)
+    want_fp, want_n = manifest.get("symbols_fingerprint"), manifest.get("num_symbols")
+    have = f"version {loaded.version}, {len(symbols)} symbols, {loaded.fingerprint[:19]}"
+    wanted = f"version {want_version}, {want_n if want_n is not None else '?'} symbols, {str(want_fp)[:19]}"
+    if want_version == loaded.version and (want_fp is None or want_fp == loaded.fingerprint):
+        if want_n is None or want_n == len(symbols):
+            return symbols
+    elif (
+        want_fp is not None
+        and isinstance(want_n, int)
+        and loaded.version > want_version
+        and len(symbols) > want_n
+        and symbols_fingerprint(symbols[:want_n]) == want_fp
+    ):
+        # An append-only extension of the committed table: a preparation saved it and failed before
+        # its manifest. The committed shards use ids < want_n only, which mean what they meant.
+        log.warning(
+            "%s (%s) extends the table %s commits (%s): a preparation stopped before finishing; using "
+            "the first %d symbols. Re-run ray_jobs/prepare.py to complete it",
+            symbols_path,
+            have,
+            manifest_path,
+            wanted,
+            want_n,
+        )
+        return symbols[:want_n]
+    differs = (
+        f"is version {loaded.version}"
+        if loaded.version != want_version
+        else "holds another table of that version"
+    )
+    raise CorpusError(
+        f"{manifest_path}: shards were written with symbols_version {want_version} but {symbols_path} "
+        f"{differs} ({have}; the manifest records {wanted}). A symbols.json edited, reordered or "
+        "truncated by hand, or copied from another corpus, would give the ids in the shards other "
+        "meanings: restore the symbols.json written with these shards, or re-run ray_jobs/prepare.py "
+        "into a new folder"
+    )
 
 
 def _count_split(path: str, split: str) -> int:
@@ -103,17 +186,11 @@ class PreparedCorpus:
                 f"{manifest_path}: format {fmt} but this vallex reads format {SHARD_FORMAT_VERSION}; "
                 "re-run ray_jobs/prepare.py with this version"
             )
-        symbols = _require_key(table, "symbols", symbols_path)
-        # The ids in every shard index this table: a different version means a different id mapping.
-        want, got = (
-            _require_key(manifest, "symbols_version", manifest_path),
-            _require_key(table, "version", symbols_path),
-        )
-        if want != got:
-            raise CorpusError(
-                f"{manifest_path}: shards were written with symbols_version {want} but {symbols_path} is "
-                f"version {got}; restore the matching symbols.json or re-run ray_jobs/prepare.py"
-            )
+        _require_key(table, "symbols", symbols_path)
+        _require_key(table, "version", symbols_path)
+        # The ids in every shard index this table: another table (version, order, length) gives them
+        # other meanings.
+        symbols = _committed_symbols(manifest, table, manifest_path, symbols_path)
         for key in ("codec", "languages"):
             _require_key(manifest, key, manifest_path)
         if not manifest["languages"]:
@@ -134,9 +211,28 @@ class PreparedCorpus:
                     raise CorpusError(f"{manifest_path}: languages.{lang}.{key} is missing")
             if not entry["shards"]:
                 raise CorpusError(f"{manifest_path}: languages.{lang} lists no shards")
+            jobs = entry.get("shard_jobs", {})
+            check = partial(
+                _check_shard,
+                manifest_path=manifest_path,
+                lang=lang,
+                symbols_version=self.manifest["symbols_version"],
+            )
             with ThreadPoolExecutor(max_workers=8) as pool:  # one round trip or two each on a bucket
-                list(
-                    pool.map(partial(_check_shard, manifest_path=manifest_path, lang=lang), self.shards(lang))
+                footers = list(pool.map(check, self.shards(lang), [jobs.get(rel) for rel in entry["shards"]]))
+            counts = {s: int(entry["utterances"].get(s, 0)) for s in SPLITS}
+            if all(f is not None for f in footers):
+                held = {s: sum(f[s] for f in footers) for s in SPLITS}
+                if held != counts:
+                    raise CorpusError(
+                        f"{manifest_path}: languages.{lang}.utterances is {counts} but its shards hold {held}: "
+                        "the manifest and the shards are from different preparations; re-run ray_jobs/prepare.py"
+                    )
+            if counts["valid"] <= 0:
+                raise CorpusError(
+                    f"{manifest_path}: language {lang!r} has no validation utterances, so training could not "
+                    "measure it (its validation loss would read 0). Give some of its rows split=valid in the "
+                    "corpus manifest (or raise corpus.valid_fraction) and re-run ray_jobs/prepare.py"
                 )
 
     @cached_property

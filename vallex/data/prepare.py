@@ -13,7 +13,13 @@ fingerprint of its job in the Parquet metadata, so a re-run skips the shards alr
 killed run resumes where it stopped (a shard is only ever renamed into place complete; temp files a
 kill leaves are removed, and a file that is not a complete shard is rewritten). Every dropped utterance
 is counted by reason in ``manifest.json``, which also lists each language's ``shards`` (paths) and, in
-parallel, ``shard_rows`` (path -> train/valid row counts).
+parallel, ``shard_rows`` (path -> train/valid row counts), ``shard_jobs`` (path -> job fingerprint) and
+``channel_mix`` (how many kept clips were mixed to mono by which rule, see :mod:`vallex.codec.audio`).
+
+``symbols.json`` and ``manifest.json`` commit together: the grown symbol table is saved only after every
+shard is written, and the manifest, which names the table (version, fingerprint, size) and each shard's
+job, last. A run that fails anywhere leaves the previous corpus openable (see :mod:`vallex.data.corpus`).
+One preparation at a time owns the output folder (:mod:`vallex.locks`); a second is refused.
 
 The output may be a local folder or a URI (``s3://bucket/prefix``, ``gs://...``): everything, the
 phoneme cache included, is written there through pyarrow's filesystems (see :mod:`vallex.files`).
@@ -76,28 +82,38 @@ def _fingerprint(obj: Any) -> str:
 
 
 class SkipCounter:
-    """Counts dropped utterances by reason, keeping a few example ids for the report."""
+    """Counts dropped utterances by reason, keeping a few example ids (and, for failures, what the error
+    said: ``errors``) for the report."""
 
     def __init__(self, data: dict | None = None):
-        self.data: dict[str, dict] = {
-            k: {"count": v["count"], "examples": list(v["examples"])} for k, v in (data or {}).items()
-        }
+        self.data: dict[str, dict] = {k: _copy_entry(v) for k, v in (data or {}).items()}
 
-    def add(self, reason: str, utt_id: str) -> None:
+    def add(self, reason: str, utt_id: str, error: str | None = None) -> None:
         entry = self.data.setdefault(reason, {"count": 0, "examples": []})
         entry["count"] += 1
         if len(entry["examples"]) < MAX_SKIP_EXAMPLES:
             entry["examples"].append(utt_id)
+            if error is not None:
+                entry.setdefault("errors", []).append(f"{utt_id}: {error[:300]}")
 
     def merge(self, other: dict) -> None:
         for reason, entry in other.items():
             mine = self.data.setdefault(reason, {"count": 0, "examples": []})
             mine["count"] += entry["count"]
             mine["examples"] = (mine["examples"] + entry["examples"])[:MAX_SKIP_EXAMPLES]
+            if entry.get("errors"):
+                mine["errors"] = (mine.get("errors", []) + entry["errors"])[:MAX_SKIP_EXAMPLES]
 
     @property
     def total(self) -> int:
         return sum(e["count"] for e in self.data.values())
+
+
+def _copy_entry(entry: dict) -> dict:
+    out = {"count": entry["count"], "examples": list(entry["examples"])}
+    if entry.get("errors"):
+        out["errors"] = list(entry["errors"])
+    return out
 
 
 def assign_splits(utts: list[Utterance], valid_fraction: float, seed: int) -> list[Utterance]:
@@ -248,30 +264,34 @@ class ShardEncoder:
         stats = [self._write_shard(json.loads(job)) for job in batch["job"]]
         return {"stats": np.array([json.dumps(s) for s in stats], dtype=object)}
 
-    def _load(self, rows: list[dict], skips: SkipCounter) -> list[tuple[dict, np.ndarray, float]]:
-        from vallex.codec.audio import AudioError, load_audio, resample
-        from vallex.codec.encodec import SAMPLE_RATE
-
+    def _load(self, rows: list[dict], skips: SkipCounter) -> list[tuple[dict, np.ndarray, float, str]]:
         kept = []
         for row in rows:
-            if not os.path.exists(row["audio"]):
-                skips.add("missing_audio", row["id"])
-                continue
-            try:
-                wav, sr = load_audio(row["audio"])
-            except AudioError:
-                skips.add("unreadable_audio", row["id"])
-                continue
-            duration = len(wav) / sr
-            if duration < self.min_duration:
-                skips.add("too_short", row["id"])
-            elif duration > self.max_duration:
-                skips.add("too_long", row["id"])
-            elif float(np.max(np.abs(wav))) < SILENCE_PEAK:
-                skips.add("silent", row["id"])
-            else:
-                kept.append((row, resample(wav, sr, SAMPLE_RATE), duration))
+            item = load_for_codec(row, self.min_duration, self.max_duration, skips)
+            if item is not None:
+                kept.append(item)
         return kept
+
+    def _encode(self, kept: list, skips: SkipCounter) -> tuple[list, list[np.ndarray]]:
+        """Codes of the kept clips, batched; a batch that fails is encoded clip by clip, and a clip
+        that fails alone is a counted skip (``encode_failed``), never a failed job."""
+        out_items, codes = [], []
+        for i in range(0, len(kept), self.codec_batch_size):
+            batch = kept[i : i + self.codec_batch_size]
+            try:
+                codes.extend(self.tokenizer.encode([w for _, w, _, _ in batch]))
+                out_items.extend(batch)
+                continue
+            except Exception:
+                pass
+            for item in batch:
+                try:
+                    codes.extend(self.tokenizer.encode([item[1]]))
+                    out_items.append(item)
+                except Exception as e:
+                    log.warning("skipping %s (%s): encoding failed: %r", item[0]["id"], item[0]["audio"], e)
+                    skips.add("encode_failed", item[0]["id"], f"{type(e).__name__}: {e}")
+        return out_items, codes
 
     def _write_shard(self, job: dict) -> dict:
         t0 = time.perf_counter()
@@ -279,13 +299,13 @@ class ShardEncoder:
         kept = self._load(job["rows"], skips)
         # Encode similar lengths together: less padding per EnCodec batch.
         kept.sort(key=lambda item: len(item[1]))
-        codes: list[np.ndarray] = []
-        for i in range(0, len(kept), self.codec_batch_size):
-            codes.extend(self.tokenizer.encode([w for _, w, _ in kept[i : i + self.codec_batch_size]]))
+        kept, codes = self._encode(kept, skips)
         order = sorted(range(len(kept)), key=lambda i: kept[i][0]["id"])  # shard rows in id order
         cols: dict[str, list] = defaultdict(list)
+        mixes: dict[str, int] = defaultdict(int)
         for i in order:
-            row, _, duration = kept[i]
+            row, _, duration, mix = kept[i]
+            mixes[mix] += 1
             c = codes[i]
             cols["utt_id"].append(row["id"])
             cols["speaker"].append(row["speaker"])
@@ -307,6 +327,7 @@ class ShardEncoder:
             "seconds": float(sum(cols["duration"])),
             "speakers": sorted(set(cols["speaker"])),
             "skipped": skips.data,
+            "channel_mix": dict(sorted(mixes.items())),
             "input_rows": len(job["rows"]),
             "encode_seconds": time.perf_counter() - t0,
         }
@@ -322,6 +343,66 @@ class ShardEncoder:
         table = pa.Table.from_pydict({f.name: cols.get(f.name, []) for f in schema}, schema=schema)
         _write_parquet(table, job["path"])  # atomic: a reader never sees a half-written shard
         return stats
+
+
+def load_for_codec(
+    row: dict, min_duration: float, max_duration: float, skips: SkipCounter
+) -> tuple[dict, np.ndarray, float, str] | None:
+    """One utterance's audio at the codec's rate: ``(row, samples, duration, channel mix)``, or None with
+    the reason counted in ``skips``. The duration comes from the header first, so a file too long is
+    skipped without being decoded; decoding is capped at ``max_duration``, and whatever fails for one
+    file (a decoder, the resampler, anything) is a counted skip with its reason, never a failed job."""
+    from vallex.codec.audio import (
+        MAX_SAMPLE_RATE,
+        MIN_SAMPLE_RATE,
+        AudioError,
+        AudioTooLong,
+        audio_info,
+        read_audio,
+        resample,
+    )
+    from vallex.codec.encodec import SAMPLE_RATE
+
+    uid = row["id"]
+    if not os.path.exists(row["audio"]):
+        skips.add("missing_audio", uid)
+        return None
+    try:
+        info = audio_info(row["audio"])
+        if not MIN_SAMPLE_RATE <= info.sample_rate <= MAX_SAMPLE_RATE:
+            skips.add(
+                "unsupported_sample_rate",
+                uid,
+                f"{info.sample_rate} Hz, outside {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz",
+            )
+            return None
+        audio = read_audio(row["audio"], max_seconds=max_duration, info=info)
+    except AudioTooLong:
+        skips.add("too_long", uid)
+        return None
+    except AudioError as e:
+        skips.add("unreadable_audio", uid, str(e))
+        return None
+    except Exception as e:  # a decoder library's own failure: this file only
+        log.warning("skipping %s (%s): decoding failed: %r", uid, row["audio"], e)
+        skips.add("audio_failed", uid, f"{type(e).__name__}: {e}")
+        return None
+    duration = len(audio.samples) / audio.sample_rate
+    if duration < min_duration:
+        skips.add("too_short", uid)
+        return None
+    if float(np.max(np.abs(audio.samples))) < SILENCE_PEAK:
+        skips.add("silent", uid)
+        return None
+    try:
+        samples = resample(audio.samples, audio.sample_rate, SAMPLE_RATE)
+    except Exception as e:
+        log.warning(
+            "skipping %s (%s): resampling from %d Hz failed: %r", uid, row["audio"], audio.sample_rate, e
+        )
+        skips.add("resample_failed", uid, f"{audio.sample_rate} Hz: {type(e).__name__}: {e}")
+        return None
+    return row, samples, duration, audio.mix
 
 
 def read_shard_stats(path: str | os.PathLike) -> tuple[str | None, dict | None]:
@@ -372,17 +453,31 @@ def prepare_corpus(
     """Prepare ``utts`` into ``out_dir``; returns the manifest (also written to ``out_dir/manifest.json``).
 
     ``out_dir`` is a local folder or a URI (``s3://bucket/prefix``). Languages already in ``out_dir``
-    but absent from ``utts`` are kept: this is how a language is added.
+    but absent from ``utts`` are kept: this is how a language is added. One preparation at a time
+    owns ``out_dir`` (:mod:`vallex.locks`): a second one is refused, naming the first.
     """
-
-    from vallex.codec.encodec import CodecSettings
-    from vallex.text.symbols import SymbolTable
+    from vallex.locks import hold_lock
 
     if is_uri(out_dir):
         out = str(out_dir).rstrip("/")
     else:
         out = os.path.abspath(out_dir)
         os.makedirs(out, exist_ok=True)
+    with hold_lock(out, f"preparation of {out}"):
+        return _prepare_owned(utts, out, settings, seed, valid_fraction, progress)
+
+
+def _prepare_owned(
+    utts: list[Utterance],
+    out: str,
+    settings: PrepareSection,
+    seed: int,
+    valid_fraction: float,
+    progress: bool,
+) -> dict:
+    from vallex.codec.encodec import CodecSettings
+    from vallex.text.symbols import SymbolTable
+
     codec = CodecSettings(
         bandwidth=settings.codec.bandwidth,
         pretrained=settings.codec.pretrained,
@@ -419,10 +514,8 @@ def prepare_corpus(
         else:
             ready.append(u)
     table = SymbolTable.load_or_new(join(out, SYMBOLS_NAME))
+    # Grown in memory only: symbols.json and manifest.json are committed together at the end.
     added = table.extend(s for u in ready for s in phones[u.id])
-    if added:
-        table.save(join(out, SYMBOLS_NAME))
-        log.info("symbol table v%d: %d symbols (+%d new)", table.version, len(table), len(added))
 
     # Pass 2: shard jobs; shards already written by an identical job are skipped.
     jobs, reused = [], []
@@ -475,8 +568,19 @@ def prepare_corpus(
     manifest = _build_manifest(out, languages, skips, codec, table, old_manifest)
     # What this run did (a re-run of finished work shows zeros).
     manifest["last_run"] = {**phonemized, "shards_written": len(jobs), "shards_reused": len(reused)}
-    write_text(join(out, MANIFEST_NAME), json.dumps(manifest, indent=2, ensure_ascii=False))
+    _commit(out, table, manifest, added)
     return manifest
+
+
+def _commit(out: str, table, manifest: dict, added: list[str]) -> None:
+    """Save the symbol table, then the manifest: the commit record, which names the table (version,
+    fingerprint, size) and each shard's job. Until the manifest is written a reader sees the previous
+    corpus whole: the old manifest and its shards, and (the table being append-only) a symbols.json
+    that is the committed one or an extension of it (see :mod:`vallex.data.corpus`)."""
+    if added:
+        table.save(join(out, SYMBOLS_NAME))
+        log.info("symbol table v%d: %d symbols (+%d new)", table.version, len(table), len(added))
+    write_text(join(out, MANIFEST_NAME), json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
 def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool) -> None:
@@ -558,6 +662,8 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
         entry = {
             "shards": [],
             "shard_rows": {},  # shard path -> {"train": n, "valid": m}
+            "shard_jobs": {},  # shard path -> its job fingerprint (checked by PreparedCorpus.open)
+            "channel_mix": {},  # how each kept clip's channels were mixed to mono -> clips
             "utterances": {"train": 0, "valid": 0},
             "hours": 0.0,
             "frames": 0,
@@ -565,12 +671,13 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
         }
         speakers: set[str] = set()
         for rel in shards:
-            _, stats = read_shard_stats(join(out, rel))
+            job, stats = read_shard_stats(join(out, rel))
             if stats is None:
                 raise PrepareError(
                     f"{join(out, rel)}: shard has no vallex metadata; delete it and re-run preparation"
                 )
             entry["shards"].append(rel)
+            entry["shard_jobs"][rel] = job
             entry["shard_rows"][rel] = {s: int(stats["splits"].get(s, 0)) for s in ("train", "valid")}
             for split, n in stats["splits"].items():
                 entry["utterances"][split] += n
@@ -579,6 +686,8 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
             entry["phonemes"] += stats["phonemes"]
             speakers.update(stats["speakers"])
             counter.merge(stats["skipped"])
+            for mix, n in stats.get("channel_mix", {}).items():  # absent in shards of older versions
+                entry["channel_mix"][mix] = entry["channel_mix"].get(mix, 0) + n
         entry["speakers"] = len(speakers)
         entry["skipped"] = counter.data
         entry["skipped_total"] = counter.total
@@ -594,15 +703,16 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
             )
         langs_out[lang] = entry
     for lang, entry in langs_out.items():
-        if "shard_rows" not in entry:  # kept from a manifest written before shard_rows existed
-            entry["shard_rows"] = {}
+        if "shard_rows" not in entry or "shard_jobs" not in entry:  # kept from an older manifest
+            entry["shard_rows"], entry["shard_jobs"] = {}, {}
             for rel in entry["shards"]:
-                _, stats = read_shard_stats(join(out, rel))
+                job, stats = read_shard_stats(join(out, rel))
                 if stats is None:
                     raise PrepareError(
                         f"{join(out, rel)}: shard of {lang!r} is unreadable; re-run preparation for it"
                     )
                 entry["shard_rows"][rel] = {s: int(stats["splits"].get(s, 0)) for s in ("train", "valid")}
+                entry["shard_jobs"][rel] = job
         if entry["skipped_total"]:
             log.info(
                 "%s: skipped %d utterance(s): %s",

@@ -19,10 +19,17 @@ The generic format is JSONL (one object per line) or CSV/TSV with a header, with
 
 A missing column or a malformed line is an error naming the file and line; a row whose content is
 bad (empty text, missing audio) is kept here and becomes a counted skip in preparation.
+
+Text files are read as UTF-8; a UTF-8 byte-order mark (what spreadsheet programs write) is dropped, and
+a UTF-16 file with a byte-order mark (Excel's "Unicode text") is decoded as such. Bytes that are not
+UTF-8 (a Latin-1 or Windows-1252 export) and, in JSONL, escaped lone surrogates (``"\\ud800"``, which
+no UTF-8 file, Parquet column or phonemizer can hold) are an error naming the file, the line and
+how to convert it, never a bare ``UnicodeDecodeError``.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -58,32 +65,96 @@ class Utterance:
         return asdict(self)
 
 
+def _not_utf8(path: Path, lineno: int, line: bytes, error: UnicodeDecodeError) -> ManifestError:
+    bad = line[error.start : error.end]
+    return ManifestError(
+        f"{path}:{lineno}: not UTF-8 text (bytes {bad.hex(' ')} at byte {error.start + 1} of the line: "
+        f"{line[: error.start].decode('utf-8', 'replace')[-40:]!r} is followed by them); save the file "
+        "as UTF-8, e.g. `iconv -f latin1 -t utf-8 in > out` for a Latin-1/Windows-1252 export"
+    )
+
+
+def text_lines(path: Path):
+    """The lines of a text file (line endings kept, as ``csv`` wants them), decoded one at a time so a
+    byte that is not UTF-8 is reported with its own line number; see the module docstring."""
+    with path.open("rb") as f:
+        head = f.read(4)
+        if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and not head.startswith(
+            codecs.BOM_UTF32_LE
+        ):
+            yield from _utf16_lines(path, head + f.read())
+            return
+        f.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, lineno, raw, e) from None
+
+
+def _utf16_lines(path: Path, data: bytes):
+    try:
+        text = data.decode("utf-16")  # the byte-order mark says which byte order, and is dropped
+    except UnicodeDecodeError as e:
+        lineno = data[: e.start].decode("utf-16", "replace").count("\n") + 1
+        raise ManifestError(
+            f"{path}:{lineno}: the file starts with a UTF-16 byte-order mark but is not valid UTF-16 "
+            f"({e.reason}); save it as UTF-8"
+        ) from None
+    yield from text.splitlines(keepends=True)
+
+
+def _check_strings(row: dict, path: Path, lineno: int) -> None:
+    """JSON can escape a lone surrogate (``"\\ud800"``), which no UTF-8 file or Arrow string can hold:
+    preparation would crash writing it. Refused here, naming the key."""
+    for key, value in row.items():
+        for s in (key, value):
+            if isinstance(s, str):
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ManifestError(
+                        f"{path}:{lineno}: {key!r} holds a lone surrogate {s[e.start]!r} (at character "
+                        f"{e.start + 1}); it is not text: fix the line (a UTF-16 pair split in two?)"
+                    ) from None
+
+
+def _csv_rows(path: Path, delimiter: str, **kwargs):
+    """Yield (row number, dict) of a CSV/TSV file with a header; the header is row 1. A csv error (a NUL
+    byte, an unterminated quote) names the file and row."""
+    reader = csv.DictReader(text_lines(path), delimiter=delimiter, **kwargs)
+    try:
+        yield reader.fieldnames
+        yield from enumerate(reader, 2)
+    except csv.Error as e:
+        raise ManifestError(f"{path}:{reader.line_num}: not valid {path.suffix[1:].upper()} ({e})") from None
+
+
 def _rows(path: Path):
     """Yield (line number, dict) from a JSONL or CSV/TSV manifest."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise ManifestError(f"{path}:{lineno}: each line must be a JSON object")
-                yield lineno, row
+        for lineno, line in enumerate(text_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ManifestError(f"{path}:{lineno}: each line must be a JSON object")
+            _check_strings(row, path, lineno)
+            yield lineno, row
     elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise ManifestError(
-                    f"{path}: header lacks columns {missing}; a manifest needs {list(REQUIRED_COLUMNS)} "
-                    f"(+ optional id, split), got {reader.fieldnames}"
-                )
-            for lineno, row in enumerate(reader, 2):
-                yield lineno, row
+        rows = _csv_rows(path, "\t" if suffix == ".tsv" else ",")
+        fieldnames = next(rows)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (fieldnames or [])]
+        if missing:
+            raise ManifestError(
+                f"{path}: header lacks columns {missing}; a manifest needs {list(REQUIRED_COLUMNS)} "
+                f"(+ optional id, split), got {fieldnames}"
+            )
+        yield from rows
     else:
         raise ManifestError(f"{path}: unknown manifest type {suffix!r}; use .jsonl, .csv or .tsv")
 
@@ -198,8 +269,8 @@ def read_ljspeech(
     speaker = speaker or root.name
     seen: dict[str, int] = {}
     out = []
-    with meta.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="|", quoting=csv.QUOTE_NONE)
+    reader = csv.reader(text_lines(meta), delimiter="|", quoting=csv.QUOTE_NONE)
+    try:
         for lineno, fields in enumerate(reader, 1):
             if not fields or not any(x.strip() for x in fields):
                 continue
@@ -221,6 +292,8 @@ def read_ljspeech(
                     speaker=speaker,
                 )
             )
+    except csv.Error as e:
+        raise ManifestError(f"{meta}:{reader.line_num}: not valid pipe-separated text ({e})") from None
     return _finish(out, meta, languages)
 
 
@@ -241,15 +314,15 @@ def commonvoice_language(locale: str) -> str:
 
 
 def _tsv_rows(path: Path, required: tuple[str, ...]):
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(
-                f"{path}: header lacks columns {missing}; a Common Voice TSV needs {list(required)} "
-                f"(+ locale), got {reader.fieldnames}"
-            )
-        yield from enumerate(reader, 2)
+    rows = _csv_rows(path, "\t", quoting=csv.QUOTE_NONE)
+    fieldnames = next(rows)
+    missing = [c for c in required if c not in (fieldnames or [])]
+    if missing:
+        raise ManifestError(
+            f"{path}: header lacks columns {missing}; a Common Voice TSV needs {list(required)} "
+            f"(+ locale), got {fieldnames}"
+        )
+    yield from rows
 
 
 def read_commonvoice(

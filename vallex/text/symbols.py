@@ -65,6 +65,12 @@ class SymbolTable:
             raise SymbolTableError(
                 f"symbol table {path} is not readable JSON ({e}); restore it from a backup"
             ) from None
+        return cls.from_json(data, path)
+
+    @classmethod
+    def from_json(cls, data: object, path: str | os.PathLike) -> SymbolTable:
+        """The table in ``data`` (the parsed content of ``path``), checked: its shape, and its symbols
+        against the fingerprint stored with them, so a table reordered or edited by hand is refused."""
         if not isinstance(data, dict) or "symbols" not in data or "version" not in data:
             raise SymbolTableError(
                 f'symbol table {path} must be a JSON object {{"version": int, "symbols": [...]}}'

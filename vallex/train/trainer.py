@@ -16,6 +16,7 @@ from pathlib import Path
 
 from vallex.config import Config, save_config
 from vallex.files import is_uri, join, list_names, write_text_atomic
+from vallex.locks import locked
 from vallex.storage import check_storage
 from vallex.train.guard import ForgettingGuard, baseline_losses, describe_trips
 from vallex.train.metrics import (
@@ -323,6 +324,8 @@ def _best_checkpoint(result, metric: str, storage: str) -> dict | None:
     }
 
 
+# One run per run.name at a time: a second driver is refused, naming the first (see vallex.locks).
+@locked(lambda cfg, **_: cfg.train_dir, lambda cfg, **_: f"training run {cfg.run.name!r}")
 def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     """Run (or resume) training as configured; returns the report (also written to train_dir/report.json).
 
