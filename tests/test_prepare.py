@@ -31,7 +31,7 @@ SETTINGS = PrepareSection(
 
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory) -> Path:
-    return make_demo_corpus(tmp_path_factory.mktemp("demo"), seed=0, progress=False)
+    return make_demo_corpus(tmp_path_factory.mktemp("demo"), seed=0, scale=0, progress=False)
 
 
 def _rows(manifest: Path) -> list[dict]:
@@ -204,6 +204,7 @@ def test_resume_after_a_killed_run(ray_cluster, demo_manifest, tmp_path):
         f"corpus.source={src}",
         "prepare.rows_per_shard=1",
         "prepare.codec_actors=1",
+        "prepare.codec.kind=encodec",  # job.yaml's demo codec is fitted; this test is about EnCodec's shards
         "prepare.codec.pretrained=false",
         "run.seed=0",
     ]
