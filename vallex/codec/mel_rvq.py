@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import time
+import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
@@ -217,17 +218,25 @@ def fit_tables(wavs: Iterable[np.ndarray], settings: MelRVQSettings, progress: b
 
 
 def tables_bytes(tables: dict, settings: MelRVQSettings) -> bytes:
-    """The fitted file's bytes: plain arrays + settings as JSON text (an ``.npz``, no pickles)."""
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        mean=np.asarray(tables["mean"], dtype=np.float32),
-        std=np.asarray(tables["std"], dtype=np.float32),
-        codebooks=np.asarray(tables["codebooks"], dtype=np.float32),
-        settings=np.array(
+    """The fitted file's bytes: plain arrays + settings as JSON text, an ``.npz`` (no pickles).
+
+    Written entry by entry with a fixed timestamp (``np.savez`` stamps the current time into the zip),
+    so the same tables always give the same bytes and the same sha256.
+    """
+    arrays = {
+        "mean": np.asarray(tables["mean"], dtype=np.float32),
+        "std": np.asarray(tables["std"], dtype=np.float32),
+        "codebooks": np.asarray(tables["codebooks"], dtype=np.float32),
+        "settings": np.array(
             json.dumps({**settings.to_dict(), "tables_version": TABLES_VERSION}, sort_keys=True)
         ),
-    )
+    }
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as z:
+        for name, array in arrays.items():
+            entry = io.BytesIO()
+            np.lib.format.write_array(entry, array, allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), entry.getvalue())
     return buffer.getvalue()
 
 
