@@ -212,6 +212,9 @@ def test_fitted_codec_is_fitted_once_beside_the_shards_and_reused(ray_cluster, d
     (out / FITTED_NAME).write_bytes(tables_bytes(fit_tables([wavs[u.id] for u in utts], spec), spec))
     with pytest.raises(PrepareError, match=f"{FITTED_NAME}: sha256 .* the fitted codec changed"):
         prepare_corpus(utts, out, settings, progress=False)
+    (out / FITTED_NAME).unlink()
+    with pytest.raises(PrepareError, match=f"{FITTED_NAME} is missing but .*manifest.json says the shards"):
+        prepare_corpus(utts, out, settings, progress=False)
 
 
 def test_language_with_nothing_usable_is_an_error(ray_cluster, demo_manifest, tmp_path):

@@ -539,6 +539,7 @@ def fitted_codec(
     now on a seeded sample of the training split and written atomically beside the shards."""
     from vallex.codec import mel_rvq
     from vallex.codec.audio import AudioError, load_audio, resample
+    from vallex.codec.encodec import CodecError
     from vallex.codec.tokenizer import read_location
 
     spec = mel_rvq.MelRVQSettings.from_dict(codec)
@@ -589,7 +590,11 @@ def fitted_codec(
         ", ".join(sorted({u.language for u in sample})),
         spec.fit_frames,
     )
-    data = mel_rvq.tables_bytes(mel_rvq.fit_tables(wavs, spec, progress=progress), spec)
+    try:
+        tables = mel_rvq.fit_tables(wavs, spec, progress=progress)
+    except CodecError as e:
+        raise PrepareError(f"{e} (prepare.codec.kind=mel_rvq; a tiny corpus can use kind=encodec)") from None
+    data = mel_rvq.tables_bytes(tables, spec)
     write_bytes(path, data)  # whole or not at all; a killed fit leaves no file and the next run refits
     log.info(
         "mel_rvq codec: fitted in %.1f s (audio read included), written to %s", time.perf_counter() - t0, path
