@@ -489,12 +489,15 @@ class RecognizerSection:
     """Most training utterances read per language (0 = all; the recognizer holds them in memory)."""
     log_every: int = 100
     """Log the CTC loss and elapsed time every this many steps."""
+    eval_every: int = 0
+    """Also score every language's validation split every this many steps (0 = only at the end)."""
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "dim", "hidden", "cpus", "log_every"):
             _require(getattr(self, key) >= 1, key, "must be >= 1")
         _require(self.lr > 0, "lr", "must be > 0")
         _require(self.max_utterances >= 0, "max_utterances", "must be >= 0 (0 = all)")
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 = only at the end)")
 
 
 @dataclass
