@@ -3,7 +3,7 @@
     .venv/bin/python bench/recognizer.py runs/demo/prepare
     .venv/bin/python bench/recognizer.py runs/demo/prepare --steps 1500 --eval-every 250 --encoders lstm
 
-One command, the same corpus, seed and batches for every encoder (the 2-layer BiLSTM is the baseline):
+One command, the same corpus, seed and batches for every encoder (the first is the baseline):
 each trains for ``--steps`` on ``--threads`` torch threads, scoring every language's validation split
 every ``--eval-every`` steps. Printed per evaluation: training seconds (evaluation time excluded), CPU
 seconds of this process, and PER per language; then each encoder's seconds per step as a ratio to the
@@ -39,6 +39,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--encoders", default="lstm,transformer")
+    parser.add_argument("--layers", default="2,4", help="encoder layers, one per encoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the curves here")
     args = parser.parse_args()
@@ -48,7 +49,7 @@ def main() -> int:
     print(f"corpus {corpus.root}: codec {corpus.codec}")
     print(f"train {corpus.counts('train')}  valid {corpus.counts('valid')}")
     results = {}
-    for encoder in args.encoders.split(","):
+    for encoder, layers in zip(args.encoders.split(","), args.layers.split(","), strict=True):
         cpu0 = time.process_time()
         rec = train_recognizer(
             corpus,
@@ -59,6 +60,7 @@ def main() -> int:
             dim=args.dim,
             hidden=args.hidden,
             encoder=encoder,
+            layers=int(layers),
             threads=args.threads,
             log_every=args.eval_every,
             eval_every=args.eval_every,

@@ -25,7 +25,7 @@ from vallex.eval.recognizer import (
     train_recognizer,
 )
 
-TINY = {"dim": 32, "hidden": 32, "threads": 1, "log_every": 0}
+TINY = {"dim": 32, "hidden": 32, "layers": 2, "threads": 1, "log_every": 0}
 
 
 def test_edit_distance_hand_cases():
@@ -80,7 +80,7 @@ def phonetic(tmp_path_factory, one_thread):
         phonemes=(4, 12),
     )
     corpus = PreparedCorpus.open(root)
-    rec = train_recognizer(corpus, steps=150, batch_size=16, lr=5e-3, seed=0, **TINY)
+    rec = train_recognizer(corpus, steps=100, batch_size=16, lr=5e-3, seed=0, **TINY)
     return corpus, rec
 
 
