@@ -181,3 +181,12 @@ def test_training_is_deterministic_for_a_seed(phonetic):
         k: v for k, v in runs[1].meta.items() if k not in timing
     }
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_rows_too_short_for_a_ctc_alignment_are_counted_not_learnt(tmp_path):
+    # One frame per phoneme: after the stride-2 convolution no row has a frame per phoneme.
+    root = write_phonetic_corpus(tmp_path, {"en": 3}, valid_per_language=2, frames_per_phoneme=(1, 1))
+    with pytest.raises(
+        ValueError, match=r"no training utterance .*'en': \{'too short for its phonemes': 3\}"
+    ):
+        train_recognizer(PreparedCorpus.open(root), steps=1, **TINY)

@@ -144,6 +144,11 @@ class RecognizerShape:
     dropout: float = 0.1
 
 
+def output_frames(frames, shape: RecognizerShape):
+    """Frames after the strided convolution (an int or a tensor): the CTC's time steps."""
+    return (frames + 2 * (shape.kernel // 2) - shape.kernel) // shape.stride + 1
+
+
 class RecognizerNet(nn.Module):
     """codes [B, Q, T] -> CTC log-probabilities [B, T', num_symbols] over the symbol table."""
 
@@ -193,8 +198,7 @@ class RecognizerNet(nn.Module):
         self.register_buffer("mask_bias", torch.where(allowed, 0.0, -1e4), persistent=False)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        s = self.shape
-        return (lengths + 2 * (s.kernel // 2) - s.kernel) // s.stride + 1
+        return output_frames(lengths, self.shape)
 
     def forward(self, codes: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         frames = codes.shape[-1]
@@ -391,10 +395,9 @@ class _Utterances:
 def _read_split(
     corpus: PreparedCorpus, split: str, shape: RecognizerShape, max_per_language: int = 0
 ) -> tuple[_Utterances, dict]:
-    """Every language's ``split`` rows as (codes, scored references); rows the CTC cannot learn from
-    (no scored phoneme, or fewer output frames than the alignment needs) are counted, not used."""
+    """Every language's ``split`` rows as (codes, scored references). Rows without a scored phoneme, and
+    training rows with fewer output frames than a CTC alignment needs, are counted, not used."""
     mask = scored_mask(corpus.symbols)
-    kernel, stride = shape.kernel, shape.stride
     codes, refs, langs = [], [], []
     skipped: dict[str, dict[str, int]] = {}
     for lang in corpus.languages:
@@ -411,14 +414,12 @@ def _read_split(
                 raise ValueError(
                     f"{corpus.root}: {lang} {split} row {k}: {e}; re-run ray_jobs/prepare.py"
                 ) from None
-            # CTC needs one output frame per label, plus a blank between equal neighbours.
+            # CTC needs one output frame per label, plus a blank between equal neighbours. A
+            # validation row that is too short stays: it is scored (its misses count), only not learnt.
             need = len(ref) + sum(a == b for a, b in zip(ref, ref[1:], strict=False))
-            out_frames = (frames + 2 * (kernel // 2) - kernel) // stride + 1  # RecognizerNet.output_lengths
-            reason = (
-                "no scored phoneme"
-                if not ref
-                else ("too short for its phonemes" if out_frames < need else "")
-            )
+            reason = "no scored phoneme" if not ref else ""
+            if split == "train" and output_frames(frames, shape) < need:
+                reason = "too short for its phonemes"
             if reason:
                 skipped.setdefault(lang, {}).setdefault(reason, 0)
                 skipped[lang][reason] += 1
