@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--encoders", default="lstm,transformer")
     parser.add_argument("--layers", default="2,4", help="encoder layers, one per encoder")
+    parser.add_argument("--alpha", type=float, default=0.5, help="language share ~ n ** alpha")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the curves here")
     args = parser.parse_args()
@@ -61,6 +62,7 @@ def main() -> int:
             hidden=args.hidden,
             encoder=encoder,
             layers=int(layers),
+            alpha=args.alpha,
             threads=args.threads,
             log_every=args.eval_every,
             eval_every=args.eval_every,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from vallex.eval.recognizer import (
     Recognizer,
     RecognizerError,
     RecognizerNet,
+    _epoch_pool,
     edit_distance,
     greedy_ctc_decode,
     phoneme_error_rate,
@@ -181,6 +183,12 @@ def test_training_is_deterministic_for_a_seed(phonetic):
         k: v for k, v in runs[1].meta.items() if k not in timing
     }
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_small_languages_are_repeated_in_each_epoch():
+    langs = ["en"] * 8 + ["ar"] * 2
+    share = {a: Counter(langs[i] for i in _epoch_pool(langs, a)) for a in (1.0, 0.5, 0.0)}
+    assert share == {1.0: {"en": 8, "ar": 2}, 0.5: {"en": 8, "ar": 4}, 0.0: {"en": 8, "ar": 8}}
 
 
 def test_rows_too_short_for_a_ctc_alignment_are_counted_not_learnt(tmp_path):

@@ -492,6 +492,9 @@ class RecognizerSection:
     """CPUs of the Ray task that trains it (its torch threads)."""
     max_utterances: int = 0
     """Most training utterances read per language (0 = all; the recognizer holds them in memory)."""
+    alpha: float = 0.5
+    """A language's share of the training batches goes as n ** alpha (n: its utterances; small
+    languages' rows are repeated): 1 = proportional, 0 = every language equally."""
     log_every: int = 100
     """Log the CTC loss and elapsed time every this many steps."""
     eval_every: int = 0
@@ -503,6 +506,7 @@ class RecognizerSection:
         _require(self.lr > 0, "lr", "must be > 0")
         _require(self.encoder != "transformer" or self.dim % 4 == 0, "dim", "must be divisible by 4 (heads)")
         _require(self.max_utterances >= 0, "max_utterances", "must be >= 0 (0 = all)")
+        _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 = only at the end)")
 
 

@@ -439,6 +439,16 @@ def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generat
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def _epoch_pool(languages: list[str], alpha: float) -> np.ndarray:
+    """Row indices of one epoch: each language's rows repeated ``round((n_max / n) ** (1 - alpha))``
+    times, so a language's share goes as n ** alpha (as ``data.alpha``): a small language is seen
+    often enough to be learnt (alpha 1 = as many times as it has rows, 0 = every language equally)."""
+    counts = {lang: languages.count(lang) for lang in set(languages)}
+    most = max(counts.values())
+    repeats = {lang: max(1, round((most / n) ** (1 - alpha))) for lang, n in counts.items()}
+    return np.array([i for i, lang in enumerate(languages) for _ in range(repeats[lang])], dtype=np.int64)
+
+
 def per_language(rec: Recognizer, data: _Utterances) -> dict[str, float]:
     """The recognizer's PER on ``data``, per language (sorted)."""
     hyps = rec.transcribe(data.codes)
@@ -463,6 +473,7 @@ def train_recognizer(
     dropout: float = 0.1,
     threads: int = 0,
     max_utterances: int = 0,
+    alpha: float = 0.5,
     log_every: int = 100,
     eval_every: int = 0,
     progress: Callable[[str], None] | None = None,
@@ -471,7 +482,8 @@ def train_recognizer(
     validation split (``meta["valid_per"]``). Deterministic for a ``seed`` on CPU. Does not save it.
 
     ``threads`` > 0 sets torch's CPU threads for the run; ``max_utterances`` > 0 caps the training rows
-    read per language; a line with the loss and elapsed time goes to ``progress`` (default: the
+    read per language; ``alpha`` sets how often a small language's rows are seen (a language's share
+    of the batches goes as n ** alpha, see ``_epoch_pool``); a line with the loss and elapsed time goes to ``progress`` (default: the
     ``vallex.eval`` logger) every ``log_every`` steps (0 = none). ``eval_every`` > 0 also scores the
     validation splits every that many steps (``meta["curve"]``: step, training seconds, PER per language).
     """
@@ -498,6 +510,7 @@ def train_recognizer(
                 dropout=dropout,
             ),
             max_utterances,
+            alpha,
             log_every,
             eval_every,
             progress or log.info,
@@ -506,7 +519,7 @@ def train_recognizer(
         torch.set_num_threads(before_threads)
 
 
-def _train(corpus, steps, batch_size, lr, seed, shape, max_utterances, log_every, eval_every, say):
+def _train(corpus, steps, batch_size, lr, seed, shape, max_utterances, alpha, log_every, eval_every, say):
     t0 = time.perf_counter()
     train, skipped = _read_split(corpus, "train", shape, max_utterances)
     valid, valid_skipped = _read_split(corpus, "valid", shape)
@@ -537,14 +550,15 @@ def _train(corpus, steps, batch_size, lr, seed, shape, max_utterances, log_every
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     ctc = nn.CTCLoss(blank=BLANK_ID, reduction="sum", zero_infinity=True)
-    lengths = np.array([c.shape[1] for c in train.codes])
+    pool = _epoch_pool(train.languages, alpha)
+    lengths = np.array([train.codes[i].shape[1] for i in pool])
     batches: list[np.ndarray] = []
     net.train()
     running, seen, t_train, eval_seconds, curve = 0.0, 0, time.perf_counter(), 0.0, []
     for step in range(steps):
         if not batches:
             batches = _length_batches(lengths, batch_size, rng)
-        idx = batches.pop()
+        idx = pool[batches.pop()]
         codes, code_lengths = _pad_codes([train.codes[i] for i in idx])
         targets = torch.tensor([p for i in idx for p in train.refs[i]], dtype=torch.long)
         target_lengths = torch.tensor([len(train.refs[i]) for i in idx], dtype=torch.long)
@@ -595,6 +609,7 @@ def _train(corpus, steps, batch_size, lr, seed, shape, max_utterances, log_every
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
+        "alpha": alpha,
         "seed": seed,
         "train_utterances": counts,
         "train_skipped": skipped,
@@ -671,6 +686,7 @@ def train_recognizer_on_ray(cfg: Config) -> dict:
         "encoder": rc.encoder,
         "threads": rc.cpus,
         "max_utterances": rc.max_utterances,
+        "alpha": rc.alpha,
         "log_every": rc.log_every,
         "eval_every": rc.eval_every,
     }
