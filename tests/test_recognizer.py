@@ -198,3 +198,15 @@ def test_rows_too_short_for_a_ctc_alignment_are_counted_not_learnt(tmp_path):
         ValueError, match=r"no training utterance .*'en': \{'too short for its phonemes': 3\}"
     ):
         train_recognizer(PreparedCorpus.open(root), steps=1, **TINY)
+
+
+def test_ensure_recognizer_finds_the_saved_one_without_training(phonetic, tmp_path, monkeypatch):
+    from vallex.config import load_config
+    from vallex.eval import recognizer as module
+
+    corpus, rec = phonetic
+    root = tmp_path / "prepare"
+    shutil.copytree(corpus.root, root)
+    rec.save(str(root))
+    monkeypatch.setattr(module, "train_recognizer_on_ray", lambda cfg: pytest.fail("trained again"))
+    assert module.ensure_recognizer(load_config(None, [f"run.prepared_dir={root}"])) == rec.meta

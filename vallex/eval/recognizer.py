@@ -691,7 +691,7 @@ def train_recognizer_on_ray(cfg: Config) -> dict:
         "eval_every": rc.eval_every,
     }
     log.info(
-        "training the phoneme recognizer on %s (%d steps x %d utterances, %d CPUs) on Ray",
+        "training the phoneme recognizer on %s (%d steps x %d utterances, %d CPU) on Ray",
         cfg.prepare_dir,
         rc.steps,
         rc.batch_size,
