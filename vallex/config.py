@@ -473,7 +473,7 @@ class TuneSection:
 class RecognizerSection:
     """The phoneme recognizer that scores intelligibility (``ray_jobs/recognizer.py``; saved beside the shards)."""
 
-    steps: int = 1500
+    steps: int = 1000
     """Training steps (one batch each) over every language's prepared train split."""
     batch_size: int = 16
     """Utterances per step (batches hold utterances of similar length)."""
