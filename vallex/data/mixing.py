@@ -285,6 +285,23 @@ class _PlannedMix(Datasource):
         ]
 
 
+def planned_datasource(
+    corpus: PreparedCorpus,
+    weights: Mapping[str, float],
+    *,
+    num_rows: int,
+    seed: int,
+    window_rows: int,
+    start_row: int = 0,
+    columns: list[str] | None = None,
+) -> Datasource:
+    """The ``planned`` strategy's Ray Data datasource (what :func:`build_mixed_dataset` reads)."""
+    windows = plan_mix(
+        corpus, weights, num_rows=num_rows, seed=seed, window_rows=window_rows, start_row=start_row
+    )
+    return _PlannedMix(windows, columns)
+
+
 # ---------------------------------------------------------------------------------------------------
 # mix (Ray Dataset.mix baseline)
 # ---------------------------------------------------------------------------------------------------
