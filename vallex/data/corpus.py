@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -74,9 +75,14 @@ def _check_shard(shard: str, manifest_path: str, lang: str) -> None:
     check_schema(pq.read_schema(shard), shard)
 
 
-def _count_split(path: str, split: str) -> int:
-    column = pq.read_table(path, columns=["split"])["split"]
-    return int(pc.sum(pc.equal(column, split)).as_py() or 0)
+def _count_split_groups(path: str, split: str) -> list[int]:
+    """Rows of ``split`` in each Parquet row group of ``path`` (reads the ``split`` column only)."""
+    file = pq.ParquetFile(path)
+    column = file.read(columns=["split"])["split"]
+    hits = pc.equal(column, split).to_numpy(zero_copy_only=False)
+    sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+    bounds = np.cumsum([0, *sizes])
+    return [int(hits[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 @dataclass(frozen=True)
@@ -179,18 +185,24 @@ class PreparedCorpus:
         Checked against the manifest's count, since a planner that trusts a wrong count would ask a
         shard for rows it does not have.
         """
+        return [sum(groups) for groups in self.group_rows(lang, split)]
+
+    def group_rows(self, lang: str, split: str = "train") -> list[list[int]]:
+        """Rows of ``split`` in each Parquet row group of each of ``lang``'s shards (manifest order;
+        reads only the ``split`` column; cached; checked against the manifest's count). The mixer reads
+        row groups, not whole shards, so it needs to know where each group's rows are."""
         key = (lang, split)
         if key not in self._shard_rows_cache:
             with ThreadPoolExecutor(max_workers=8) as pool:  # footers + one tiny column: I/O bound
-                rows = list(pool.map(partial(_count_split, split=split), self.shards(lang)))
-            want = self.counts(split)[lang]
-            if sum(rows) != want:
+                groups = list(pool.map(partial(_count_split_groups, split=split), self.shards(lang)))
+            got, want = sum(map(sum, groups)), self.counts(split)[lang]
+            if got != want:
                 raise CorpusError(
                     f"{join(self.root, MANIFEST_NAME)}: languages.{lang}.utterances.{split} is {want} but its "
-                    f"shards hold {sum(rows)} {split} rows; re-run ray_jobs/prepare.py"
+                    f"shards hold {got} {split} rows; re-run ray_jobs/prepare.py"
                 )
-            self._shard_rows_cache[key] = rows
-        return list(self._shard_rows_cache[key])
+            self._shard_rows_cache[key] = groups
+        return [list(g) for g in self._shard_rows_cache[key]]
 
     def read_split(self, lang: str, split: str, columns: list[str] | None = None) -> pa.Table:
         """All of ``lang``'s rows in ``split`` as one table. Meant for validation sets, which are small;
