@@ -1,6 +1,6 @@
 """How the data path's costs grow with languages and run length (issue 18).
 
-    .venv/bin/python bench/scale.py                        # L = 4, 32, 128; 20k rows read; plans of 1e4..1e6 rows
+    .venv/bin/python bench/scale.py                        # L = 4, 32, 128; 50k rows read; plans of 1e4..1e6 rows
     .venv/bin/python bench/scale.py --langs 4 128 --read-rows 50000 --plan-rows 10000 1000000
 
 One command, one synthetic prepared corpus per language count (``vallex.data.synthetic``; no audio),
@@ -11,7 +11,8 @@ Zipf-like, at least 20 rows: a few large languages and a long tail of tiny ones)
 
 Per language count it prints:
 
-- **raw**: a plain ``pyarrow.parquet.read_table`` of every shard once (rows/s, the baseline);
+- **raw**: a plain ``pyarrow.parquet.read_table`` of every shard once (rows/s, the baseline; best of
+  ``--repeat`` rounds, as is the mixer's figure);
 - **mixer**: the planned mixed stream's read tasks (``vallex.data.mixing``'s datasource), run one
   after another in this process, exactly the functions Ray Data calls, without Ray (so that the bytes
   can be counted and the figure is the mixer's own cost, not the scheduler's): rows/s, ratio to raw,
@@ -154,9 +155,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--langs", type=int, nargs="+", default=[4, 32, 128])
     p.add_argument("--corpus-rows", type=int, default=40000, help="train rows per corpus (all L)")
-    p.add_argument("--read-rows", type=int, default=20000, help="mixed rows read per corpus")
+    p.add_argument("--read-rows", type=int, default=50000, help="mixed rows read per corpus")
     p.add_argument("--plan-rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--prepare-rows", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    p.add_argument("--repeat", type=int, default=3, help="rounds of raw + mixer reads; the best is kept")
     p.add_argument("--row-group-rows", type=int, default=0, help="shard row group size (0: pyarrow's)")
     args = p.parse_args()
     print(
@@ -180,8 +182,12 @@ def main() -> None:
             weights = temperature_weights(sizes)
             nbytes, nrows = corpus_bytes(corpus)
             row_size = nbytes / nrows
-            raw = raw_read(corpus)
-            m = mixer(corpus, weights, args.read_rows)
+            # Best of --repeat, raw and mixer alternating: the machine is shared and its load drifts.
+            raw, m = 0.0, None
+            for _ in range(args.repeat):
+                raw = max(raw, raw_read(corpus))
+                r = mixer(corpus, weights, args.read_rows)
+                m = r if m is None or r["rows_per_s"] > m["rows_per_s"] else m
             err = m["stats"].max_abs_error(weights)
             w = np.array(sorted(weights.values()))
             print(

@@ -33,8 +33,9 @@ Two strategies, both streaming (a few shards in memory per read task, never the 
 from __future__ import annotations
 
 import math
+import os
 import zlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -48,6 +49,7 @@ from ray.data import Datasource, MixStoppingCondition, ReadTask
 from ray.data.block import BlockMetadata
 
 from vallex.data.corpus import PreparedCorpus
+from vallex.files import is_uri
 
 TRAIN_SPLIT = "train"
 STRATEGIES = ("planned", "mix")
@@ -304,6 +306,33 @@ def plan_mix(
     return list(plan.windows(first, plan.num_windows, taken, skip))
 
 
+_FOOTERS: OrderedDict[tuple, pq.FileMetaData] = OrderedDict()
+FOOTERS_KEPT = 1024  # per worker process: ~30 KiB each for a 2,000-row shard of 64-row groups
+
+
+def _open_shard(path: str, opened: dict[str, pq.ParquetFile]) -> pq.ParquetFile:
+    """``path`` opened with its footer read once per worker process (local files, keyed by size and
+    mtime, so a rewritten shard is read afresh) or once per read task (``opened``; URIs): a read task
+    reads a few row groups of each shard, and re-reading the footer each time costs as much as them."""
+    if path in opened:
+        return opened[path]
+    if is_uri(path):
+        file = pq.ParquetFile(path)
+    else:
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        meta = _FOOTERS.get(key)
+        file = pq.ParquetFile(path, metadata=meta)
+        _FOOTERS[key] = file.metadata
+        _FOOTERS.move_to_end(key)
+        if len(_FOOTERS) > FOOTERS_KEPT:
+            _FOOTERS.popitem(last=False)
+    if len(opened) >= 256:  # file handles: keep well under the process's limit
+        opened.clear()
+    opened[path] = file
+    return file
+
+
 class _GroupReader:
     """Reads the Parquet row groups a read task's pieces need, keeping the last few of each language
     (a window takes a few consecutive rows of a group; the next window of the task continues there),
@@ -313,8 +342,8 @@ class _GroupReader:
         self.read_columns = None if columns is None else sorted(set(columns) | {"split"})
         self.keep = keep
         self._groups: dict[str, dict[tuple[str, int], tuple[pa.Table, np.ndarray]]] = {}
-        self._files: dict[str, pq.ParquetFile] = {}
         self._layouts: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        self._files: dict[str, pq.ParquetFile] = {}
 
     def _group(self, lang: str, path: str, g: int, expected: int) -> tuple[pa.Table, np.ndarray]:
         cache = self._groups.setdefault(lang, {})
@@ -322,11 +351,7 @@ class _GroupReader:
         if key in cache:
             cache[key] = cache.pop(key)  # most recently used last
             return cache[key]
-        if path not in self._files:
-            if len(self._files) > 4 * self.keep * max(1, len(self._groups)):
-                self._files.clear()
-            self._files[path] = pq.ParquetFile(path)
-        table = self._files[path].read_row_group(g, columns=self.read_columns)
+        table = _open_shard(path, self._files).read_row_group(g, columns=self.read_columns)
         train = np.flatnonzero(pc.equal(table["split"], TRAIN_SPLIT).to_numpy(zero_copy_only=False))
         if len(train) != expected:
             raise RuntimeError(
@@ -354,25 +379,38 @@ class _GroupReader:
                 ]
         return self._layouts[key]
 
-    def read(self, piece: Piece) -> list[pa.Table]:
-        out, pos = [], 0
+    def read(self, piece: Piece) -> Iterator[tuple[tuple[str, int], pa.Table, np.ndarray]]:
+        """``(group key, group table, rows of it)`` covering ``piece``, in the piece's order."""
+        pos = 0
         for g, order in self._layout(piece):
             lo, hi = max(piece.start - pos, 0), min(piece.stop - pos, len(order))
             if lo < hi:
                 table, train = self._group(piece.lang, piece.path, g, len(order))
-                out.append(table.take(train[order[lo:hi]]))
+                yield (piece.path, g), table, train[order[lo:hi]]
             pos += len(order)
             if pos >= piece.stop:
                 break
-        return out
 
 
 def _window_table(window: Window, reader: _GroupReader, columns: list[str] | None) -> pa.Table:
-    parts = [_project(t, columns) for piece in window.pieces for t in reader.read(piece)]
-    table = pa.concat_tables(parts)
+    # One take over the groups the window touches (a take per piece costs more than the reads at
+    # 100+ languages): each group once, the rows as indices into their concatenation.
+    first_row: dict[tuple[str, int], int] = {}  # group -> its first row in the concatenation
+    tables, rows, total = [], [], 0
+    for piece in window.pieces:
+        for key, table, idx in reader.read(piece):
+            if key not in first_row:
+                first_row[key] = total
+                tables.append(table)
+                total += table.num_rows
+            rows.append(first_row[key] + idx)
     # Row-level interleave: any run of consecutive rows holds the languages about in ratio.
-    order = np.random.default_rng(list(window.seed)).permutation(table.num_rows)
-    return table.take(order[window.skip :])
+    rows = np.concatenate(rows)
+    order = np.random.default_rng(list(window.seed)).permutation(len(rows))
+    table = pa.concat_tables(
+        [_project(t, columns) for t in tables]
+    ).combine_chunks()  # take is slow on many chunks
+    return table.take(rows[order[window.skip :]])
 
 
 def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, columns) -> Iterable[pa.Table]:
@@ -384,7 +422,7 @@ def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, col
         yield _window_table(window, reader, columns)
 
 
-TASK_WINDOWS = 8  # windows per read task: a language's row group is read once per task, not per window
+TASK_WINDOWS = 16  # windows per read task: a language's row group is read once per task, not per window
 
 
 class _PlannedMix(Datasource):
