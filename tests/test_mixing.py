@@ -343,3 +343,13 @@ def test_each_rank_reads_its_own_share_of_the_validation_rows(tmp_path):
         split_source(corpus, ["en"], "valid", -1)
     with pytest.raises(ConfigError, match=r"data.valid_max_rows"):
         config_from_dict({"data": {"valid_max_rows": -1}})
+
+
+def test_prepare_writes_shards_in_row_groups_the_mixer_can_read_alone(tmp_path):
+    from vallex.data.prepare import _write_parquet
+    from vallex.data.schema import ROW_GROUP_ROWS
+
+    table = pa.table({"x": list(range(2 * ROW_GROUP_ROWS + 5))})
+    _write_parquet(table, str(tmp_path / "part-00000.parquet"), ROW_GROUP_ROWS)
+    meta = pq.ParquetFile(tmp_path / "part-00000.parquet").metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [ROW_GROUP_ROWS, ROW_GROUP_ROWS, 5]
