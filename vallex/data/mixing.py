@@ -7,15 +7,22 @@ its share (an upsampled low-resource language), and every batch should hold seve
 Two strategies, both streaming (a few shards in memory per read task, never the corpus):
 
 ``planned`` (default)
-    The driver plans the whole run up front: the output is cut into windows of ``window_rows`` rows,
-    each window gets an exact per-language row count (cumulative largest remainder, so every prefix
-    of windows is within one row per language of its target), and each language's rows come from
-    consecutive *passes* over its shards, every pass with a fresh shard order and a fresh row order
-    inside each shard, all drawn from ``seed``. One read task builds one window: it reads the shard
-    slices the plan names and interleaves the languages row by row. Ratios are exact by
-    construction, per window, and so per Ray Train worker too (``streaming_split`` hands out whole
-    blocks); batches mix languages without relying on a shuffle buffer; and there is a single Ray
-    Data operator, so nothing can starve.
+    The output is cut into windows of ``window_rows`` rows, each window gets an exact per-language
+    row count (cumulative largest remainder, so every prefix of windows is within one row per
+    language of its target), and each language's rows come from consecutive *passes* over its
+    shards, every pass with a fresh shard order, a fresh Parquet row-group order inside each shard
+    and a fresh row order inside each group, all drawn from ``seed``. A read task builds
+    ``TASK_WINDOWS`` consecutive windows, one block each: it reads the row groups the windows' slices
+    touch, keeping each language's current groups between windows (a reader that keeps its position),
+    and interleaves the languages row by row. Ratios are exact by construction, per window, and so
+    per Ray Train worker too (``streaming_split`` hands out whole blocks); batches mix languages
+    without relying on a shuffle buffer; and there is a single Ray Data operator, so nothing can starve.
+
+    Costs grow with the rows, not with languages x windows (measured in bench/scale.py): the plan
+    (:class:`MixPlan`) is O(languages + row groups) to describe and computes window ``k`` on demand;
+    the driver walks the counts once to hand each read task its starting positions (O(languages)
+    per task); a row group is read about once per visit of its pass, plus one per language at each
+    read task's edges, and each shard's footer once per worker process.
 
 ``mix``
     Ray's ``Dataset.mix`` over one source per language (repeated enough passes to supply its share,
