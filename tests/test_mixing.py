@@ -352,4 +352,8 @@ def test_prepare_writes_shards_in_row_groups_the_mixer_can_read_alone(tmp_path):
     table = pa.table({"x": list(range(2 * ROW_GROUP_ROWS + 5))})
     _write_parquet(table, str(tmp_path / "part-00000.parquet"), ROW_GROUP_ROWS)
     meta = pq.ParquetFile(tmp_path / "part-00000.parquet").metadata
-    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [ROW_GROUP_ROWS, ROW_GROUP_ROWS, 5]
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [
+        ROW_GROUP_ROWS,
+        ROW_GROUP_ROWS,
+        5,
+    ]
