@@ -16,6 +16,8 @@ the multiset of rows is the same but the order is not (tasks that finish early o
 from __future__ import annotations
 
 import json
+import math
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -24,7 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vallex.data.corpus import CorpusError, PreparedCorpus
+from vallex.config import ConfigError, config_from_dict
+from vallex.data import mixing
+from vallex.data.corpus import CorpusError, PreparedCorpus, read_split_share, split_source
 from vallex.data.mixing import MixStats, build_mixed_dataset, plan_mix, window_counts
 from vallex.data.schema import SHARD_SCHEMA
 from vallex.data.synthetic import write_synthetic_corpus
@@ -268,3 +272,138 @@ def test_mix_stats_arithmetic():
     assert stats.fractions() == {"ar": 0.5, "en": 0.375, "zh": 0.125}
     assert stats.mean_languages_per_batch == 1.5
     assert stats.max_abs_error({"en": 1, "zh": 1, "ar": 2}) == pytest.approx(0.125)
+
+
+# --------------------------------------------------------------------------------------------------
+# growth: row-group reads, a plan computed on demand, validation read per worker (issue 18)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory) -> PreparedCorpus:
+    """Eight skewed languages in shards of 300 rows written as 16-row Parquet row groups."""
+    sizes = {"a": 1500, "b": 700, "c": 300, "d": 120, "e": 60, "f": 30, "g": 12, "h": 5}
+    root = write_synthetic_corpus(
+        tmp_path_factory.mktemp("grouped"), sizes, rows_per_shard=300, row_group_rows=16, seed=2
+    )
+    return PreparedCorpus.open(root)
+
+
+GROUPED_WEIGHTS = {"a": 0.3, "b": 0.2, "c": 0.15, "d": 0.1, "e": 0.1, "f": 0.08, "g": 0.05, "h": 0.02}
+
+
+def read_in_process(corpus, weights, monkeypatch, **kw) -> tuple[list[pa.Table], int]:
+    """The planned stream's blocks, from its read tasks run here (what Ray Data calls), and the rows
+    every Parquet read returned (whole-file reads and row-group reads alike)."""
+    rows_read = [0]
+    read_table, read_group = pq.read_table, pq.ParquetFile.read_row_group
+
+    def counted_table(*a, **k):
+        table = read_table(*a, **k)
+        rows_read[0] += table.num_rows
+        return table
+
+    def counted_group(self, *a, **k):
+        table = read_group(self, *a, **k)
+        rows_read[0] += table.num_rows
+        return table
+
+    monkeypatch.setattr(pq, "read_table", counted_table)
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted_group)
+    source = mixing.planned_datasource(corpus, weights, seed=0, **kw)
+    blocks = [b for task in source.get_read_tasks(1) for b in task()]
+    monkeypatch.undo()
+    return blocks, rows_read[0]
+
+
+def test_windows_read_only_the_row_groups_they_need_and_keep_exact_ratios(grouped, monkeypatch):
+    blocks, rows_read = read_in_process(grouped, GROUPED_WEIGHTS, monkeypatch, num_rows=8000, window_rows=256)
+    table = pa.concat_tables(blocks)
+    assert [b.num_rows for b in blocks] == [256] * 31 + [64]  # one block per window
+    assert set(table["split"].to_pylist()) == {"train"}
+    stats = MixStats()
+    stats.update(table["language"].to_numpy(zero_copy_only=False))
+    assert stats.fractions() == pytest.approx(GROUPED_WEIGHTS, abs=1e-9)
+    # Upsampled by whole passes: h's 5 train rows are each drawn 160 / 5 = 32 times.
+    h_draws = Counter(u for u in table["utt_id"].to_pylist() if u.startswith("h-"))
+    assert len(h_draws) == 5 and set(h_draws.values()) == {32}
+    # Whole shards per window would read ~8 languages x 300 rows per 256 delivered (~9x); row groups
+    # read once per visit keep it near 1x (valid rows and the groups at task edges are the rest).
+    assert rows_read / table.num_rows < 1.5
+
+
+def test_row_groups_keep_determinism_and_exact_resume(grouped, monkeypatch):
+    def ids(**kw):
+        blocks, _ = read_in_process(
+            grouped, GROUPED_WEIGHTS, monkeypatch, num_rows=5000, window_rows=200, **kw
+        )
+        return [u for b in blocks for u in b["utt_id"].to_pylist()]
+
+    first = ids()
+    assert ids() == first
+    for start in (1, 1999, 3203):  # inside a window, inside a read task, in a later task
+        assert ids(start_row=start) == first[start:]
+    eager = plan_mix(grouped, GROUPED_WEIGHTS, num_rows=5000, seed=0, window_rows=200)
+    assert [sum(w.counts().values()) for w in eager] == [200] * 25
+
+
+def test_the_plan_is_described_in_o_languages_not_o_run(grouped):
+    def size(num_rows):
+        source = mixing.planned_datasource(
+            grouped, GROUPED_WEIGHTS, num_rows=num_rows, seed=0, window_rows=256
+        )
+        return len(pickle.dumps(source))
+
+    assert size(10**9) - size(10**4) < 16  # a 10^9-row plan holds no more than a 10^4-row one
+    # A read task is described by its first window and the rows taken so far: O(languages).
+    source = mixing.planned_datasource(grouped, GROUPED_WEIGHTS, num_rows=10**5, seed=0, window_rows=256)
+    tasks = source.get_read_tasks(1)
+    assert len(tasks) == math.ceil(math.ceil(10**5 / 256) / mixing.TASK_WINDOWS)
+    assert max(len(pickle.dumps(t)) for t in tasks) - min(len(pickle.dumps(t)) for t in tasks) < 64
+    # Window k on demand equals window k of the whole walked plan.
+    plan = source._plan
+    k, _, _, taken = next(plan.walk(300, 301))
+    on_demand = next(plan.windows(k, k + 1, taken))
+    assert (
+        on_demand.counts()
+        == plan_mix(grouped, GROUPED_WEIGHTS, num_rows=10**6, seed=0, window_rows=256, start_row=3000 * 256)[
+            0
+        ].counts()
+    )
+
+
+def test_each_rank_reads_its_own_share_of_the_validation_rows(tmp_path):
+    root = write_synthetic_corpus(
+        tmp_path, {"en": 700, "zh": 90}, valid_per_language=37, rows_per_shard=100, row_group_rows=16
+    )
+    corpus = PreparedCorpus.open(root)
+    for cap in (0, 10, 1000):
+        source = split_source(corpus, ["en", "zh"], "valid", cap)
+        assert json.loads(json.dumps(source)) == source  # paths and numbers only travel to workers
+        for world in (1, 2, 3):
+            shares = [read_split_share(source, rank, world) for rank in range(world)]
+            for lang in ("en", "zh"):
+                full = corpus.read_split(lang, "valid")
+                full = full.slice(0, cap) if cap else full
+                for rank in range(world):
+                    # The same rows, in the same order, as the driver-side read's every world-th row.
+                    assert shares[rank][lang].equals(full.take(list(range(rank, full.num_rows, world))))
+    assert read_split_share(split_source(corpus, ["zh"], "valid", 10), 2, 3)["zh"].num_rows == 3  # 2, 5, 8
+    with pytest.raises(ValueError, match=r"max_rows must be >= 0"):
+        split_source(corpus, ["en"], "valid", -1)
+    with pytest.raises(ConfigError, match=r"data.valid_max_rows"):
+        config_from_dict({"data": {"valid_max_rows": -1}})
+
+
+def test_prepare_writes_shards_in_row_groups_the_mixer_can_read_alone(tmp_path):
+    from vallex.data.prepare import _write_parquet
+    from vallex.data.schema import ROW_GROUP_ROWS
+
+    table = pa.table({"x": list(range(2 * ROW_GROUP_ROWS + 5))})
+    _write_parquet(table, str(tmp_path / "part-00000.parquet"), ROW_GROUP_ROWS)
+    meta = pq.ParquetFile(tmp_path / "part-00000.parquet").metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [
+        ROW_GROUP_ROWS,
+        ROW_GROUP_ROWS,
+        5,
+    ]

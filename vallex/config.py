@@ -214,6 +214,11 @@ class DataSection:
     bucket_rows: int = 1024
     """With max_tokens: rows each worker gathers and sorts by length before cutting them into batches,
     emitted in a seeded random order. Larger = less padding, more memory per worker."""
+    valid_max_rows: int = 1000
+    """Validation rows per language (the first ones, in shard order); 0 = every row. Each worker reads
+    its own share of them from the prepared shards, so this bounds each evaluation's time and each
+    worker's memory on a large corpus; corpora with fewer validation rows per language are evaluated
+    on all of them, as before this key existed."""
 
     def __post_init__(self):
         if isinstance(self.weights, str):
@@ -229,6 +234,7 @@ class DataSection:
         _require(self.shuffle_buffer >= 0, "shuffle_buffer", "must be >= 0")
         _require(self.max_tokens >= 0, "max_tokens", "must be >= 0 (0 = fixed batches of train.batch_size)")
         _require(self.bucket_rows >= 1, "bucket_rows", "must be >= 1")
+        _require(self.valid_max_rows >= 0, "valid_max_rows", "must be >= 0 (0 = every validation row)")
 
 
 @dataclass

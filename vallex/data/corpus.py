@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
@@ -157,9 +158,14 @@ def _committed_symbols(manifest: dict, table: dict, manifest_path: str, symbols_
     )
 
 
-def _count_split(path: str, split: str) -> int:
-    column = pq.read_table(path, columns=["split"])["split"]
-    return int(pc.sum(pc.equal(column, split)).as_py() or 0)
+def _count_split_groups(path: str, split: str) -> list[int]:
+    """Rows of ``split`` in each Parquet row group of ``path`` (reads the ``split`` column only)."""
+    file = pq.ParquetFile(path)
+    column = file.read(columns=["split"])["split"]
+    hits = pc.equal(column, split).to_numpy(zero_copy_only=False)
+    sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+    bounds = np.cumsum([0, *sizes])
+    return [int(hits[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 @dataclass(frozen=True)
@@ -275,18 +281,24 @@ class PreparedCorpus:
         Checked against the manifest's count, since a planner that trusts a wrong count would ask a
         shard for rows it does not have.
         """
+        return [sum(groups) for groups in self.group_rows(lang, split)]
+
+    def group_rows(self, lang: str, split: str = "train") -> list[list[int]]:
+        """Rows of ``split`` in each Parquet row group of each of ``lang``'s shards (manifest order;
+        reads only the ``split`` column; cached; checked against the manifest's count). The mixer reads
+        row groups, not whole shards, so it needs to know where each group's rows are."""
         key = (lang, split)
         if key not in self._shard_rows_cache:
             with ThreadPoolExecutor(max_workers=8) as pool:  # footers + one tiny column: I/O bound
-                rows = list(pool.map(partial(_count_split, split=split), self.shards(lang)))
-            want = self.counts(split)[lang]
-            if sum(rows) != want:
+                groups = list(pool.map(partial(_count_split_groups, split=split), self.shards(lang)))
+            got, want = sum(map(sum, groups)), self.counts(split)[lang]
+            if got != want:
                 raise CorpusError(
                     f"{join(self.root, MANIFEST_NAME)}: languages.{lang}.utterances.{split} is {want} but its "
-                    f"shards hold {sum(rows)} {split} rows; re-run ray_jobs/prepare.py"
+                    f"shards hold {got} {split} rows; re-run ray_jobs/prepare.py"
                 )
-            self._shard_rows_cache[key] = rows
-        return list(self._shard_rows_cache[key])
+            self._shard_rows_cache[key] = groups
+        return [list(g) for g in self._shard_rows_cache[key]]
 
     def read_split(self, lang: str, split: str, columns: list[str] | None = None) -> pa.Table:
         """All of ``lang``'s rows in ``split`` as one table. Meant for validation sets, which are small;
@@ -297,3 +309,59 @@ class PreparedCorpus:
         paths = [f"{root}/{rel}" for rel in self._entry(lang)["shards"]]
         dataset = pads.dataset(paths, format="parquet", schema=SHARD_SCHEMA, filesystem=fs)
         return dataset.to_table(columns=columns, filter=pads.field("split") == split)
+
+
+def split_source(corpus: PreparedCorpus, languages: list[str], split: str, max_rows: int = 0) -> dict:
+    """What a worker needs to read its share of ``split`` itself (:func:`read_split_share`): shard
+    paths per language and the per-language row cap (0 = every row). A few strings per shard, so
+    nothing but paths travels from the driver to the workers."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    if max_rows < 0:
+        raise ValueError(f"max_rows must be >= 0 (0 = every row), got {max_rows}")
+    return {
+        "split": split,
+        "max_rows": int(max_rows),
+        "shards": {lang: corpus.shards(lang) for lang in languages},
+    }
+
+
+def read_split_share(source: dict, rank: int, world: int) -> dict[str, pa.Table]:
+    """Rank ``rank``'s share of each language's ``split`` rows: rows ``rank, rank + world, ...`` of the
+    first ``max_rows`` (0: all) in :meth:`PreparedCorpus.read_split`'s order (shards in manifest order,
+    rows in file order), so the ranks' shares partition exactly the rows one driver-side read would give.
+
+    Reads the ``split`` column of each shard, then only the row groups holding this rank's rows, and
+    stops at the shard where the language's cap is reached: a worker holds its own share, never the
+    whole split."""
+    split, cap = source["split"], source["max_rows"] or None
+    out = {}
+    for lang, paths in source["shards"].items():
+        parts, seen = [], 0  # seen: split rows in earlier shards (the global index of this shard's first)
+        for path in paths:
+            if cap is not None and seen >= cap:
+                break
+            try:
+                file = pq.ParquetFile(path)
+                hits = np.flatnonzero(
+                    pc.equal(file.read(columns=["split"])["split"], split).to_numpy(zero_copy_only=False)
+                )
+            except OSError as e:
+                raise CorpusError(read_failure(path, e)) from None
+            index = seen + np.arange(len(hits))
+            keep = index % world == rank
+            if cap is not None:
+                keep &= index < cap
+            seen += len(hits)
+            rows = hits[keep]
+            if not len(rows):
+                continue
+            sizes = [file.metadata.row_group(g).num_rows for g in range(file.metadata.num_row_groups)]
+            starts = np.cumsum([0, *sizes])
+            group_of = np.searchsorted(starts, rows, side="right") - 1
+            groups = np.unique(group_of)
+            table = file.read_row_groups(groups.tolist())
+            offset = np.cumsum([0, *(sizes[g] for g in groups)])  # first row of each group in ``table``
+            parts.append(table.take(offset[np.searchsorted(groups, group_of)] + rows - starts[group_of]))
+        out[lang] = pa.concat_tables(parts) if parts else SHARD_SCHEMA.empty_table()
+    return out

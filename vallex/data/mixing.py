@@ -7,15 +7,22 @@ its share (an upsampled low-resource language), and every batch should hold seve
 Two strategies, both streaming (a few shards in memory per read task, never the corpus):
 
 ``planned`` (default)
-    The driver plans the whole run up front: the output is cut into windows of ``window_rows`` rows,
-    each window gets an exact per-language row count (cumulative largest remainder, so every prefix
-    of windows is within one row per language of its target), and each language's rows come from
-    consecutive *passes* over its shards, every pass with a fresh shard order and a fresh row order
-    inside each shard, all drawn from ``seed``. One read task builds one window: it reads the shard
-    slices the plan names and interleaves the languages row by row. Ratios are exact by
-    construction, per window, and so per Ray Train worker too (``streaming_split`` hands out whole
-    blocks); batches mix languages without relying on a shuffle buffer; and there is a single Ray
-    Data operator, so nothing can starve.
+    The output is cut into windows of ``window_rows`` rows, each window gets an exact per-language
+    row count (cumulative largest remainder, so every prefix of windows is within one row per
+    language of its target), and each language's rows come from consecutive *passes* over its
+    shards, every pass with a fresh shard order, a fresh Parquet row-group order inside each shard
+    and a fresh row order inside each group, all drawn from ``seed``. A read task builds
+    ``TASK_WINDOWS`` consecutive windows, one block each: it reads the row groups the windows' slices
+    touch, keeping each language's current groups between windows (a reader that keeps its position),
+    and interleaves the languages row by row. Ratios are exact by construction, per window, and so
+    per Ray Train worker too (``streaming_split`` hands out whole blocks); batches mix languages
+    without relying on a shuffle buffer; and there is a single Ray Data operator, so nothing can starve.
+
+    Costs grow with the rows, not with languages x windows (measured in bench/scale.py): the plan
+    (:class:`MixPlan`) is O(languages + row groups) to describe and computes window ``k`` on demand;
+    the driver walks the counts once to hand each read task its starting positions (O(languages)
+    per task); a row group is read about once per visit of its pass, plus one per language at each
+    read task's edges, and each shard's footer once per worker process.
 
 ``mix``
     Ray's ``Dataset.mix`` over one source per language (repeated enough passes to supply its share,
@@ -33,10 +40,11 @@ Two strategies, both streaming (a few shards in memory per read task, never the 
 from __future__ import annotations
 
 import math
+import os
 import zlib
-from collections import Counter
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -48,6 +56,7 @@ from ray.data import Datasource, MixStoppingCondition, ReadTask
 from ray.data.block import BlockMetadata
 
 from vallex.data.corpus import PreparedCorpus
+from vallex.files import is_uri
 
 TRAIN_SPLIT = "train"
 STRATEGIES = ("planned", "mix")
@@ -116,6 +125,7 @@ class Piece:
     shard_rows: int  # train rows in the shard, re-checked when read
     start: int
     stop: int
+    group_rows: tuple[int, ...] = ()  # train rows per Parquet row group (one group if empty)
 
 
 @dataclass(frozen=True)
@@ -138,47 +148,70 @@ class Window:
         return dict(out)
 
 
+def _next_counts(w: np.ndarray, taken: np.ndarray, start: int, end: int) -> np.ndarray:
+    """Rows per language of the window ``[start, end)`` after ``taken`` rows (see :func:`window_counts`)."""
+    deficit = w * end - taken  # sums to end - start exactly (up to float error)
+    n = np.maximum(np.floor(deficit), 0).astype(np.int64)
+    short = (end - start) - int(n.sum())
+    # Hand out (or take back) single rows by fractional part: at most one per language per window.
+    order = np.argsort(-(deficit - n), kind="stable")
+    if short > 0:
+        n[order[:short]] += 1
+    elif short < 0:
+        donors = [i for i in order[::-1] if n[i] > 0][:-short]
+        n[donors] -= 1
+    return n
+
+
 def window_counts(weights: Mapping[str, float], num_rows: int, window_rows: int) -> np.ndarray:
     """``[windows, languages]`` rows per window and language (languages in ``weights`` order).
 
     Each window's counts are the cumulative target ``w * rows_so_far`` minus what earlier windows
     took, rounded by largest remainder: every window boundary is within about one row per language of
-    the exact ratio, whatever the weights, and the run's total is exact.
+    the exact ratio, whatever the weights, and the run's total is exact. The planner computes the same
+    counts one window at a time (:meth:`MixPlan.counts`), never this whole array.
     """
     w = np.asarray(list(weights.values()), dtype=np.float64)
-    ends = np.minimum(np.arange(1, math.ceil(num_rows / window_rows) + 1) * window_rows, num_rows)
+    plan_rows = [
+        _next_counts(w, taken, start, end)
+        for start, end, taken in _count_walk(w, num_rows, window_rows, 0, math.ceil(num_rows / window_rows))
+    ]
+    return np.asarray(plan_rows, dtype=np.int64).reshape(-1, len(w))
+
+
+def _count_walk(w: np.ndarray, num_rows: int, window_rows: int, first: int, last: int):
+    """``(start, end, taken before)`` of windows ``first..last-1``, walking the counts from window 0
+    (O(languages) memory; the caller computes the window's counts from ``taken``)."""
     taken = np.zeros(len(w), dtype=np.int64)
-    out = np.empty((len(ends), len(w)), dtype=np.int64)
-    start = 0
-    for k, end in enumerate(ends):
-        deficit = w * end - taken  # sums to end - start exactly (up to float error)
-        n = np.maximum(np.floor(deficit), 0).astype(np.int64)
-        short = (end - start) - int(n.sum())
-        # Hand out (or take back) single rows by fractional part: at most one per language per window.
-        order = np.argsort(-(deficit - n), kind="stable")
-        if short > 0:
-            n[order[:short]] += 1
-        elif short < 0:
-            donors = [i for i in order[::-1] if n[i] > 0][:-short]
-            n[donors] -= 1
-        out[k] = n
-        taken += n
-        start = end
-    return out
+    for k in range(last):
+        start, end = k * window_rows, min((k + 1) * window_rows, num_rows)
+        if k >= first:
+            yield start, end, taken.copy()
+        taken += _next_counts(w, taken, start, end)
 
 
 class _LanguageStream:
-    """A language's train rows as an endless sequence of reshuffled passes over its shards."""
+    """A language's train rows as an endless sequence of reshuffled passes over its shards.
 
-    def __init__(self, lang: str, paths: list[str], shard_rows: list[int], seed: tuple[int, ...]):
+    A pass visits the shards in a shuffled order, each shard's Parquet row groups in a shuffled
+    order, and each group's train rows in a shuffled order (all drawn from ``seed`` and the pass), so
+    consecutive stream positions lie in one row group: a reader needs only the groups a window's
+    slice touches, not whole shards. A shard written as one row group is shuffled row by row, as
+    before row groups were used.
+    """
+
+    def __init__(self, lang: str, paths: list[str], group_rows: list[list[int]], seed: tuple[int, ...]):
         self.lang, self.paths, self.seed = lang, paths, seed
-        self.shard_rows = np.asarray(shard_rows, dtype=np.int64)
+        self.group_rows = [tuple(int(n) for n in g) for g in group_rows]
+        self.shard_rows = np.asarray([sum(g) for g in self.group_rows], dtype=np.int64)
         self.rows_per_pass = int(self.shard_rows.sum())
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _pass_order(self, p: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard visiting order of pass ``p`` and the cumulative rows at the end of each visit."""
         if p not in self._orders:
+            if len(self._orders) > 4:  # a reader moves forward: old passes are not asked again
+                self._orders.pop(min(self._orders))
             order = np.random.default_rng([*self.seed, p]).permutation(len(self.paths))
             self._orders[p] = (order, np.cumsum(self.shard_rows[order]))
         return self._orders[p]
@@ -202,10 +235,62 @@ class _LanguageStream:
                     int(self.shard_rows[shard]),
                     start,
                     stop,
+                    self.group_rows[shard],
                 )
             )
             pos += stop - start
         return out
+
+
+@dataclass(frozen=True)
+class MixPlan:
+    """The planned run, O(languages + row groups) to describe: window ``k``'s counts and pieces are
+    computed on demand (:meth:`windows`), never stored for the whole run."""
+
+    weights: tuple[float, ...]
+    streams: tuple[_LanguageStream, ...]
+    num_rows: int
+    window_rows: int
+    seed: int
+
+    @classmethod
+    def build(cls, corpus: PreparedCorpus, weights: Mapping[str, float], *, num_rows, seed, window_rows):
+        weights = normalize_weights(corpus, weights)
+        streams = tuple(
+            _LanguageStream(
+                lang, corpus.shards(lang), corpus.group_rows(lang, TRAIN_SPLIT), _language_seed(seed, lang)
+            )
+            for lang in weights
+        )
+        return cls(tuple(weights.values()), streams, num_rows, window_rows, seed)
+
+    @property
+    def num_windows(self) -> int:
+        return math.ceil(self.num_rows / self.window_rows)
+
+    def walk(self, first: int = 0, last: int | None = None):
+        """``(window index, start, end, rows taken per language before it)`` for windows
+        ``first..last-1`` (O(languages) memory; time O(last x languages))."""
+        last = self.num_windows if last is None else last
+        w = np.asarray(self.weights, dtype=np.float64)
+        for k, (start, end, taken) in enumerate(
+            _count_walk(w, self.num_rows, self.window_rows, first, last), start=first
+        ):
+            yield k, start, end, taken
+
+    def windows(self, first: int, last: int, taken: np.ndarray, skip: int = 0) -> Iterator[Window]:
+        """Windows ``first..last-1`` given the rows ``taken`` per language before ``first`` (from
+        :meth:`walk`); ``skip`` leading rows of the first one are left out (resume)."""
+        w = np.asarray(self.weights, dtype=np.float64)
+        taken = np.array(taken, dtype=np.int64)
+        for k in range(first, last):
+            start, end = k * self.window_rows, min((k + 1) * self.window_rows, self.num_rows)
+            n = _next_counts(w, taken, start, end)
+            pieces = []
+            for i, s in enumerate(self.streams):
+                pieces += s.pieces(int(taken[i]), int(taken[i] + n[i]))
+            taken += n
+            yield Window(k, tuple(pieces), (self.seed, k), skip if k == first else 0)
 
 
 def plan_mix(
@@ -217,50 +302,143 @@ def plan_mix(
     window_rows: int,
     start_row: int = 0,
 ) -> list[Window]:
-    """The run's windows from row ``start_row`` on (cheap: slices and seeds, no row data; reads only
-    ``split`` columns). The windows before ``start_row`` are planned too, so the rest is unchanged."""
-    weights = normalize_weights(corpus, weights)
-    streams = [
-        _LanguageStream(
-            lang, corpus.shards(lang), corpus.shard_rows(lang, TRAIN_SPLIT), _language_seed(seed, lang)
-        )
-        for lang in weights
-    ]
-    counts = window_counts(weights, num_rows, window_rows)
-    position = np.zeros(len(streams), dtype=np.int64)
-    windows = []
-    for k, row in enumerate(counts):
-        pieces = []
-        for i, n in enumerate(row):
-            pieces += streams[i].pieces(int(position[i]), int(position[i] + n))
-        position += row
-        windows.append(Window(k, tuple(pieces), (seed, k)))
+    """The run's windows from row ``start_row`` on, as a list (for inspection and tests; the dataset
+    computes them one read task at a time). The windows before ``start_row`` are walked too, so the
+    rest is unchanged."""
+    plan = MixPlan.build(corpus, weights, num_rows=num_rows, seed=seed, window_rows=window_rows)
     first, skip = divmod(start_row, window_rows)
-    if windows[first:] and skip:
-        windows[first] = replace(windows[first], skip=skip)
-    return windows[first:]
+    if first >= plan.num_windows:
+        return []
+    _, _, _, taken = next(plan.walk(first, first + 1))
+    return list(plan.windows(first, plan.num_windows, taken, skip))
 
 
-def _read_window(window: Window, columns: list[str] | None) -> Iterable[pa.Table]:
-    shards: dict[str, pa.Table] = {}  # a small language can visit one shard twice in a window
-    parts = []
+_FOOTERS: OrderedDict[tuple, pq.FileMetaData] = OrderedDict()
+FOOTERS_KEPT = 1024  # per worker process: ~30 KiB each for a 2,000-row shard of 64-row groups
+
+
+def _open_shard(path: str, opened: dict[str, pq.ParquetFile]) -> pq.ParquetFile:
+    """``path`` opened with its footer read once per worker process (local files, keyed by size and
+    mtime, so a rewritten shard is read afresh) or once per read task (``opened``; URIs): a read task
+    reads a few row groups of each shard, and re-reading the footer each time costs as much as them."""
+    if path in opened:
+        return opened[path]
+    if is_uri(path):
+        file = pq.ParquetFile(path)
+    else:
+        st = os.stat(path)
+        key = (path, st.st_size, st.st_mtime_ns)
+        meta = _FOOTERS.get(key)
+        file = pq.ParquetFile(path, metadata=meta)
+        _FOOTERS[key] = file.metadata
+        _FOOTERS.move_to_end(key)
+        if len(_FOOTERS) > FOOTERS_KEPT:
+            _FOOTERS.popitem(last=False)
+    if len(opened) >= 256:  # file handles: keep well under the process's limit
+        opened.clear()
+    opened[path] = file
+    return file
+
+
+class _GroupReader:
+    """Reads the Parquet row groups a read task's pieces need, keeping the last few of each language
+    (a window takes a few consecutive rows of a group; the next window of the task continues there),
+    so a group is read about once per visit of its pass rather than once per window."""
+
+    def __init__(self, columns: list[str] | None, keep: int = 4):
+        self.read_columns = None if columns is None else sorted(set(columns) | {"split"})
+        self.keep = keep
+        self._groups: dict[str, dict[tuple[str, int], tuple[pa.Table, np.ndarray]]] = {}
+        self._layouts: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        self._files: dict[str, pq.ParquetFile] = {}
+
+    def _group(self, lang: str, path: str, g: int, expected: int) -> tuple[pa.Table, np.ndarray]:
+        cache = self._groups.setdefault(lang, {})
+        key = (path, g)
+        if key in cache:
+            cache[key] = cache.pop(key)  # most recently used last
+            return cache[key]
+        table = _open_shard(path, self._files).read_row_group(g, columns=self.read_columns)
+        train = np.flatnonzero(pc.equal(table["split"], TRAIN_SPLIT).to_numpy(zero_copy_only=False))
+        if len(train) != expected:
+            raise RuntimeError(
+                f"{path}: row group {g} holds {len(train)} train rows but {expected} were planned; "
+                "the corpus changed after the dataset was built: rebuild it"
+            )
+        if len(cache) >= self.keep:
+            cache.pop(next(iter(cache)))
+        cache[key] = (table, train)
+        return cache[key]
+
+    def _layout(self, piece: Piece) -> list[tuple[int, np.ndarray]]:
+        """The pass's order of the shard's train rows: ``(group, order of its train rows)`` per group."""
+        key = (piece.path, piece.seed)
+        if key not in self._layouts:
+            if len(self._layouts) > 256:
+                self._layouts.clear()
+            groups = piece.group_rows or (piece.shard_rows,)
+            rng = np.random.default_rng(list(piece.seed))
+            if len(groups) == 1:  # the same draw as a whole-shard shuffle
+                self._layouts[key] = [(0, rng.permutation(groups[0]))]
+            else:
+                self._layouts[key] = [
+                    (int(g), rng.permutation(groups[g])) for g in rng.permutation(len(groups))
+                ]
+        return self._layouts[key]
+
+    def read(self, piece: Piece) -> Iterator[tuple[tuple[str, int], pa.Table, np.ndarray]]:
+        """``(group key, group table, rows of it)`` covering ``piece``, in the piece's order."""
+        pos = 0
+        for g, order in self._layout(piece):
+            lo, hi = max(piece.start - pos, 0), min(piece.stop - pos, len(order))
+            if lo < hi:
+                table, train = self._group(piece.lang, piece.path, g, len(order))
+                yield (piece.path, g), table, train[order[lo:hi]]
+            pos += len(order)
+            if pos >= piece.stop:
+                break
+
+
+def _window_table(window: Window, reader: _GroupReader, columns: list[str] | None) -> pa.Table:
+    # One take over the groups the window touches (a take per piece costs more than the reads at
+    # 100+ languages): each group once, the rows as indices into their concatenation.
+    first_row: dict[tuple[str, int], int] = {}  # group -> its first row in the concatenation
+    tables, rows, total = [], [], 0
     for piece in window.pieces:
-        if piece.path not in shards:
-            shards[piece.path] = _read_shard(piece.path, columns)
-        table = shards[piece.path]
-        order = _train_order(table, piece.path, piece.seed, piece.shard_rows)
-        parts.append(_project(table.take(order[piece.start : piece.stop]), columns))
-    table = pa.concat_tables(parts)
+        for key, table, idx in reader.read(piece):
+            if key not in first_row:
+                first_row[key] = total
+                tables.append(table)
+                total += table.num_rows
+            rows.append(first_row[key] + idx)
     # Row-level interleave: any run of consecutive rows holds the languages about in ratio.
-    order = np.random.default_rng(list(window.seed)).permutation(table.num_rows)
-    yield table.take(order[window.skip :])
+    rows = np.concatenate(rows)
+    order = np.random.default_rng(list(window.seed)).permutation(len(rows))
+    table = pa.concat_tables(
+        [_project(t, columns) for t in tables]
+    ).combine_chunks()  # take is slow on many chunks
+    return table.take(rows[order[window.skip :]])
+
+
+def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, columns) -> Iterable[pa.Table]:
+    """One read task: windows ``first..last-1``, one block each, through one reader."""
+    if isinstance(plan, ray.ObjectRef):
+        plan = ray.get(plan)
+    reader = _GroupReader(columns)
+    for window in plan.windows(first, last, taken, skip):
+        yield _window_table(window, reader, columns)
+
+
+TASK_WINDOWS = 16  # windows per read task: a language's row group is read once per task, not per window
 
 
 class _PlannedMix(Datasource):
-    """One read task per planned window, in window order."""
+    """Read tasks of ``TASK_WINDOWS`` consecutive windows each, in window order; the plan is walked
+    once to make them (O(languages) per task), and each task computes its own windows."""
 
-    def __init__(self, windows: list[Window], columns: list[str] | None):
-        self._windows = windows
+    def __init__(self, plan: MixPlan, start_row: int, columns: list[str] | None):
+        self._plan = plan
+        self._start_row = start_row
         self._columns = columns
 
     def get_name(self) -> str:
@@ -269,20 +447,45 @@ class _PlannedMix(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
+    def num_tasks(self) -> int:
+        first = self._start_row // self._plan.window_rows
+        return math.ceil((self._plan.num_windows - first) / TASK_WINDOWS)
+
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None):
-        return [
-            ReadTask(
-                partial(_read_window, w, self._columns),
-                BlockMetadata(
-                    num_rows=w.num_rows,
-                    size_bytes=None,
-                    exec_stats=None,
-                    input_files=tuple(sorted({p.path for p in w.pieces})),
-                ),
-                per_task_row_limit=per_task_row_limit,
+        plan = self._plan
+        first, skip = divmod(self._start_row, plan.window_rows)
+        # A large corpus's plan (shard paths, row group sizes) is shipped once, not inside every task.
+        shipped = ray.put(plan) if ray.is_initialized() else plan
+        tasks = []
+        for k, start, _, taken in plan.walk(first):
+            if (k - first) % TASK_WINDOWS:
+                continue
+            last = min(k + TASK_WINDOWS, plan.num_windows)
+            lead = skip if k == first else 0
+            rows = min(last * plan.window_rows, plan.num_rows) - start - lead
+            tasks.append(
+                ReadTask(
+                    partial(_read_windows, shipped, k, last, taken, lead, self._columns),
+                    BlockMetadata(num_rows=rows, size_bytes=None, exec_stats=None),
+                    per_task_row_limit=per_task_row_limit,
+                )
             )
-            for w in self._windows
-        ]
+        return tasks
+
+
+def planned_datasource(
+    corpus: PreparedCorpus,
+    weights: Mapping[str, float],
+    *,
+    num_rows: int,
+    seed: int,
+    window_rows: int,
+    start_row: int = 0,
+    columns: list[str] | None = None,
+) -> _PlannedMix:
+    """The ``planned`` strategy's Ray Data datasource (what :func:`build_mixed_dataset` reads)."""
+    plan = MixPlan.build(corpus, weights, num_rows=num_rows, seed=seed, window_rows=window_rows)
+    return _PlannedMix(plan, start_row, columns)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,7 +533,7 @@ def _build_block_mix(corpus, weights, *, num_rows, seed, block_rows, columns) ->
     sources = []
     for lang, w in weights.items():
         stream = _LanguageStream(
-            lang, corpus.shards(lang), corpus.shard_rows(lang, TRAIN_SPLIT), _language_seed(seed, lang)
+            lang, corpus.shards(lang), corpus.group_rows(lang, TRAIN_SPLIT), _language_seed(seed, lang)
         )
         # One block of slack: Mix decides block by block, so a source may be asked for up to one
         # block beyond its exact share before the run's last row; running dry earlier would stop the run.
@@ -399,11 +602,18 @@ def build_mixed_dataset(
             corpus, weights, num_rows=num_rows, seed=seed, block_rows=block_rows, columns=columns
         )
     else:
-        windows = plan_mix(
-            corpus, weights, num_rows=num_rows, seed=seed, window_rows=window_rows, start_row=start_row
+        source = planned_datasource(
+            corpus,
+            weights,
+            num_rows=num_rows,
+            seed=seed,
+            window_rows=window_rows,
+            start_row=start_row,
+            columns=columns,
         )
-        # One block per window: without the override Ray splits reads to reach its default parallelism.
-        ds = ray.data.read_datasource(_PlannedMix(windows, columns), override_num_blocks=len(windows))
+        # One read task per TASK_WINDOWS windows, one block per window: without the override Ray splits
+        # reads to reach its default parallelism.
+        ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks())
     ds.context.execution_options.preserve_order = preserve_order
     return ds
 

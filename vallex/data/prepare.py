@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from vallex.config import PrepareSection
 from vallex.data.schema import (
     MANIFEST_NAME,
+    ROW_GROUP_ROWS,
     SHARD_FORMAT_VERSION,
     SHARD_SCHEMA,
     SYMBOLS_NAME,
@@ -162,21 +163,21 @@ def _phonemizer_context(phonemizer) -> str:
     return json.dumps({"settings": phonemizer.__getstate__(), "espeakng-loader": espeak}, sort_keys=True)
 
 
-def _write_parquet(table: pa.Table, path: str) -> None:
+def _write_parquet(table: pa.Table, path: str, row_group_rows: int | None = None) -> None:
     """Write a Parquet file readers only ever see whole. To a URI: written into memory first, then
     sent in one upload (:func:`vallex.files.write_bytes`), so a writer error creates no object; pyarrow
     would otherwise upload a partial file when the error closes its stream. Locally: a temporary file
-    beside ``path`` renamed into place."""
+    beside ``path`` renamed into place. ``row_group_rows``: Parquet row group size (None: pyarrow's)."""
     if is_uri(path):
         buffer = pa.BufferOutputStream()
-        pq.write_table(table, buffer)
+        pq.write_table(table, buffer, row_group_size=row_group_rows)
         write_bytes(path, buffer.getvalue())
         return
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     hidden = final.name if final.name.startswith(".") else f".{final.name}"
     tmp = final.with_name(f"{hidden}{TMP_MARK}{os.getpid()}")
-    pq.write_table(table, tmp)
+    pq.write_table(table, tmp, row_group_size=row_group_rows)
     os.replace(tmp, final)
 
 
@@ -342,7 +343,8 @@ class ShardEncoder:
         )
         schema = SHARD_SCHEMA.with_metadata(metadata)
         table = pa.Table.from_pydict({f.name: cols.get(f.name, []) for f in schema}, schema=schema)
-        _write_parquet(table, job["path"])  # atomic: a reader never sees a half-written shard
+        # Atomic: a reader never sees a half-written shard. Row groups sized for the mixer's reads.
+        _write_parquet(table, job["path"], ROW_GROUP_ROWS)
         return stats
 
 

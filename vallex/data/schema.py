@@ -37,6 +37,12 @@ SHARD_SCHEMA = pa.schema(
     metadata={"vallex_shard_format": str(SHARD_FORMAT_VERSION)},
 )
 
+# Rows per Parquet row group in a shard. The mixer reads row groups, not shards: a window takes a
+# few rows of each language, and a smaller group wastes less at the edge of each read task (see
+# docs/BENCHMARKS.md, "scale"); 64 rows of ~500 frames x 8 codebooks are ~0.5 MiB, a sound Parquet size.
+# Shards written before this (one group each) are still read, a whole shard per visit.
+ROW_GROUP_ROWS = 64
+
 MANIFEST_NAME = "manifest.json"
 SYMBOLS_NAME = "symbols.json"
 

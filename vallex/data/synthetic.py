@@ -74,6 +74,7 @@ def write_synthetic_corpus(
     num_codebooks: int = 8,
     num_symbols: int = 40,
     rows_per_shard: int = 500,
+    row_group_rows: int | None = None,
     code_values: int | Mapping[str, int] = CODEBOOK_SIZE,
 ) -> Path:
     """Write a prepared corpus with ``sizes[lang]`` train rows per language; return its directory.
@@ -85,6 +86,9 @@ def write_synthetic_corpus(
     its codes are drawn uniformly from the first ``code_values`` values of each codebook, so the best
     loss a model can reach per code is log(code_values) and the amount to learn grows with it (1 = a
     constant code, learnt at once). The default draws exactly what earlier versions drew.
+
+    ``row_group_rows`` sets the shards' Parquet row group size (None: pyarrow's default, one group
+    per shard at these sizes), as ``ray_jobs/prepare.py`` writes them.
     """
     if num_symbols <= len(SPECIAL_SYMBOLS):
         raise ValueError(f"num_symbols={num_symbols} leaves no phoneme ids after {list(SPECIAL_SYMBOLS)}")
@@ -120,7 +124,7 @@ def write_synthetic_corpus(
         shards = []
         for k, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
             rel = f"{lang}/{shard_name(k)}"
-            pq.write_table(table.slice(start, rows_per_shard), out / rel)
+            pq.write_table(table.slice(start, rows_per_shard), out / rel, row_group_size=row_group_rows)
             shards.append(rel)
         frames_total = int(pc.sum(table["frames"]).as_py() or 0)
         languages[lang] = {

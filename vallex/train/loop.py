@@ -19,6 +19,7 @@ import torch.distributed as dist
 from vallex.config import Config, config_from_dict
 from vallex.data.batching import PaddingStats, train_batches, validation_indices
 from vallex.data.collate import collate
+from vallex.data.corpus import read_split_share
 from vallex.data.mixing import MixStats
 from vallex.model.checkpoint import load_weights
 from vallex.model.vallex import OUTPUT_KEYS, VallexConfig, VallexModel
@@ -244,11 +245,12 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
     state["world_size"] = world
     state["tracking"] = tracker.open(rank, state.get("tracking"))
 
-    valid_tables = ray.get(loop_config["valid_ref"])
+    # This rank's rows only (rank, rank + world, ...), read from the shards here: no driver gather.
+    valid_tables = read_split_share(loop_config["valid_ref"], rank, world)
     valid_batches = _validation_batches(
-        valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world, cfg.data.max_tokens
+        valid_tables, language_ids, num_codebooks, cfg.train.batch_size, 0, 1, cfg.data.max_tokens
     )
-    first = next(iter(valid_tables.values())).slice(0, 1)
+    first = next(iter(read_split_share({**loop_config["valid_ref"], "max_rows": 1}, 0, 1).values()))
     filler = _validation_batches({"_": first}, language_ids, num_codebooks, 1, 0, 1)["_"][0]
     mix = MixStats()
     padding = PaddingStats()  # since the last evaluation

@@ -391,7 +391,10 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     train_ds = build_mixed_dataset(
         corpus, info["weights"], num_rows=num_rows, seed=cfg.run.seed, window_rows=cfg.data.window_rows
     )
-    valid_ref = ray.put({lang: corpus.read_split(lang, "valid") for lang in info["eval_languages"]})
+    # Shard paths only: each worker reads its own share of the validation rows (vallex.data.corpus).
+    from vallex.data.corpus import split_source
+
+    valid_ref = split_source(corpus, info["eval_languages"], "valid", cfg.data.valid_max_rows)
     init_ref = ray.put(init_state) if init_state is not None else None
 
     storage = cfg.storage_path
