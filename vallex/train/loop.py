@@ -20,6 +20,7 @@ from vallex.config import Config, config_from_dict
 from vallex.data.batching import PaddingStats, train_batches, validation_indices
 from vallex.data.collate import collate
 from vallex.data.mixing import MixStats
+from vallex.eval.intelligibility import Intelligibility
 from vallex.model.checkpoint import load_weights
 from vallex.model.vallex import OUTPUT_KEYS, VallexConfig, VallexModel
 from vallex.train import engine as ds_engine
@@ -250,6 +251,10 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
     )
     first = next(iter(valid_tables.values())).slice(0, 1)
     filler = _validation_batches({"_": first}, language_ids, num_codebooks, 1, 0, 1)["_"][0]
+    # Text gain, PER of synthesized speech, listening samples (vallex.eval.intelligibility).
+    intelligibility = Intelligibility(
+        cfg, valid_tables, info, rank, world, model_engine.module, loop_config.get("intelligibility")
+    )
     mix = MixStats()
     padding = PaddingStats()  # since the last evaluation
     if rank == 0:  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
@@ -267,6 +272,7 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
             g.metric,
             best=state.get("guard_best"),
             source="baseline" if from_file else "initial",
+            floor=g.floor,
         )
 
     guard = make_guard(state.get("initial"))
@@ -274,6 +280,7 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
     def evaluation(step: int, train_loss: float | None, t_window: float, n_window: int) -> dict:
         """Evaluate every language; the record metrics.jsonl keeps (identical on every rank)."""
         valid = evaluate(model_engine, valid_batches, eval_languages, device, cfg.train.train_stage, filler)
+        intelligibility.evaluate(model_engine, valid, device, filler, step, sink if rank == 0 else None)
         counts = global_counts(mix, languages, device)
         total = max(sum(counts.values()), 1)
         elapsed = time.perf_counter() - t_window
@@ -312,7 +319,7 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
         state["initial"] = {
             lang: v[g.metric]
             for lang, v in record["valid"].items()
-            if lang in known and v[g.metric] is not None
+            if lang in known and v.get(g.metric) is not None
         }
         guard = make_guard(state["initial"])
         record["guard"] = guard.check(record["valid"])
