@@ -522,6 +522,34 @@ class TuneSection:
 
 
 @dataclass
+class RecognizerSection:
+    """The phoneme recognizer that scores intelligibility (``ray_jobs/recognizer.py``; saved beside the shards)."""
+
+    steps: int = 1500
+    """Training steps (one batch each) over every language's prepared train split."""
+    batch_size: int = 16
+    """Utterances per step (batches hold utterances of similar length)."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW; linear warmup, cosine decay to 10%)."""
+    dim: int = 128
+    """Width of the code embeddings and the convolution."""
+    hidden: int = 128
+    """LSTM units per direction (2 bidirectional layers)."""
+    cpus: int = 2
+    """CPUs of the Ray task that trains it (its torch threads)."""
+    max_utterances: int = 0
+    """Most training utterances read per language (0 = all; the recognizer holds them in memory)."""
+    log_every: int = 100
+    """Log the CTC loss and elapsed time every this many steps."""
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "dim", "hidden", "cpus", "log_every"):
+            _require(getattr(self, key) >= 1, key, "must be >= 1")
+        _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.max_utterances >= 0, "max_utterances", "must be >= 0 (0 = all)")
+
+
+@dataclass
 class JobSection:
     """How ``ray job submit`` runs this file on a cluster."""
 
@@ -543,6 +571,7 @@ class Config:
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
     tune: TuneSection = field(default_factory=TuneSection)
+    recognizer: RecognizerSection = field(default_factory=RecognizerSection)
 
     # Paths derived from run.output_dir, so a user sets one folder.
     @property

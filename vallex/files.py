@@ -79,6 +79,15 @@ def read_text(location: str | os.PathLike) -> str:
         return f.read().decode("utf-8")
 
 
+def read_bytes(location: str | os.PathLike) -> bytes:
+    """The file's bytes; ``FileNotFoundError`` if it does not exist."""
+    if not is_uri(location):
+        return Path(location).read_bytes()
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
 def write_text(location: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8), whole or not at all: see :func:`write_bytes`. Text that cannot be
     encoded raises before anything is written."""

@@ -151,3 +151,105 @@ def write_synthetic_corpus(
     }
     (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
     return out
+
+
+def write_phonetic_corpus(
+    out_dir: str | os.PathLike,
+    sizes: dict[str, int],
+    *,
+    valid_per_language: int = 8,
+    seed: int = 0,
+    phonemes: tuple[int, int] = (5, 20),
+    frames_per_phoneme: tuple[int, int] = (2, 5),
+    num_codebooks: int = 8,
+    num_symbols: int = 40,
+    rows_per_shard: int = 500,
+) -> Path:
+    """Like :func:`write_synthetic_corpus`, but the codes say the phonemes: each phoneme id has one
+    fixed code per codebook (the same in every language and utterance), held for a random 2-5 frames
+    (``frames_per_phoneme``), so a model can learn to read codes (a recognizer) or to speak its text.
+
+    The table also holds a word boundary ``_``, put between words of 2-6 phones and given no frames,
+    as real preparation writes one between words that sound joined.
+    """
+    from vallex.text.phonemize import WORD_BOUNDARY
+
+    if num_symbols <= len(SPECIAL_SYMBOLS) + 1:
+        raise ValueError(f"num_symbols={num_symbols} leaves no phoneme ids after the specials and '_'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    phones = [f"p{i}" for i in range(num_symbols - len(SPECIAL_SYMBOLS) - 1)]
+    symbols = [*SPECIAL_SYMBOLS, WORD_BOUNDARY, *phones]
+    boundary = len(SPECIAL_SYMBOLS)
+    first = boundary + 1
+    # The code of phoneme p in codebook q: fixed by the seed alone, shared by every language.
+    sound = np.random.default_rng([seed, 10**6]).integers(0, CODEBOOK_SIZE, size=(num_symbols, num_codebooks))
+    (out / SYMBOLS_NAME).write_text(json.dumps({"version": SYNTHETIC_SYMBOLS_VERSION, "symbols": symbols}))
+
+    languages = {}
+    for i, (lang, n_train) in enumerate(sorted(sizes.items())):
+        rng = np.random.default_rng([seed, i])
+        n = n_train + valid_per_language
+        split = np.array(["train"] * n_train + ["valid"] * valid_per_language, dtype=object)
+        rng.shuffle(split)
+        phone_rows, code_rows, n_frames = [], [], []
+        for _ in range(n):
+            ids = rng.integers(first, num_symbols, size=int(rng.integers(phonemes[0], phonemes[1] + 1)))
+            holds = rng.integers(frames_per_phoneme[0], frames_per_phoneme[1] + 1, size=len(ids))
+            row, word = [], int(rng.integers(2, 7))
+            for k, p in enumerate(ids):
+                if k == word:
+                    row.append(boundary)
+                    word += int(rng.integers(2, 7))
+                row.append(int(p))
+            phone_rows.append(np.array(row, dtype=np.int32))
+            codes = np.repeat(sound[ids], holds, axis=0).T  # [Q, frames]
+            code_rows.append(np.ascontiguousarray(codes, dtype=np.int16).reshape(-1))
+            n_frames.append(codes.shape[1])
+        n_frames = np.array(n_frames)
+        table = pa.table(
+            {
+                "utt_id": [f"{lang}-{k:06d}" for k in range(n)],
+                "speaker": [f"{lang}-spk{k % SPEAKERS_PER_LANGUAGE}" for k in range(n)],
+                "language": [lang] * n,
+                "text": [f"phonetic {lang} utterance {k}" for k in range(n)],
+                "phonemes": pa.array(phone_rows, type=pa.list_(pa.int32())),
+                "codes": pa.array(code_rows, type=pa.list_(pa.int16())),
+                "frames": pa.array(n_frames, type=pa.int32()),
+                "num_codebooks": pa.array(np.full(n, num_codebooks), type=pa.int8()),
+                "duration": pa.array(n_frames / FRAME_RATE, type=pa.float32()),
+                "split": pa.array(split.tolist(), type=pa.string()),
+            },
+            schema=SHARD_SCHEMA,
+        )
+        (out / lang).mkdir(exist_ok=True)
+        shards = []
+        for k, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
+            rel = f"{lang}/{shard_name(k)}"
+            pq.write_table(table.slice(start, rows_per_shard), out / rel)
+            shards.append(rel)
+        languages[lang] = {
+            "shards": shards,
+            "utterances": {"train": n_train, "valid": valid_per_language},
+            "hours": round(int(n_frames.sum()) / FRAME_RATE / 3600, 6),
+            "frames": int(n_frames.sum()),
+            "phonemes": int(sum(len(r) for r in phone_rows)),
+            "speakers": min(SPEAKERS_PER_LANGUAGE, n),
+            "skipped": {},
+        }
+    manifest = {
+        "format": SHARD_FORMAT_VERSION,
+        "symbols_version": SYNTHETIC_SYMBOLS_VERSION,
+        "symbols_fingerprint": symbols_fingerprint(symbols),
+        "codec": {
+            "name": "synthetic_phonetic",  # codes made from the phonemes, not from audio
+            "sample_rate": 24000,
+            "frame_rate": FRAME_RATE,
+            "num_codebooks": num_codebooks,
+            "codebook_size": CODEBOOK_SIZE,
+        },
+        "languages": languages,
+        "synthetic": True,
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    return out

@@ -1,1 +1,1 @@
-"""Evaluation of what a model says: text gain, phoneme error rate of synthesized speech, listening samples."""
+"""Evaluation: how intelligible a model's speech is (code-level phoneme recognizer, text gain, PER)."""

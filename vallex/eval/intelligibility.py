@@ -106,7 +106,7 @@ def describe_plan(tables: dict[str, pa.Table], items: list[Item]) -> dict[str, l
 # ----------------------------------------------------------------------------------- the recognizer
 
 
-def load_recognizer(prepared_dir: str):
+def load_recognizer(prepared_dir: str, corpus=None):
     """``(recognizer, None)`` or ``(None, why there is none)``. A recognizer that does not match the
     corpus is reported, not fatal: evaluating never needs it."""
     try:
@@ -114,7 +114,7 @@ def load_recognizer(prepared_dir: str):
     except ImportError:
         return None, "this vallex build has no phoneme recognizer (vallex.eval.recognizer)"
     try:
-        rec = Recognizer.load(prepared_dir)
+        rec = Recognizer.load(prepared_dir, corpus)
     except (ValueError, OSError) as e:
         return None, f"the recognizer beside the shards cannot score this corpus: {e}"
     if rec is None:
@@ -132,7 +132,7 @@ def driver_setup(cfg, corpus, tables: dict[str, pa.Table]) -> tuple[dict, dict]:
     s = cfg.train.intelligibility
     recognizer, reason = (None, "train.intelligibility.per_utterances is 0")
     if s.per_utterances > 0:
-        recognizer, reason = load_recognizer(cfg.prepare_dir)
+        recognizer, reason = load_recognizer(cfg.prepare_dir, corpus)
     if cfg.train.guard.metric == "per" and recognizer is None:
         raise ValueError(f"train.guard.metric=per needs the phoneme error rate, but {reason}")
     if reason and s.per_utterances > 0:
@@ -147,7 +147,11 @@ def driver_setup(cfg, corpus, tables: dict[str, pa.Table]) -> tuple[dict, dict]:
             "synthesis prompts from another speaker (no other validation utterance of the same one): %s",
             other,
         )
-    to_workers = {"recognizer": ray.put(recognizer) if recognizer is not None else None}
+    to_workers = {
+        # its weights file's bytes, read back on the workers with weights_only (nothing pickled)
+        "recognizer": ray.put(recognizer.to_bytes()) if recognizer is not None else None,
+        "symbols": list(corpus.symbols),
+    }
     report = {
         "text_gain": s.text_gain,
         "per": "computed" if recognizer is not None else None,
@@ -194,8 +198,13 @@ class Intelligibility:
                 cfg.run.seed,
                 cfg.data.max_tokens,
             )
-        ref = (extra or {}).get("recognizer")
-        self.recognizer = ray.get(ref) if ref is not None else None
+        extra = extra or {}
+        self.recognizer = None
+        if extra.get("recognizer") is not None:
+            from vallex.eval.recognizer import Recognizer
+
+            self.recognizer = Recognizer.from_bytes(ray.get(extra["recognizer"]))
+        self.symbols = extra.get("symbols")
         count = s.per_utterances if self.recognizer is not None else (1 if s.samples else 0)
         self.items, _ = synthesis_plan(tables, count, cfg.run.seed)
         self.rows = {
@@ -294,7 +303,7 @@ class Intelligibility:
         from vallex.eval.recognizer import edit_distance, reference_phonemes
 
         mine = list(generated)
-        refs = [reference_phonemes(self.rows[it.lang]["phonemes"][it.row]) for it in mine]
+        refs = [reference_phonemes(self.rows[it.lang]["phonemes"][it.row], self.symbols) for it in mine]
         hyps = self.recognizer.transcribe([generated[it] for it in mine]) if mine else []
         if self._floor_edits is None:  # the ground truth and the recognizer never change: once
             truth = [

@@ -1,0 +1,175 @@
+"""The code-level phoneme recognizer: its metric, what it scores, that it learns to read, its file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from vallex.data.corpus import PreparedCorpus
+from vallex.data.schema import codes_matrix
+from vallex.data.synthetic import write_phonetic_corpus
+from vallex.eval.recognizer import (
+    RECOGNIZER_FILE,
+    Recognizer,
+    RecognizerError,
+    RecognizerNet,
+    edit_distance,
+    greedy_ctc_decode,
+    phoneme_error_rate,
+    reference_phonemes,
+    scored_mask,
+    train_recognizer,
+)
+
+TINY = {"dim": 32, "hidden": 32, "threads": 1, "log_every": 0}
+
+
+def test_edit_distance_hand_cases():
+    assert edit_distance([], []) == 0
+    assert edit_distance([1, 2, 3], []) == 3  # three deletions
+    assert edit_distance([], [4, 5]) == 2  # two insertions
+    assert edit_distance([1, 2, 3], [1, 2, 3]) == 0
+    assert edit_distance([1, 2, 3], [1, 9, 3]) == 1  # one substitution
+    # kitten -> sitting: k->s, e->i, +g
+    assert edit_distance([ord(c) for c in "kitten"], [ord(c) for c in "sitting"]) == 3
+    assert edit_distance([1, 2, 3, 4], [2, 3, 4, 1]) == 2  # delete the head, insert it at the end
+
+
+def test_phoneme_error_rate_sums_edits_over_reference_lengths():
+    refs = [[1, 2, 3], [4, 5]]
+    hyps = [[1, 3], [4, 5, 6]]  # one deletion + one insertion
+    assert phoneme_error_rate(refs, hyps) == pytest.approx(2 / 5)
+    # Corpus-level, not a mean of per-utterance rates (that would be (1/3 + 1/2) / 2).
+    assert phoneme_error_rate(refs, hyps) != pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert phoneme_error_rate([[1, 2]], [[3, 4, 5, 6]]) == pytest.approx(2.0)  # insertions exceed 1
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        phoneme_error_rate(refs, hyps[:1])
+    with pytest.raises(ValueError, match="no scored phonemes"):
+        phoneme_error_rate([[]], [[1]])
+
+
+def test_greedy_ctc_decode_collapses_repeats_then_drops_blanks():
+    assert greedy_ctc_decode([0, 5, 5, 0, 5, 6, 6, 0, 0]) == [5, 5, 6]
+    assert greedy_ctc_decode([0, 0, 0]) == []
+
+
+def test_reference_phonemes_scores_phones_and_tones_only():
+    symbols = ["<pad>", "<bos>", "<eos>", "<unk>", "_", ",", "?", "ˈ", "ˌ", "a", "t", "˥˩"]
+    row = [9, 4, 7, 10, 11, 5, 8, 9, 6, 3, 0]
+    assert reference_phonemes(row, symbols) == [9, 10, 11, 9]
+    assert scored_mask(symbols).tolist() == [False] * 9 + [True] * 3
+    with pytest.raises(ValueError, match="outside the symbol table"):
+        reference_phonemes([12], symbols)
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning to read, on a corpus whose codes are a function of the phonemes
+
+
+@pytest.fixture(scope="module")
+def phonetic(tmp_path_factory, one_thread):
+    root = write_phonetic_corpus(
+        tmp_path_factory.mktemp("phonetic") / "prepare",
+        {"en": 160, "fr": 80},
+        valid_per_language=16,
+        num_symbols=24,
+        phonemes=(4, 12),
+    )
+    corpus = PreparedCorpus.open(root)
+    rec = train_recognizer(corpus, steps=150, batch_size=16, lr=5e-3, seed=0, **TINY)
+    return corpus, rec
+
+
+def _valid(corpus: PreparedCorpus, lang: str):
+    rows = corpus.read_split(
+        lang, "valid", columns=["phonemes", "codes", "frames", "num_codebooks"]
+    ).to_pylist()
+    codes = [codes_matrix(np.asarray(r["codes"]), r["frames"], r["num_codebooks"]) for r in rows]
+    refs = [reference_phonemes(r["phonemes"], corpus.symbols) for r in rows]
+    return codes, refs
+
+
+def test_recognizer_reads_phonetic_codes_far_below_chance(phonetic):
+    corpus, rec = phonetic
+    assert set(rec.meta["valid_per"]) == {"en", "fr"}
+    assert rec.meta["valid_utterances"] == {"en": 16, "fr": 16}
+    for lang in ("en", "fr"):
+        codes, refs = _valid(corpus, lang)
+        per = phoneme_error_rate(refs, rec.transcribe(codes))
+        assert per == pytest.approx(rec.meta["valid_per"][lang])
+        assert per < 0.15, (lang, per)
+        # The same network untrained: chance (19 phones; an alignment finds a few right by luck).
+        torch.manual_seed(0)
+        untrained = Recognizer(RecognizerNet(rec.shape, scored_mask(corpus.symbols)), rec.meta)
+        assert phoneme_error_rate(refs, untrained.transcribe(codes)) > 0.8
+    # It never emits what is not scored: the word boundary "_" is in every reference row's phonemes.
+    hyps = rec.transcribe(_valid(corpus, "en")[0])
+    assert corpus.symbols.index("_") not in {p for h in hyps for p in h}
+
+
+def test_transcription_does_not_depend_on_batching(phonetic):
+    corpus, rec = phonetic
+    codes, _ = _valid(corpus, "fr")
+    assert rec.transcribe(codes, batch_size=1) == rec.transcribe(codes, batch_size=32)
+    assert rec.transcribe([codes[0][:, :0], codes[1]])[0] == []  # no frames, no phonemes
+    with pytest.raises(ValueError, match=r"codes\[0\] has shape \(7, "):
+        rec.transcribe([codes[0][:7]])
+    bad = codes[0].copy()
+    bad[0, 0] = 1024
+    with pytest.raises(ValueError, match=r"codes\[0\] holds values in .* \[0, 1024\)"):
+        rec.transcribe([bad])
+
+
+def test_save_load_round_trip_weights_only(phonetic, tmp_path):
+    corpus, rec = phonetic
+    root = tmp_path / "prepare"
+    shutil.copytree(corpus.root, root)
+    assert Recognizer.load(root) is None  # none trained yet
+    path = rec.save(str(root))
+    assert path == str(root / RECOGNIZER_FILE)
+    # The file holds only tensors and text: it loads with weights_only.
+    payload = torch.load(path, weights_only=True)
+    assert json.loads(payload["meta"])["valid_per"] == rec.meta["valid_per"]
+    loaded = Recognizer.load(root)
+    assert loaded.meta == rec.meta
+    codes, _ = _valid(corpus, "en")
+    assert loaded.transcribe(codes) == rec.transcribe(codes)
+    assert list(root.glob(".recognizer.pt.*")) == []  # the atomic write left no temporary file
+
+    (root / RECOGNIZER_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(RecognizerError, match=rf"{RECOGNIZER_FILE}: not a readable vallex recognizer"):
+        Recognizer.load(root)
+
+
+def test_load_refuses_another_symbol_table_or_codec(phonetic, tmp_path):
+    corpus, rec = phonetic
+    other = write_phonetic_corpus(tmp_path / "other", {"en": 4}, valid_per_language=1, num_symbols=30)
+    rec.save(str(other))
+    with pytest.raises(
+        RecognizerError, match=r"recognizer\.pt was trained for symbol table .*24 symbols.*30 symbols"
+    ):
+        Recognizer.load(other)
+
+    recoded = tmp_path / "recoded"
+    shutil.copytree(corpus.root, recoded)
+    manifest = json.loads((recoded / "manifest.json").read_text())
+    manifest["codec"]["name"] = "encodec_24khz"
+    (recoded / "manifest.json").write_text(json.dumps(manifest))
+    rec.save(str(recoded))
+    with pytest.raises(
+        RecognizerError, match=r"another codec.*name: 'synthetic_phonetic' vs 'encodec_24khz'"
+    ):
+        Recognizer.load(recoded)
+
+
+def test_training_is_deterministic_for_a_seed(phonetic):
+    corpus, _ = phonetic
+    runs = [train_recognizer(corpus, steps=5, batch_size=8, seed=s, **TINY) for s in (3, 3, 4)]
+    states = [r.net.state_dict() for r in runs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert runs[0].meta == runs[1].meta | {"train_seconds": runs[0].meta["train_seconds"]}
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
