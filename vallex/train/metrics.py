@@ -27,6 +27,7 @@ class MetricsSink:
         self.path = Path(path)
         self.codec = codec  # (manifest codec dict, prepared dir): decodes the listening samples
         self.tokenizer = None
+        self.codec_error: str | None = None  # why samples cannot be decoded (said once)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate and self.path.exists():
             self.path.unlink()
@@ -63,11 +64,16 @@ class MetricsSink:
         """Decode rank 0's listening samples (codes per language) into ``samples/step_<N>/`` and TensorBoard."""
         from vallex.eval.intelligibility import open_codec, write_samples
 
-        if self.codec is None or not payload:
+        if self.codec is None or not payload or self.codec_error:
             return []
-        if self.tokenizer is None:
-            self.tokenizer = open_codec(*self.codec)
-        paths = write_samples(self.path.parent, step, payload, self.tokenizer, self.tb)
+        try:
+            if self.tokenizer is None:
+                self.tokenizer = open_codec(*self.codec)
+            paths = write_samples(self.path.parent, step, payload, self.tokenizer, self.tb)
+        except Exception as e:  # noqa: BLE001 - listening is for people; training goes on without it
+            self.codec_error = f"{type(e).__name__}: {e}"
+            print(f"WARNING: listening samples are off: the codec cannot decode them ({self.codec_error})")
+            return []
         if self.tb is not None:
             self.tb.flush()
         return [str(p) for p in paths]
