@@ -72,6 +72,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     model, meta = load_checkpoint(cfg.train_dir / "model.pt")
     assert meta["languages"] == sorted(SIZES) and meta["size"] == "tiny"
     assert model.ar_language_embedding.word_embeddings.weight.shape[0] == len(SIZES)
+    _check_intelligibility(cfg, records, saved, model)
 
     # Same run again with more steps: resumes from the step-6 checkpoint instead of starting over.
     cfg2 = _cfg(corpus_cfg, "train.max_steps=9")
@@ -89,6 +90,44 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     assert records[-1]["samples_seen"] == 2 * 4 * 9 + 1 * 4 * 3
     # the weights were restored, not re-initialized: validation loss continues from where it was
     assert records[-1]["valid"]["en"]["loss"] < records[0]["valid"]["en"]["loss"]
+
+
+def _check_intelligibility(cfg, records, report, model):
+    """Text gain in every record (all-reduced over the 2 ranks: the same as one process computes from the
+    exported weights), listening samples per evaluation, and PER off with the reason (no recognizer)."""
+    from vallex.data.corpus import PreparedCorpus
+    from vallex.eval.intelligibility import Intelligibility
+    from vallex.train.loop import _validation_batches, evaluate
+
+    for r in records:
+        for v in r["valid"].values():
+            assert all(isinstance(v[k], float) for k in ("text_gain", "ar_text_gain", "nar_text_gain"))
+            assert "per" not in v
+    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    tables = {lang: corpus.read_split(lang, "valid") for lang in sorted(SIZES)}
+    info = {
+        "languages": sorted(SIZES),
+        "language_ids": {lang: i for i, lang in enumerate(sorted(SIZES))},
+        "num_codebooks": 8,
+        "model_config": {},
+    }
+    batches = _validation_batches(tables, info["language_ids"], 8, 3, 0, 1)
+    valid = evaluate(model, batches, info["languages"], torch.device("cpu"), "both", batches["en"][0])
+    Intelligibility(cfg, tables, info, 0, 1, model, None).evaluate(model, valid, "cpu", batches["en"][0], 6)
+    for lang, v in valid.items():
+        for key in ("ar_text_gain", "nar_text_gain"):
+            assert records[-1]["valid"][lang][key] == pytest.approx(v[key], abs=2e-4), (lang, key)
+    for lang in SIZES:
+        gain = report["languages"][lang]["text_gain"]
+        assert gain["first"] == records[0]["valid"][lang]["text_gain"]
+        assert gain["last"] == records[-1]["valid"][lang]["text_gain"]
+    assert report["intelligibility"]["per"] is None and "recognizer.pt" in report["intelligibility"]["reason"]
+    for step in (1, 3, 6):
+        folder = cfg.train_dir / "samples" / f"step_{step}"
+        assert sorted(p.name for p in folder.glob("*.wav")) == [f"{lang}.wav" for lang in sorted(SIZES)]
+        index = json.loads((folder / "samples.json").read_text())
+        assert index["en"]["utt_id"] in tables["en"].column("utt_id").to_pylist()
+        assert index["en"]["seconds"] == pytest.approx(index["en"]["frames"] / 75)
 
 
 def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):

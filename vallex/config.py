@@ -277,10 +277,11 @@ class IntelligibilitySection:
     """Text gain per language: validation loss with every utterance's phonemes replaced by another
     validation utterance's of the same language (a fixed derangement) minus the loss with its own
     phonemes, nats/frame (AR and NAR). 0 = the model ignores its text. Costs a second validation pass."""
-    per_utterances: int = 4
+    per_utterances: int = 2
     """Validation utterances per language synthesized at each evaluation (a fixed, seeded subset) and
     transcribed by the recognizer beside the shards (``recognizer.pt``) for the phoneme error rate;
-    0 = off. Without a recognizer only the listening samples are synthesized."""
+    0 = off. Without a recognizer only the listening samples are synthesized. Synthesis is most of an
+    evaluation's cost (docs/BENCHMARKS.md, bench/evaluation.py): raise it for a final evaluation."""
     samples: bool = True
     """Write one synthesized utterance per language at each evaluation to ``train/samples/step_<N>/``
     and TensorBoard, decoded with the preparation's codec."""
@@ -289,7 +290,7 @@ class IntelligibilitySection:
     evaluation decodes the same texts with the same random numbers and only the model changes."""
     temperature: float = 1.0
     """AR sampling temperature of the synthesis."""
-    max_length_ratio: float = 2.0
+    max_length_ratio: float = 1.5
     """Synthesized frames at most this many times the ground-truth utterance's (a model that never
     says EOS costs bounded time)."""
 

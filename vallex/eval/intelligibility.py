@@ -200,10 +200,11 @@ class Intelligibility:
             )
         extra = extra or {}
         self.recognizer = None
-        if extra.get("recognizer") is not None:
+        if extra.get("recognizer") is not None:  # the file's bytes, or (from the driver) a ref to them
             from vallex.eval.recognizer import Recognizer
 
-            self.recognizer = Recognizer.from_bytes(ray.get(extra["recognizer"]))
+            data = extra["recognizer"]
+            self.recognizer = Recognizer.from_bytes(data if isinstance(data, bytes) else ray.get(data))
         self.symbols = extra.get("symbols")
         count = s.per_utterances if self.recognizer is not None else (1 if s.samples else 0)
         self.items, _ = synthesis_plan(tables, count, cfg.run.seed)
