@@ -161,7 +161,7 @@ def _train(model, table, steps: int, seed: int = 0) -> VallexModel:
     return model.eval()
 
 
-def test_text_gain_is_large_once_a_model_reads_and_the_evaluation_is_deterministic():
+def test_text_gain_is_large_once_a_model_reads_and_the_evaluation_is_deterministic(one_thread):
     """Codes are a function of the phonemes: a model that has learnt them gains a lot from the true
     text; before training it gains next to nothing."""
     tables = {"en": readable_table("en", 12, 99)}
@@ -281,3 +281,13 @@ def test_text_gain_and_per_are_shown_wherever_the_losses_are(tmp_path):
     ]
     assert "text gain" not in format_record(plain[-1], 100) and "PER" not in format_record(plain[-1], 100)
     assert "text_gain" not in build_report(plain, {})["languages"]["en"]
+
+
+def test_a_guard_on_an_unmeasured_figure_is_a_config_error():
+    from vallex.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.guard.metric: per is not measured.*per_utterances > 0"):
+        load_config(None, ["train.guard.metric=per", "train.intelligibility.per_utterances=0"])
+    with pytest.raises(ConfigError, match="train.guard.metric: text_gain is not measured"):
+        load_config(None, ["train.guard.metric=text_gain", "train.intelligibility.text_gain=false"])
+    assert load_config(None, ["train.guard.metric=text_gain"]).train.guard.floor == 0.05
