@@ -110,7 +110,7 @@ def run_demo(cfg, opts, log) -> int:
     t0 = time.time()
 
     log.info("== 1/5: demo corpus (espeak-ng speech, cached in %s)", out / "corpus")
-    utts = read_manifest(make_demo_corpus(out / "corpus", seed=cfg.run.seed))
+    utts = read_manifest(make_demo_corpus(out / "corpus", seed=cfg.run.seed, scale=cfg.corpus.demo_scale))
     sizes: dict[str, int] = {}
     for u in utts:
         sizes[u.language] = sizes.get(u.language, 0) + 1

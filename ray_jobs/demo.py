@@ -3,7 +3,8 @@
     python ray_jobs/demo.py --config job.yaml [key=value ...]
 
 1. synthesize a small multilingual corpus with espeak-ng (en, zh, fr and a much smaller ar; cached),
-2. prepare it: phonemes + EnCodec codes -> per-language Parquet shards (Ray Data),
+2. prepare it: phonemes + codes -> per-language Parquet shards (Ray Data); job.yaml's codec is fitted to
+   the corpus (prepare.codec.kind: mel_rvq) since EnCodec's weights cannot be downloaded offline,
 3. train a tiny AR + NAR VALL-E X on all languages mixed by weights (Ray Train, 2 workers, DeepSpeed ZeRO-2),
 4. print each language's validation loss at the first and last evaluation.
 

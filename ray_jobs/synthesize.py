@@ -52,7 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="AR softmax temperature [1.0]")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: same seed, same output [0]")
     p.add_argument("--max-frames", type=int, help="new frames per text at most [16 per phoneme]")
-    codec = p.add_argument_group("codec (EnCodec 24 kHz, 6 kbps)")
+    codec = p.add_argument_group("codec (EnCodec 24 kHz, 6 kbps, unless --prepared-dir names another)")
+    codec.add_argument(
+        "--prepared-dir",
+        help="prepared corpus the model was trained on: decode (and encode the prompt) with the codec that "
+        "made its codes (its manifest.json; a fitted mel_rvq codec is read from there). Overrides the options below",
+    )
     codec.add_argument("--codec-checkpoint", help="encodec_24khz-d7cc33bc.th [torch hub cache]")
     codec.add_argument(
         "--codec-random-init",
@@ -75,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     import soundfile as sf
     import torch
 
+    from vallex.codec import open_tokenizer
     from vallex.codec.audio import load_audio, resample
-    from vallex.codec.encodec import SAMPLE_RATE, AudioTokenizer, CodecSettings
+    from vallex.codec.encodec import SAMPLE_RATE, CodecSettings
     from vallex.model.checkpoint import load_any
     from vallex.model.synthesis import SamplingSettings, language_id, synthesize_codes
     from vallex.text.phonemize import Phonemizer
@@ -91,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     languages = meta["languages"]
     lang = language_id(languages, args.language)
     prompt_language = args.prompt_language or args.language
-    codec_settings = CodecSettings(
-        pretrained=not args.codec_random_init, checkpoint=args.codec_checkpoint, seed=args.codec_seed
-    )
-    codec = AudioTokenizer(codec_settings, device=device)
+    if args.prepared_dir:
+        from vallex.data.corpus import PreparedCorpus
+
+        codec_dict = PreparedCorpus.open(args.prepared_dir).codec
+    else:
+        codec_dict = CodecSettings(
+            pretrained=not args.codec_random_init, checkpoint=args.codec_checkpoint, seed=args.codec_seed
+        ).to_dict()
+    codec = open_tokenizer(codec_dict, args.prepared_dir, device=device)
 
     phonemizer = Phonemizer()
     phones = phonemizer(args.text, args.language)
@@ -158,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             else None
         ),
         "sampling": settings.to_dict(),
-        "codec": codec_settings.to_dict(),
+        "codec": codec_dict,
         "device": device,
         "files": files,
         "wall_seconds": time.time() - t0,
@@ -166,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / SIDECAR).write_text(json.dumps(sidecar, indent=1, ensure_ascii=False))
     for f in files:
         print(f"{out / f['file']}  {f['seconds']:.2f} s  {f['text']!r}")
-    if not codec_settings.pretrained:
-        print(
-            "note: random-init codec (--codec-random-init): the audio is noise shaped by the codes, not speech"
-        )
+    if not codec.is_real_encodec:
+        from vallex.codec.tokenizer import describe
+
+        print(f"note: {describe(codec_dict)}")
     return 0
 
 

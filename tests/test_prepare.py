@@ -18,7 +18,7 @@ import pytest
 
 from vallex.config import CodecSection, PrepareSection
 from vallex.data.demo_corpus import make_demo_corpus
-from vallex.data.prepare import PrepareError, prepare_corpus, progress_postfix, read_shard_stats
+from vallex.data.prepare import PrepareError, _fit_sample, prepare_corpus, progress_postfix, read_shard_stats
 from vallex.data.schema import SHARD_SCHEMA, check_schema, codes_matrix
 from vallex.data.sources import ManifestError, read_manifest
 
@@ -31,7 +31,7 @@ SETTINGS = PrepareSection(
 
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory) -> Path:
-    return make_demo_corpus(tmp_path_factory.mktemp("demo"), seed=0, progress=False)
+    return make_demo_corpus(tmp_path_factory.mktemp("demo"), seed=0, scale=0, progress=False)
 
 
 def _rows(manifest: Path) -> list[dict]:
@@ -164,6 +164,59 @@ def test_rerun_skips_finished_shards_and_adding_a_language_keeps_ids(ray_cluster
     assert manifest["symbols_version"] == symbols_after["version"]
 
 
+def test_fitted_codec_is_fitted_once_beside_the_shards_and_reused(ray_cluster, demo_manifest, tmp_path):
+    """codec.kind=mel_rvq: fitted on the training split before the shards, stored beside them with its
+    sha256 in the manifest, loaded by the encode actors, reused by later runs into the same folder."""
+    from vallex.codec import open_tokenizer
+    from vallex.codec.audio import load_audio, resample
+    from vallex.codec.mel_rvq import FITTED_NAME, MelRVQSettings, fit_tables, sha256, tables_bytes
+
+    fitted = CodecSection(kind="mel_rvq", fit_frames=2048, fit_iterations=3)
+    settings = PrepareSection(codec=fitted, rows_per_shard=4, codec_actors=2, codec_batch_size=4)
+    utts = read_manifest(_subset(demo_manifest, tmp_path / "a.jsonl", {"en": (8, 2)}))
+    out = tmp_path / "prepared"
+    manifest = prepare_corpus(utts, out, settings, progress=False)
+    codec, data = manifest["codec"], (out / FITTED_NAME).read_bytes()
+    assert codec["kind"] == "mel_rvq" and codec["fitted"] == FITTED_NAME and codec["sha256"] == sha256(data)
+    assert (codec["num_codebooks"], codec["codebook_size"], codec["frame_rate"], codec["seed"]) == (
+        8,
+        1024,
+        75,
+        0,
+    )
+
+    # The driver's fit is the fit of the training audio (validation audio never seen), reproducible
+    # in another process; the actors' codes are that codec's codes of each clip.
+    wavs = {u.id: resample(*load_audio(u.audio), 24000) for u in utts}
+    spec = MelRVQSettings.from_dict(codec)
+    sample = _fit_sample(utts, spec.fit_utterances, seed=0)
+    assert {u.split for u in sample} == {"train"} and len(sample) == 8
+    assert tables_bytes(fit_tables([wavs[u.id] for u in sample], spec), spec) == data
+    tokenizer = open_tokenizer(codec, out)
+    rows = [r for rel in manifest["languages"]["en"]["shards"] for r in pq.read_table(out / rel).to_pylist()]
+    assert len(rows) == 10
+    for row in rows:
+        codes = codes_matrix(np.array(row["codes"]), row["frames"], row["num_codebooks"])
+        assert np.array_equal(codes, tokenizer.encode([wavs[row["utt_id"]]])[0]), row["utt_id"]
+
+    # A re-run and an added language reuse the tables; another codec is refused; so are changed tables.
+    mtime = (out / FITTED_NAME).stat().st_mtime_ns
+    again = prepare_corpus(utts, out, settings, progress=False)
+    assert again["last_run"]["shards_written"] == 0 and again["codec"] == codec
+    zh = read_manifest(_subset(demo_manifest, tmp_path / "b.jsonl", {"zh": (3, 2)}))
+    added = prepare_corpus(zh, out, settings, progress=False)
+    assert added["codec"] == codec and set(added["languages"]) == {"en", "zh"}
+    assert (out / FITTED_NAME).stat().st_mtime_ns == mtime
+    with pytest.raises(PrepareError, match="codes from different codecs cannot be mixed"):
+        prepare_corpus(utts, out, settings, seed=1, progress=False)
+    (out / FITTED_NAME).write_bytes(tables_bytes(fit_tables([wavs[u.id] for u in utts], spec), spec))
+    with pytest.raises(PrepareError, match=f"{FITTED_NAME}: sha256 .* the fitted codec changed"):
+        prepare_corpus(utts, out, settings, progress=False)
+    (out / FITTED_NAME).unlink()
+    with pytest.raises(PrepareError, match=f"{FITTED_NAME} is missing but .*manifest.json says the shards"):
+        prepare_corpus(utts, out, settings, progress=False)
+
+
 def test_language_with_nothing_usable_is_an_error(ray_cluster, demo_manifest, tmp_path):
     rows = _planted(tmp_path, demo_manifest)[3:]  # too short + missing: nothing survives
     valid = _subset(demo_manifest, tmp_path / "v.jsonl", {"en": (0, 1)})
@@ -204,6 +257,7 @@ def test_resume_after_a_killed_run(ray_cluster, demo_manifest, tmp_path):
         f"corpus.source={src}",
         "prepare.rows_per_shard=1",
         "prepare.codec_actors=1",
+        "prepare.codec.kind=encodec",  # job.yaml's demo codec is fitted; this test is about EnCodec's shards
         "prepare.codec.pretrained=false",
         "run.seed=0",
     ]

@@ -168,7 +168,9 @@ def test_a_write_that_fails_leaves_no_partial_object(s3, monkeypatch):
 @pytest.fixture(scope="module")
 def small_manifest(tmp_path_factory):
     """A few real espeak utterances in two languages (audio paths absolute)."""
-    src = make_demo_corpus(tmp_path_factory.mktemp("demo"), seed=0, languages=["en", "ar"], progress=False)
+    src = make_demo_corpus(
+        tmp_path_factory.mktemp("demo"), seed=0, languages=["en", "ar"], scale=0, progress=False
+    )
     rows = [json.loads(line) for line in src.read_text().splitlines()]
     pick = []
     for lang, per_split in {"en": {"train": 5, "valid": 2}, "ar": {"train": 3, "valid": 2}}.items():

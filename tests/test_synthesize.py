@@ -112,3 +112,28 @@ def test_greedy_cross_lingual_prompt_is_deterministic(setup, tmp_path):
 def test_unknown_language_is_a_clear_error(setup, tmp_path):
     with pytest.raises(ValueError, match=r"language 'de' is not one of the model's languages \['en', 'fr'\]"):
         synthesize(setup, tmp_path, "--language", "de")
+
+
+def test_prepared_dir_decodes_with_the_corpus_codec(setup, tmp_path, capsys):
+    """--prepared-dir: the codec that made the corpus's codes decodes (here a fitted mel_rvq codec);
+    the same codes (same model and seed) then sound different from the random EnCodec's."""
+    from vallex.codec.mel_rvq import FITTED_NAME, MelRVQSettings, fit_tables, sha256, tables_bytes
+    from vallex.data.schema import MANIFEST_NAME
+    from vallex.data.synthetic import write_synthetic_corpus
+
+    prep = write_synthetic_corpus(tmp_path / "prep", {"en": 4, "fr": 4}, valid_per_language=2)
+    settings = MelRVQSettings(fit_frames=1024, fit_iterations=2)
+    noise = np.random.default_rng(0).standard_normal(24000 * 15).astype(np.float32) * 0.1
+    data = tables_bytes(fit_tables([noise], settings), settings)
+    (prep / FITTED_NAME).write_bytes(data)
+    manifest = json.loads((prep / MANIFEST_NAME).read_text())
+    manifest["codec"] = {**settings.to_dict(), "fitted": FITTED_NAME, "sha256": sha256(data)}
+    (prep / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+    side, wavs = synthesize(setup, tmp_path / "mel", "--seed", "3", "--prepared-dir", str(prep))
+    assert side["codec"] == manifest["codec"]
+    assert "note: codec: NOT EnCodec: mel_rvq" in capsys.readouterr().out
+    side_enc, wavs_enc = synthesize(setup, tmp_path / "enc", "--seed", "3")
+    assert [f["frames"] for f in side["files"]] == [f["frames"] for f in side_enc["files"]]
+    for f, (w, _), (we, _) in zip(side["files"], wavs, wavs_enc, strict=True):
+        assert len(w) == len(we) == f["frames"] * 320 and not np.array_equal(w, we)

@@ -94,6 +94,9 @@ class CorpusSection:
     """ISO 639-1 codes to prepare (``[en, zh]``); empty means every language in the source."""
     valid_fraction: float = 0.1
     """Fraction of each language's utterances held out for validation when the source has no split column."""
+    demo_scale: float = 1.0
+    """``source: demo`` only: fraction (0..1) of the demo's ~3,000 generated sentences to synthesize
+    besides its 256 hand-written ones (1: ~2 h of audio; 0: the hand-written ones only, ~9 min)."""
 
     def __post_init__(self):
         _require(bool(self.source), "source", "must be 'demo' or the path of a manifest or corpus folder")
@@ -110,24 +113,46 @@ class CorpusSection:
             except ValueError as e:
                 _require(False, "language", str(e))
         _require(0.0 < self.valid_fraction < 1.0, "valid_fraction", "must be in (0, 1)")
+        _require(0.0 <= self.demo_scale <= 1.0, "demo_scale", "must be in [0, 1]")
 
 
 @dataclass
 class CodecSection:
-    """EnCodec settings (24 kHz model)."""
+    """The codec that turns audio into codes: EnCodec 24 kHz, or a tokenizer fitted to the corpus."""
 
+    kind: str = "encodec"
+    """``encodec``: EnCodec 24 kHz (pretrained weights: the production path). ``mel_rvq``: a residual
+    k-means over log-mel frames fitted to this corpus by prepare (seeded by ``run.seed``) and stored
+    beside its shards (``codec_mel_rvq.npz``); the same code shape as EnCodec, codes that carry the
+    words, Griffin-Lim audio: for offline demos and air-gapped machines without EnCodec weights."""
     bandwidth: float = 6.0
-    """Target bandwidth in kbps; 6.0 gives the 8 codebooks VALL-E X models."""
+    """Target bandwidth in kbps; 6.0 gives the 8 codebooks VALL-E X models (mel_rvq: 8 k-means stages)."""
     pretrained: bool = True
-    """Load the pretrained EnCodec weights (torch hub cache or ``checkpoint``). ``false`` uses a
-    random-init codec: only for tests and offline demos, and logged loudly."""
+    """EnCodec only: load the pretrained weights (torch hub cache or ``checkpoint``). ``false`` uses a
+    random-init codec whose codes carry little speech: only for tests, and logged loudly."""
     checkpoint: str = ""
-    """Explicit path of ``encodec_24khz-d7cc33bc.th``; empty looks in the torch hub cache."""
+    """EnCodec only: explicit path of ``encodec_24khz-d7cc33bc.th``; empty looks in the torch hub cache."""
+    mel_bins: int = 80
+    """mel_rvq only: mel bands per frame (the vectors the k-means stages quantize)."""
+    fit_utterances: int = 400
+    """mel_rvq only: training utterances read to fit it (a seeded sample, balanced across languages)."""
+    fit_frames: int = 40000
+    """mel_rvq only: frames (1/75 s each) the k-means sees, a seeded sample of those utterances' frames;
+    bounds the fit's time (~fit_frames x 1024 x mel_bins x 2 FLOPs per iteration and stage) and memory."""
+    fit_iterations: int = 10
+    """mel_rvq only: Lloyd iterations per k-means stage."""
 
     def __post_init__(self):
         _require(
+            self.kind in ("encodec", "mel_rvq"), "kind", f"must be encodec or mel_rvq (got {self.kind!r})"
+        )
+        _require(
             self.bandwidth in (1.5, 3.0, 6.0, 12.0, 24.0), "bandwidth", "must be one of 1.5, 3, 6, 12, 24"
         )
+        _require(self.mel_bins >= 8, "mel_bins", "must be >= 8")
+        _require(self.fit_utterances >= 1, "fit_utterances", "must be >= 1")
+        _require(self.fit_frames >= 1024, "fit_frames", "must be >= 1024 (one frame per code)")
+        _require(self.fit_iterations >= 1, "fit_iterations", "must be >= 1")
 
 
 @dataclass
@@ -135,7 +160,7 @@ class PrepareSection:
     """Data preparation: phonemes + EnCodec tokens -> per-language Parquet shards."""
 
     codec: CodecSection = field(default_factory=CodecSection)
-    """EnCodec settings."""
+    """Codec settings (EnCodec, or the mel_rvq tokenizer fitted to the corpus)."""
     min_duration: float = 0.5
     """Clips shorter than this many seconds are skipped (counted in the manifest)."""
     max_duration: float = 20.0

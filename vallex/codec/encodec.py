@@ -266,6 +266,8 @@ class AudioTokenizer:
     """Batched EnCodec encode/decode; picklable settings, model loaded lazily (will be used as a Ray Data
     map_batches callable-class member, one per actor, GPU when available)."""
 
+    sample_rate = SAMPLE_RATE
+
     def __init__(self, settings: CodecSettings, device: str | None = None):
         self.settings = settings
         self._device = device  # None -> cuda if available else cpu, decided where the model loads
@@ -294,6 +296,11 @@ class AudioTokenizer:
     @property
     def num_codebooks(self) -> int:
         return self.settings.num_codebooks
+
+    @property
+    def is_real_encodec(self) -> bool:
+        """True only with pretrained weights: random-init codes are EnCodec-shaped, not EnCodec's."""
+        return self.settings.pretrained
 
     def encode(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
         """Mono float32 at 24 kHz -> int16 ``[num_codebooks, frames]`` each, one forward pass for the list.

@@ -234,12 +234,13 @@ def phonemize_all(
 class ShardEncoder:
     """A Ray Data callable class: one EnCodec model per actor, one shard job per call."""
 
-    settings: dict = {}  # codec, min_duration, max_duration, codec_batch_size (bound per run)
+    settings: dict = {}  # codec, prepared_dir, min_duration, max_duration, codec_batch_size (bound per run)
 
     def __init__(self):
-        from vallex.codec.encodec import AudioTokenizer, CodecSettings
+        from vallex.codec import open_tokenizer
 
-        self.tokenizer = AudioTokenizer(CodecSettings(**self.settings["codec"]))
+        # A fitted codec (mel_rvq) loads its tables from the prepared folder, checked against their sha256.
+        self.tokenizer = open_tokenizer(self.settings["codec"], self.settings["prepared_dir"])
         self.min_duration = self.settings["min_duration"]
         self.max_duration = self.settings["max_duration"]
         self.codec_batch_size = self.settings["codec_batch_size"]
@@ -375,7 +376,7 @@ def prepare_corpus(
     but absent from ``utts`` are kept: this is how a language is added.
     """
 
-    from vallex.codec.encodec import CodecSettings
+    from vallex.codec.tokenizer import describe
     from vallex.text.symbols import SymbolTable
 
     if is_uri(out_dir):
@@ -383,17 +384,13 @@ def prepare_corpus(
     else:
         out = os.path.abspath(out_dir)
         os.makedirs(out, exist_ok=True)
-    codec = CodecSettings(
-        bandwidth=settings.codec.bandwidth,
-        pretrained=settings.codec.pretrained,
-        checkpoint=settings.codec.checkpoint or None,
-        seed=seed,
-    )
+    codec = codec_description(settings, seed)
     old_manifest = _read_json(join(out, MANIFEST_NAME))
-    if old_manifest and old_manifest.get("codec") != codec.to_dict():
+    old_codec = (old_manifest or {}).get("codec")
+    if old_manifest and _codec_config(old_codec) != codec:
         raise PrepareError(
-            f"{join(out, MANIFEST_NAME)} was prepared with codec {old_manifest.get('codec')} but this run asks for "
-            f"{codec.to_dict()}; codes from different codecs cannot be mixed: use another output folder"
+            f"{join(out, MANIFEST_NAME)} was prepared with codec {old_codec} but this run asks for "
+            f"{codec}; codes from different codecs cannot be mixed: use another output folder"
         )
 
     utts = assign_splits(utts, valid_fraction, seed)
@@ -424,6 +421,12 @@ def prepare_corpus(
         table.save(join(out, SYMBOLS_NAME))
         log.info("symbol table v%d: %d symbols (+%d new)", table.version, len(table), len(added))
 
+    # A codec fitted to the corpus is fitted once, before any shard, and reused by every later run here.
+    if codec.get("kind") == "mel_rvq":
+        codec = fitted_codec(out, codec, ready, settings, seed, old_codec, progress)
+    if codec.get("kind") == "mel_rvq" or not codec.get("pretrained", True):
+        log.warning("%s", describe(codec))
+
     # Pass 2: shard jobs; shards already written by an identical job are skipped.
     jobs, reused = [], []
     by_lang: dict[str, list[Utterance]] = defaultdict(list)
@@ -442,7 +445,7 @@ def prepare_corpus(
             payload = [{**u.to_dict(), "phonemes": table.encode(phones[u.id])} for u in chunk]
             spec = {
                 "rows": payload,
-                "codec": codec.to_dict(),
+                "codec": codec,
                 "min": settings.min_duration,
                 "max": settings.max_duration,
                 "format": SHARD_FORMAT_VERSION,
@@ -470,7 +473,7 @@ def prepare_corpus(
     if reused:
         log.info("%d shard(s) already prepared, skipped", len(reused))
     if jobs:
-        _run_jobs(jobs, codec, settings, progress)
+        _run_jobs(jobs, codec, out, settings, progress)
 
     manifest = _build_manifest(out, languages, skips, codec, table, old_manifest)
     # What this run did (a re-run of finished work shows zeros).
@@ -479,7 +482,127 @@ def prepare_corpus(
     return manifest
 
 
-def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool) -> None:
+def codec_description(settings: PrepareSection, seed: int) -> dict:
+    """The manifest's ``codec`` dict this run asks for (a fitted codec's ``fitted``/``sha256`` come later)."""
+    c = settings.codec
+    if c.kind == "mel_rvq":
+        from vallex.codec.encodec import CodecSettings
+        from vallex.codec.mel_rvq import MelRVQSettings
+
+        return MelRVQSettings(
+            num_codebooks=CodecSettings(bandwidth=c.bandwidth).num_codebooks,
+            n_mels=c.mel_bins,
+            seed=seed,
+            fit_frames=c.fit_frames,
+            fit_iterations=c.fit_iterations,
+            fit_utterances=c.fit_utterances,
+        ).to_dict()
+    from vallex.codec.encodec import CodecSettings
+
+    return CodecSettings(
+        bandwidth=c.bandwidth, pretrained=c.pretrained, checkpoint=c.checkpoint or None, seed=seed
+    ).to_dict()
+
+
+def _codec_config(codec: dict | None) -> dict | None:
+    """A manifest's codec dict without what the fit produced (the fitted file's name and sha256)."""
+    return None if codec is None else {k: v for k, v in codec.items() if k not in ("fitted", "sha256")}
+
+
+def _fit_sample(ready: list[Utterance], n: int, seed: int) -> list[Utterance]:
+    """Up to ``n`` training utterances, balanced across languages: each language's shuffled list (seeded)
+    is taken round-robin, so a small language is not drowned by the big ones."""
+    import random
+
+    pools = []
+    for lang in sorted({u.language for u in ready}):
+        pool = sorted((u for u in ready if u.language == lang and u.split == "train"), key=lambda u: u.id)
+        random.Random(f"vallex-codec-fit/{seed}/{lang}").shuffle(pool)
+        pools.append(pool)
+    out = []
+    for i in range(max((len(p) for p in pools), default=0)):
+        out.extend(p[i] for p in pools if i < len(p))
+    return out[:n]
+
+
+def fitted_codec(
+    out: str,
+    codec: dict,
+    ready: list[Utterance],
+    settings: PrepareSection,
+    seed: int,
+    old_codec: dict | None,
+    progress: bool,
+) -> dict:
+    """The mel_rvq codec dict with its ``fitted`` file and ``sha256``: the tables already in ``out``
+    (written by an earlier run into this folder: they made its shards, so they are kept), else fitted
+    now on a seeded sample of the training split and written atomically beside the shards."""
+    from vallex.codec import mel_rvq
+    from vallex.codec.audio import AudioError, load_audio, resample
+    from vallex.codec.encodec import CodecError
+    from vallex.codec.tokenizer import read_location
+
+    spec = mel_rvq.MelRVQSettings.from_dict(codec)
+    path = join(out, mel_rvq.FITTED_NAME)
+    if is_file(path):
+        data = read_location(path)
+        digest = mel_rvq.sha256(data)
+        if old_codec and old_codec.get("sha256") not in (None, digest):
+            raise PrepareError(
+                f"{path}: sha256 {digest[:16]}... but {join(out, MANIFEST_NAME)} recorded "
+                f"{old_codec['sha256'][:16]}...: the fitted codec changed since the shards were made; "
+                "restore it or prepare into a new folder"
+            )
+        try:
+            mel_rvq.load_tables(data, path, spec)
+        except Exception as e:  # noqa: BLE001 - any defect means the same: not this codec's tables
+            raise PrepareError(
+                f"{e}; delete it (and this folder's shards) or prepare into a new folder"
+            ) from None
+        log.info("mel_rvq codec: reusing the tables fitted earlier in %s", path)
+        return {**codec, "fitted": mel_rvq.FITTED_NAME, "sha256": digest}
+    if old_codec and old_codec.get("sha256"):
+        raise PrepareError(
+            f"{path} is missing but {join(out, MANIFEST_NAME)} says the shards were made with it: restore it, "
+            "or prepare into a new folder"
+        )
+
+    sample = _fit_sample(ready, spec.fit_utterances, seed)
+    t0 = time.perf_counter()
+    wavs = []
+    bar = _bar(len(sample), "codec fit: read audio", "utt", progress)
+    for u in sample:
+        bar.update(1)
+        try:
+            wav, sr = load_audio(u.audio)
+        except AudioError:
+            continue  # counted as a skip by the encode pass
+        if (
+            settings.min_duration <= len(wav) / sr <= settings.max_duration
+            and np.abs(wav).max() >= SILENCE_PEAK
+        ):
+            wavs.append(resample(wav, sr, mel_rvq.SAMPLE_RATE))
+    bar.close()
+    log.info(
+        "mel_rvq codec: fitting on %d training utterances (%.1f min, %s), %d frames at most",
+        len(wavs),
+        sum(len(w) for w in wavs) / mel_rvq.SAMPLE_RATE / 60,
+        ", ".join(sorted({u.language for u in sample})),
+        spec.fit_frames,
+    )
+    try:
+        tables = mel_rvq.fit_tables(wavs, spec, progress=progress)
+    except CodecError as e:
+        raise PrepareError(f"{e} (prepare.codec.kind=mel_rvq; a tiny corpus can use kind=encodec)") from None
+    data = mel_rvq.tables_bytes(tables, spec)
+    write_bytes(path, data)  # whole or not at all; a killed fit leaves no file and the next run refits
+    log.info(
+        "mel_rvq codec: fitted in %.1f s (audio read included), written to %s", time.perf_counter() - t0, path
+    )
+    return {**codec, "fitted": mel_rvq.FITTED_NAME, "sha256": mel_rvq.sha256(data)}
+
+
+def _run_jobs(jobs: list[dict], codec: dict, out: str, settings: PrepareSection, progress: bool) -> None:
     import ray
 
     # Big jobs first so the pool's tail is short.
@@ -496,7 +619,8 @@ def _run_jobs(jobs: list[dict], codec, settings: PrepareSection, progress: bool)
         (ShardEncoder,),
         {
             "settings": {
-                "codec": codec.to_dict(),
+                "codec": codec,
+                "prepared_dir": out,
                 "min_duration": settings.min_duration,
                 "max_duration": settings.max_duration,
                 "codec_batch_size": settings.codec_batch_size,
@@ -613,7 +737,7 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
     return {
         "format": SHARD_FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "codec": codec.to_dict(),
+        "codec": codec,
         "symbols_version": table.version,
         "symbols_fingerprint": table.fingerprint,
         "num_symbols": len(table),
@@ -641,7 +765,11 @@ def prepare_from_config(cfg, progress: bool = True) -> dict:
         from vallex.data.demo_corpus import make_demo_corpus
 
         manifest_path = make_demo_corpus(
-            cfg.corpus_dir, seed=cfg.run.seed, languages=cfg.corpus.languages or None, progress=progress
+            cfg.corpus_dir,
+            seed=cfg.run.seed,
+            languages=cfg.corpus.languages or None,
+            scale=cfg.corpus.demo_scale,
+            progress=progress,
         )
         utts = read_manifest(manifest_path, cfg.corpus.languages)
     else:

@@ -31,6 +31,17 @@ from vallex.train.tracking import tracking_settings
 log = logging.getLogger("vallex.train")
 
 
+def _log_codec(codec: dict) -> None:
+    """Say which codec made the codes; LOUDLY when they are not real EnCodec codes."""
+    from vallex.codec.tokenizer import describe
+
+    line = describe(codec)
+    if codec.get("kind", "encodec") != "encodec" or not codec.get("pretrained", True):
+        log.warning("%s", line)
+    else:
+        log.info("%s", line)
+
+
 def _corpus_info(cfg: Config):
     """Open the prepared corpus, choose languages, resolve sampling weights, fix the model's shape.
 
@@ -43,6 +54,7 @@ def _corpus_info(cfg: Config):
     from vallex.model.vallex import MODEL_SIZES
 
     corpus = PreparedCorpus.open(cfg.prepare_dir)
+    _log_codec(corpus.codec)
     languages = list(cfg.data.languages) or list(corpus.languages)
     unknown = sorted(set(languages) - set(corpus.languages))
     if unknown:
