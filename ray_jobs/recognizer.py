@@ -3,7 +3,7 @@
     python ray_jobs/recognizer.py --config job.yaml
     python ray_jobs/recognizer.py --config job.yaml recognizer.steps=3000 run.prepared_dir=s3://bucket/corpus
 
-A small CTC model (code embeddings -> conv -> 2-layer BiLSTM) learns every language's phonemes from the
+A small CTC model (code embeddings -> conv -> 4-layer transformer) learns every language's phonemes from the
 ground-truth codes of the prepared train splits. It is saved beside the shards as recognizer.pt
 (replacing an older one) with each language's validation phoneme error rate, printed at the end: that
 PER is the floor an evaluation of synthesized speech is compared with. Training finds it there.

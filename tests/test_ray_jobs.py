@@ -71,3 +71,25 @@ def test_demo_entry_point_reuses_prepared_shards(prepared):
     falling = all(v["last"]["loss"] < v["first"]["loss"] for v in report["languages"].values())
     assert rc == (0 if falling else 1)
     assert falling, report["languages"]
+
+
+def test_recognizer_entry_point(prepared):
+    from vallex.eval.recognizer import RECOGNIZER_FILE, Recognizer
+
+    budget = ["recognizer.steps=6", "recognizer.batch_size=4", "recognizer.dim=16", "recognizer.hidden=16"]
+    argv = ["--config", JOB, *_common(prepared), *budget, "recognizer.cpus=1", "recognizer.log_every=3"]
+    assert _main("recognizer")(argv) == 0
+    rec = Recognizer.load(prepared / "prepare")  # beside the shards, for this corpus's symbols and codec
+    assert (prepared / "prepare" / RECOGNIZER_FILE).is_file()
+    assert rec.meta["steps"] == 6 and rec.meta["shape"]["dim"] == 16
+    manifest = json.loads((prepared / "prepare" / "manifest.json").read_text())
+    assert rec.meta["valid_utterances"] == {
+        k: v["utterances"]["valid"] for k, v in manifest["languages"].items()
+    }
+    assert set(rec.meta["valid_per"]) == {"fr", "ar"}  # six steps learn nothing: about every phoneme wrong
+    assert all(per > 0.5 for per in rec.meta["valid_per"].values()), rec.meta["valid_per"]
+    # The worker's progress lines and the per-language table reach the driver's log.
+    log = (prepared / "logs" / "recognizer.log").read_text()
+    assert "recognizer step 3/6" in log and "recognizer step 6/6" in log
+    for lang, per in rec.meta["valid_per"].items():
+        assert f"{lang:<10}{f'{100 * per:.1f}%':>10}" in log

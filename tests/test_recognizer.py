@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from vallex.eval.recognizer import (
     Recognizer,
     RecognizerError,
     RecognizerNet,
+    _epoch_pool,
     edit_distance,
     greedy_ctc_decode,
     phoneme_error_rate,
@@ -25,7 +27,7 @@ from vallex.eval.recognizer import (
     train_recognizer,
 )
 
-TINY = {"dim": 32, "hidden": 32, "threads": 1, "log_every": 0}
+TINY = {"dim": 32, "hidden": 32, "layers": 2, "threads": 1, "log_every": 0}
 
 
 def test_edit_distance_hand_cases():
@@ -80,16 +82,20 @@ def phonetic(tmp_path_factory, one_thread):
         phonemes=(4, 12),
     )
     corpus = PreparedCorpus.open(root)
-    rec = train_recognizer(corpus, steps=150, batch_size=16, lr=5e-3, seed=0, **TINY)
+    rec = train_recognizer(corpus, steps=100, batch_size=16, lr=5e-3, seed=0, **TINY)
     return corpus, rec
 
 
+def _rows(corpus: PreparedCorpus, lang: str) -> list[dict]:
+    columns = ["phonemes", "codes", "frames", "num_codebooks"]
+    return corpus.read_split(lang, "valid", columns=columns).to_pylist()
+
+
 def _valid(corpus: PreparedCorpus, lang: str):
-    rows = corpus.read_split(
-        lang, "valid", columns=["phonemes", "codes", "frames", "num_codebooks"]
-    ).to_pylist()
+    rows = _rows(corpus, lang)
     codes = [codes_matrix(np.asarray(r["codes"]), r["frames"], r["num_codebooks"]) for r in rows]
     refs = [reference_phonemes(r["phonemes"], corpus.symbols) for r in rows]
+    assert refs != [r["phonemes"] for r in rows]  # the word boundaries are gone
     return codes, refs
 
 
@@ -102,6 +108,7 @@ def test_recognizer_reads_phonetic_codes_far_below_chance(phonetic):
         per = phoneme_error_rate(refs, rec.transcribe(codes))
         assert per == pytest.approx(rec.meta["valid_per"][lang])
         assert per < 0.15, (lang, per)
+        assert [rec.reference_phonemes(r["phonemes"]) for r in _rows(corpus, lang)] == refs
         # The same network untrained: chance (19 phones; an alignment finds a few right by luck).
         torch.manual_seed(0)
         untrained = Recognizer(RecognizerNet(rec.shape, scored_mask(corpus.symbols)), rec.meta)
@@ -171,5 +178,35 @@ def test_training_is_deterministic_for_a_seed(phonetic):
     runs = [train_recognizer(corpus, steps=5, batch_size=8, seed=s, **TINY) for s in (3, 3, 4)]
     states = [r.net.state_dict() for r in runs]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
-    assert runs[0].meta == runs[1].meta | {"train_seconds": runs[0].meta["train_seconds"]}
+    timing = ("train_seconds", "curve")
+    assert {k: v for k, v in runs[0].meta.items() if k not in timing} == {
+        k: v for k, v in runs[1].meta.items() if k not in timing
+    }
     assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_small_languages_are_repeated_in_each_epoch():
+    langs = ["en"] * 8 + ["ar"] * 2
+    share = {a: Counter(langs[i] for i in _epoch_pool(langs, a)) for a in (1.0, 0.5, 0.0)}
+    assert share == {1.0: {"en": 8, "ar": 2}, 0.5: {"en": 8, "ar": 4}, 0.0: {"en": 8, "ar": 8}}
+
+
+def test_rows_too_short_for_a_ctc_alignment_are_counted_not_learnt(tmp_path):
+    # One frame per phoneme: after the stride-2 convolution no row has a frame per phoneme.
+    root = write_phonetic_corpus(tmp_path, {"en": 3}, valid_per_language=2, frames_per_phoneme=(1, 1))
+    with pytest.raises(
+        ValueError, match=r"no training utterance .*'en': \{'too short for its phonemes': 3\}"
+    ):
+        train_recognizer(PreparedCorpus.open(root), steps=1, **TINY)
+
+
+def test_ensure_recognizer_finds_the_saved_one_without_training(phonetic, tmp_path, monkeypatch):
+    from vallex.config import load_config
+    from vallex.eval import recognizer as module
+
+    corpus, rec = phonetic
+    root = tmp_path / "prepare"
+    shutil.copytree(corpus.root, root)
+    rec.save(str(root))
+    monkeypatch.setattr(module, "train_recognizer_on_ray", lambda cfg: pytest.fail("trained again"))
+    assert module.ensure_recognizer(load_config(None, [f"run.prepared_dir={root}"])) == rec.meta

@@ -18,6 +18,7 @@ import logging
 import os
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -31,6 +32,7 @@ from vallex.data.corpus import CorpusError, PreparedCorpus
 from vallex.data.demo_corpus import make_demo_corpus
 from vallex.data.mixing import build_mixed_dataset
 from vallex.data.prepare import _write_parquet, prepare_corpus
+from vallex.data.schema import codes_matrix
 from vallex.data.sources import read_manifest
 from vallex.files import filesystem, write_text
 
@@ -225,6 +227,18 @@ def test_prepare_to_s3_reruns_and_reads_back(s3, small_manifest, tmp_path, monke
     }
     assert all(r["utt_id"] in train_ids[r["language"]] for r in rows)
     assert {r["utt_id"] for r in rows if r["language"] == "ar"} == train_ids["ar"]  # upsampled: all of it
+
+    # The phoneme recognizer learns from the bucket's corpus, is saved beside it and found there.
+    from vallex.eval.recognizer import RECOGNIZER_FILE, Recognizer, train_recognizer
+
+    assert Recognizer.load(uri) is None
+    tiny = {"dim": 16, "hidden": 16, "layers": 1, "threads": 1, "log_every": 0}
+    rec = train_recognizer(corpus, steps=2, batch_size=4, **tiny)
+    assert rec.save(uri) == f"{uri}/{RECOGNIZER_FILE}" and RECOGNIZER_FILE in _objects(uri)
+    table = corpus.read_split("en", "valid", columns=["codes", "frames", "num_codebooks"]).to_pylist()
+    codes = [codes_matrix(np.asarray(r["codes"]), r["frames"], r["num_codebooks"]) for r in table]
+    loaded = Recognizer.load(uri)
+    assert loaded.meta == rec.meta and loaded.transcribe(codes) == rec.transcribe(codes)
 
 
 def test_a_missing_or_unreachable_corpus_is_named(s3, monkeypatch):

@@ -560,19 +560,32 @@ class RecognizerSection:
     dim: int = 128
     """Width of the code embeddings and the convolution."""
     hidden: int = 128
-    """LSTM units per direction (2 bidirectional layers)."""
+    """Half the transformer's feed-forward width (lstm: units per direction)."""
+    layers: int = 4
+    """Encoder layers."""
+    encoder: Literal["transformer", "lstm"] = "transformer"
+    """transformer (4 heads, pre-norm) or lstm (bidirectional): the transformer learns as fast per step and
+    costs several times less per step on CPU (bench/recognizer.py)."""
     cpus: int = 2
     """CPUs of the Ray task that trains it (its torch threads)."""
     max_utterances: int = 0
     """Most training utterances read per language (0 = all; the recognizer holds them in memory)."""
+    alpha: float = 0.5
+    """A language's share of the training batches goes as n ** alpha (n: its utterances; small
+    languages' rows are repeated): 1 = proportional, 0 = every language equally."""
     log_every: int = 100
     """Log the CTC loss and elapsed time every this many steps."""
+    eval_every: int = 0
+    """Also score every language's validation split every this many steps (0 = only at the end)."""
 
     def __post_init__(self):
-        for key in ("steps", "batch_size", "dim", "hidden", "cpus", "log_every"):
+        for key in ("steps", "batch_size", "dim", "hidden", "layers", "cpus", "log_every"):
             _require(getattr(self, key) >= 1, key, "must be >= 1")
         _require(self.lr > 0, "lr", "must be > 0")
+        _require(self.encoder != "transformer" or self.dim % 4 == 0, "dim", "must be divisible by 4 (heads)")
         _require(self.max_utterances >= 0, "max_utterances", "must be >= 0 (0 = all)")
+        _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
+        _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 = only at the end)")
 
 
 @dataclass

@@ -16,9 +16,10 @@ punctuation marks and stress marks ``ˈ`` ``ˌ`` (prosody, which a reading of th
 differently). The recognizer is trained on exactly these targets and can emit nothing else.
 
 Model (``RecognizerNet``): the Q codebooks' embeddings summed per frame, a strided 1-D convolution
-(75 Hz -> 37.5 Hz: phones last several frames, and half the frames halve the LSTM's cost), a 2-layer
-bidirectional LSTM, and a linear layer over the symbol table whose ``<pad>`` slot (id 0, never a
-target) is the CTC blank.
+(75 Hz -> 37.5 Hz: phones last several frames, and half the frames halve the encoder's cost), a small
+transformer encoder (4 layers, 4 heads, pre-norm, sinusoidal positions; a 2-layer bidirectional LSTM is
+the alternative, ~5x dearer per step on CPU), and a linear layer over the symbol table whose ``<pad>``
+slot (id 0, never a target) is the CTC blank.
 
 The file is ``torch.save({"state_dict": ..., "meta": <JSON text>})`` and is only ever read with
 ``torch.load(weights_only=True)``: tensors and strings, nothing that can run code.
@@ -31,8 +32,9 @@ import json
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
@@ -72,14 +74,18 @@ def scored_mask(symbols: Sequence[str]) -> np.ndarray:
 
 def reference_phonemes(row_phonemes: Sequence[int], symbols: Sequence[str]) -> list[int]:
     """What the recognizer is scored against for a shard row: its phoneme ids without the unscored
-    symbols (specials, word boundaries, punctuation, stress). ``symbols`` is the corpus's table."""
-    mask = scored_mask(symbols)
+    symbols (specials, word boundaries, punctuation, stress). ``symbols`` is the corpus's table
+    (``PreparedCorpus.symbols``); :meth:`Recognizer.reference_phonemes` uses the recognizer's own."""
+    return _keep_scored(row_phonemes, scored_mask(symbols))
+
+
+def _keep_scored(row_phonemes: Sequence[int], scored: Sequence[bool]) -> list[int]:
     out = []
     for i in row_phonemes:
         i = int(i)
-        if not 0 <= i < len(mask):
-            raise ValueError(f"phoneme id {i} is outside the symbol table (ids 0..{len(mask) - 1})")
-        if mask[i]:
+        if not 0 <= i < len(scored):
+            raise ValueError(f"phoneme id {i} is outside the symbol table (ids 0..{len(scored) - 1})")
+        if scored[i]:
             out.append(i)
     return out
 
@@ -129,12 +135,18 @@ class RecognizerShape:
     num_codebooks: int
     codebook_size: int
     num_symbols: int
-    dim: int = 128  # code embedding and convolution width
-    hidden: int = 128  # LSTM units per direction
-    layers: int = 2
+    dim: int = 128  # code embedding, convolution and transformer width
+    hidden: int = 128  # transformer: half the feed-forward width; LSTM: units per direction
+    layers: int = 4
+    encoder: str = "transformer"  # or "lstm" (bidirectional); the transformer is ~5x cheaper per step on CPU
     kernel: int = 5
     stride: int = 2
     dropout: float = 0.1
+
+
+def output_frames(frames, shape: RecognizerShape):
+    """Frames after the strided convolution (an int or a tensor): the CTC's time steps."""
+    return (frames + 2 * (shape.kernel // 2) - shape.kernel) // shape.stride + 1
 
 
 class RecognizerNet(nn.Module):
@@ -154,24 +166,39 @@ class RecognizerNet(nn.Module):
             shape.dim, shape.dim, shape.kernel, stride=shape.stride, padding=shape.kernel // 2
         )
         self.norm = nn.LayerNorm(shape.dim)
-        self.lstm = nn.LSTM(
-            shape.dim,
-            shape.hidden,
-            num_layers=shape.layers,
-            bidirectional=True,
-            batch_first=True,
-            dropout=shape.dropout if shape.layers > 1 else 0.0,
-        )
+        if shape.encoder == "lstm":
+            self.lstm = nn.LSTM(
+                shape.dim,
+                shape.hidden,
+                num_layers=shape.layers,
+                bidirectional=True,
+                batch_first=True,
+                dropout=shape.dropout if shape.layers > 1 else 0.0,
+            )
+            width = 2 * shape.hidden
+        elif shape.encoder == "transformer":
+            layer = nn.TransformerEncoderLayer(
+                shape.dim,
+                nhead=4,
+                dim_feedforward=2 * shape.hidden,
+                dropout=shape.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            self.transformer = nn.TransformerEncoder(layer, shape.layers, enable_nested_tensor=False)
+            width = shape.dim
+        else:
+            raise ValueError(f"encoder {shape.encoder!r}: must be 'lstm' or 'transformer'")
         self.drop = nn.Dropout(shape.dropout)
-        self.out = nn.Linear(2 * shape.hidden, shape.num_symbols)
+        self.out = nn.Linear(width, shape.num_symbols)
         # Unscored symbols can never be emitted: their logits are pushed far below the rest.
         allowed = torch.as_tensor(scored, dtype=torch.bool).clone()
         allowed[BLANK_ID] = True
         self.register_buffer("mask_bias", torch.where(allowed, 0.0, -1e4), persistent=False)
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        s = self.shape
-        return (lengths + 2 * (s.kernel // 2) - s.kernel) // s.stride + 1
+        return output_frames(lengths, self.shape)
 
     def forward(self, codes: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         frames = codes.shape[-1]
@@ -183,11 +210,26 @@ class RecognizerNet(nn.Module):
         x = torch.nn.functional.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
         x = self.drop(self.norm(x))
         out_lengths = self.output_lengths(lengths)
-        packed = nn.utils.rnn.pack_padded_sequence(x, out_lengths, batch_first=True, enforce_sorted=False)
-        y, _ = self.lstm(packed)
-        y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])
+        if self.shape.encoder == "lstm":
+            # Packed: the backward direction starts at each utterance's own last frame, not at padding.
+            packed = nn.utils.rnn.pack_padded_sequence(x, out_lengths, batch_first=True, enforce_sorted=False)
+            y, _ = self.lstm(packed)
+            y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=x.shape[1])
+        else:
+            padding = torch.arange(x.shape[1]).unsqueeze(0) >= out_lengths.unsqueeze(1)
+            y = self.transformer(x + _sinusoids(x.shape[1], x.shape[2]), src_key_padding_mask=padding)
         logits = self.out(self.drop(y)) + self.mask_bias
         return logits.log_softmax(-1), out_lengths
+
+
+def _sinusoids(length: int, dim: int) -> torch.Tensor:
+    """Fixed sinusoidal positions [length, dim] (Vaswani et al. 2017)."""
+    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    out = torch.zeros(length, dim)
+    out[:, 0::2] = torch.sin(pos * freq)
+    out[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return out
 
 
 def _pad_codes(codes: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +256,11 @@ class Recognizer:
     @property
     def shape(self) -> RecognizerShape:
         return self.net.shape
+
+    def reference_phonemes(self, row_phonemes: Sequence[int]) -> list[int]:
+        """:func:`reference_phonemes` with the symbol table this recognizer was trained on (which
+        :meth:`load` has checked is the corpus's): what its transcriptions are scored against."""
+        return _keep_scored(row_phonemes, self.meta["scored"])
 
     # ---------------------------------------------------------------------------------- inference
     @torch.no_grad()
@@ -345,9 +392,11 @@ class _Utterances:
     languages: list[str]
 
 
-def _read_split(corpus: PreparedCorpus, split: str, max_per_language: int = 0) -> tuple[_Utterances, dict]:
-    """Every language's ``split`` rows as (codes, scored references); rows the CTC cannot learn from
-    (no scored phoneme, or fewer output frames than the alignment needs) are counted, not used."""
+def _read_split(
+    corpus: PreparedCorpus, split: str, shape: RecognizerShape, max_per_language: int = 0
+) -> tuple[_Utterances, dict]:
+    """Every language's ``split`` rows as (codes, scored references). Rows without a scored phoneme, and
+    training rows with fewer output frames than a CTC alignment needs, are counted, not used."""
     mask = scored_mask(corpus.symbols)
     codes, refs, langs = [], [], []
     skipped: dict[str, dict[str, int]] = {}
@@ -356,18 +405,21 @@ def _read_split(corpus: PreparedCorpus, split: str, max_per_language: int = 0) -
         if max_per_language:
             table = table.slice(0, max_per_language)
         rows = table.to_pydict()
-        for ph, flat, frames, q in zip(
-            rows["phonemes"], rows["codes"], rows["frames"], rows["num_codebooks"], strict=True
+        for k, (ph, flat, frames, q) in enumerate(
+            zip(rows["phonemes"], rows["codes"], rows["frames"], rows["num_codebooks"], strict=True)
         ):
-            ref = [i for i in ph if 0 <= i < len(mask) and mask[i]]
-            # CTC needs one output frame per label, plus a blank between equal neighbours.
+            try:
+                ref = _keep_scored(ph, mask)
+            except ValueError as e:
+                raise ValueError(
+                    f"{corpus.root}: {lang} {split} row {k}: {e}; re-run ray_jobs/prepare.py"
+                ) from None
+            # CTC needs one output frame per label, plus a blank between equal neighbours. A
+            # validation row that is too short stays: it is scored (its misses count), only not learnt.
             need = len(ref) + sum(a == b for a, b in zip(ref, ref[1:], strict=False))
-            out_frames = (frames - 1) // 2 + 1
-            reason = (
-                "no scored phoneme"
-                if not ref
-                else ("too short for its phonemes" if out_frames < need else "")
-            )
+            reason = "no scored phoneme" if not ref else ""
+            if split == "train" and output_frames(frames, shape) < need:
+                reason = "too short for its phonemes"
             if reason:
                 skipped.setdefault(lang, {}).setdefault(reason, 0)
                 skipped[lang][reason] += 1
@@ -385,6 +437,16 @@ def _length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generat
     order = perm[np.argsort(lengths[perm], kind="stable")]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _epoch_pool(languages: list[str], alpha: float) -> np.ndarray:
+    """Row indices of one epoch: each language's rows repeated ``round((n_max / n) ** (1 - alpha))``
+    times, so a language's share goes as n ** alpha (as ``data.alpha``): a small language is seen
+    often enough to be learnt (alpha 1 = as many times as it has rows, 0 = every language equally)."""
+    counts = {lang: languages.count(lang) for lang in set(languages)}
+    most = max(counts.values())
+    repeats = {lang: max(1, round((most / n) ** (1 - alpha))) for lang, n in counts.items()}
+    return np.array([i for i, lang in enumerate(languages) for _ in range(repeats[lang])], dtype=np.int64)
 
 
 def per_language(rec: Recognizer, data: _Utterances) -> dict[str, float]:
@@ -406,17 +468,24 @@ def train_recognizer(
     *,
     dim: int = 128,
     hidden: int = 128,
-    layers: int = 2,
+    layers: int = 4,
+    encoder: str = "transformer",
     dropout: float = 0.1,
     threads: int = 0,
     max_utterances: int = 0,
+    alpha: float = 0.5,
     log_every: int = 100,
+    eval_every: int = 0,
+    progress: Callable[[str], None] | None = None,
 ) -> Recognizer:
     """Train a recognizer on every language's train split of ``corpus`` and score it on each language's
     validation split (``meta["valid_per"]``). Deterministic for a ``seed`` on CPU. Does not save it.
 
     ``threads`` > 0 sets torch's CPU threads for the run; ``max_utterances`` > 0 caps the training rows
-    read per language; a line with the loss and elapsed time is logged every ``log_every`` steps.
+    read per language; ``alpha`` sets how often a small language's rows are seen (a language's share
+    of the batches goes as n ** alpha, see ``_epoch_pool``); a line with the loss and elapsed time goes to ``progress`` (default: the
+    ``vallex.eval`` logger) every ``log_every`` steps (0 = none). ``eval_every`` > 0 also scores the
+    validation splits every that many steps (``meta["curve"]``: step, training seconds, PER per language).
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
@@ -425,43 +494,51 @@ def train_recognizer(
         torch.set_num_threads(threads)
     try:
         return _train(
-            corpus, steps, batch_size, lr, seed, dim, hidden, layers, dropout, max_utterances, log_every
+            corpus,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            RecognizerShape(
+                num_codebooks=corpus.num_codebooks,
+                codebook_size=int(corpus.codec.get("codebook_size", 1024)),
+                num_symbols=corpus.num_symbols,
+                dim=dim,
+                hidden=hidden,
+                layers=layers,
+                encoder=encoder,
+                dropout=dropout,
+            ),
+            max_utterances,
+            alpha,
+            log_every,
+            eval_every,
+            progress or log.info,
         )
     finally:
         torch.set_num_threads(before_threads)
 
 
-def _train(corpus, steps, batch_size, lr, seed, dim, hidden, layers, dropout, max_utterances, log_every):
+def _train(corpus, steps, batch_size, lr, seed, shape, max_utterances, alpha, log_every, eval_every, say):
     t0 = time.perf_counter()
-    train, skipped = _read_split(corpus, "train", max_utterances)
-    valid, valid_skipped = _read_split(corpus, "valid")
+    train, skipped = _read_split(corpus, "train", shape, max_utterances)
+    valid, valid_skipped = _read_split(corpus, "valid", shape)
     if not train.codes:
         raise ValueError(
             f"{corpus.root}: no training utterance the recognizer can learn from (skipped: {skipped})"
         )
     for lang, reasons in sorted(skipped.items()):
-        log.warning("recognizer: %s: skipped training rows %s", lang, reasons)
+        say(f"recognizer: WARNING: {lang}: training rows skipped: {reasons}")
     counts = {lang: train.languages.count(lang) for lang in corpus.languages}
-    log.info(
-        "recognizer: %d training utterances (%s), %d validation; read in %.1f s",
-        len(train.codes),
-        ", ".join(f"{k} {v}" for k, v in counts.items()),
-        len(valid.codes),
-        time.perf_counter() - t0,
+    say(
+        f"recognizer: {len(train.codes)} training utterances "
+        f"({', '.join(f'{k} {v}' for k, v in counts.items())}), {len(valid.codes)} validation; "
+        f"read in {time.perf_counter() - t0:.1f} s"
     )
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scored = scored_mask(corpus.symbols)
-    shape = RecognizerShape(
-        num_codebooks=corpus.num_codebooks,
-        codebook_size=int(corpus.codec.get("codebook_size", 1024)),
-        num_symbols=corpus.num_symbols,
-        dim=dim,
-        hidden=hidden,
-        layers=layers,
-        dropout=dropout,
-    )
     net = RecognizerNet(shape, scored)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, min(steps // 20, 100))
@@ -473,14 +550,15 @@ def _train(corpus, steps, batch_size, lr, seed, dim, hidden, layers, dropout, ma
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     ctc = nn.CTCLoss(blank=BLANK_ID, reduction="sum", zero_infinity=True)
-    lengths = np.array([c.shape[1] for c in train.codes])
+    pool = _epoch_pool(train.languages, alpha)
+    lengths = np.array([train.codes[i].shape[1] for i in pool])
     batches: list[np.ndarray] = []
     net.train()
-    running, seen, t_train = 0.0, 0, time.perf_counter()
+    running, seen, t_train, eval_seconds, curve = 0.0, 0, time.perf_counter(), 0.0, []
     for step in range(steps):
         if not batches:
             batches = _length_batches(lengths, batch_size, rng)
-        idx = batches.pop()
+        idx = pool[batches.pop()]
         codes, code_lengths = _pad_codes([train.codes[i] for i in idx])
         targets = torch.tensor([p for i in idx for p in train.refs[i]], dtype=torch.long)
         target_lengths = torch.tensor([len(train.refs[i]) for i in idx], dtype=torch.long)
@@ -496,15 +574,28 @@ def _train(corpus, steps, batch_size, lr, seed, dim, hidden, layers, dropout, ma
         running += loss.item()
         seen += 1
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
-            log.info(
-                "recognizer step %d/%d  ctc loss %.3f per phoneme  %.1f s",
-                step + 1,
-                steps,
-                running / seen,
-                time.perf_counter() - t_train,
+            say(
+                f"recognizer step {step + 1}/{steps}  ctc loss {running / seen:.3f} per phoneme  "
+                f"{time.perf_counter() - t_train:.1f} s"
             )
             running, seen = 0.0, 0
-    train_seconds = time.perf_counter() - t_train
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps and valid.codes:
+            seconds = time.perf_counter() - t_train - eval_seconds
+            t_eval = time.perf_counter()
+            curve.append(
+                {
+                    "step": step + 1,
+                    "seconds": round(seconds, 1),
+                    "valid_per": per_language(Recognizer(net, {}), valid),
+                }
+            )
+            net.train()
+            eval_seconds += time.perf_counter() - t_eval
+            say(
+                f"recognizer step {step + 1}/{steps}  validation PER "
+                + "  ".join(f"{k} {100 * v:.1f}%" for k, v in curve[-1]["valid_per"].items())
+            )
+    train_seconds = time.perf_counter() - t_train - eval_seconds
 
     meta = {
         "format": FORMAT_VERSION,
@@ -518,6 +609,7 @@ def _train(corpus, steps, batch_size, lr, seed, dim, hidden, layers, dropout, ma
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
+        "alpha": alpha,
         "seed": seed,
         "train_utterances": counts,
         "train_skipped": skipped,
@@ -529,9 +621,11 @@ def _train(corpus, steps, batch_size, lr, seed, dim, hidden, layers, dropout, ma
     rec = Recognizer(net, meta)
     if valid.codes:
         meta["valid_per"] = per_language(rec, valid)
+        curve.append({"step": steps, "seconds": meta["train_seconds"], "valid_per": meta["valid_per"]})
+    meta["curve"] = curve
     missing = [lang for lang in corpus.languages if lang not in meta["valid_per"]]
     if missing:
-        log.warning("recognizer: no validation utterances to score for %s", missing)
+        say(f"recognizer: WARNING: no validation utterances to score for {missing}")
     return rec
 
 
@@ -548,22 +642,37 @@ def per_table(meta: dict) -> str:
 # On Ray, from a config
 
 
-def _train_and_save(prepared_dir: str, settings: dict, seed: int) -> dict:
-    """Ray task body: train on the corpus in ``prepared_dir``, save beside it, return the metadata."""
-    from vallex.data.corpus import PreparedCorpus
-    from vallex.logs import setup_logging
+class _RecognizerJob:
+    """A Ray actor that trains the recognizer and keeps its progress lines for the driver to print
+    (two concurrent calls: ``run`` trains while ``drain`` hands over the lines so far)."""
 
-    setup_logging()  # a Ray worker has no vallex handler: its progress lines go to its log
-    corpus = PreparedCorpus.open(prepared_dir)
-    rec = train_recognizer(corpus, seed=seed, **settings)
-    path = rec.save(corpus.root)
-    log.info("recognizer saved to %s", path)
-    return rec.meta
+    def __init__(self):
+        self._lines: list[str] = []
+        self._lock = threading.Lock()
+
+    def _say(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+
+    def drain(self) -> list[str]:
+        with self._lock:
+            lines, self._lines = self._lines, []
+        return lines
+
+    def run(self, prepared_dir: str, settings: dict, seed: int) -> dict:
+        """Train on the corpus in ``prepared_dir``, save beside it, return the metadata."""
+        from vallex.data.corpus import PreparedCorpus
+
+        corpus = PreparedCorpus.open(prepared_dir)
+        rec = train_recognizer(corpus, seed=seed, progress=self._say, **settings)
+        self._say(f"recognizer saved to {rec.save(corpus.root)}")
+        return rec.meta
 
 
 def train_recognizer_on_ray(cfg: Config) -> dict:
-    """Train the recognizer as a Ray task on the prepared corpus of ``cfg`` and save it beside the
-    shards; return its metadata. Joins the running Ray cluster (``vallex.runtime.init_ray``)."""
+    """Train the recognizer in a Ray actor on the prepared corpus of ``cfg``, save it beside the shards
+    and return its metadata; its progress lines are printed here. Needs a connected Ray
+    (``vallex.runtime.init_ray``)."""
     import ray
 
     rc = cfg.recognizer
@@ -573,21 +682,34 @@ def train_recognizer_on_ray(cfg: Config) -> dict:
         "lr": rc.lr,
         "dim": rc.dim,
         "hidden": rc.hidden,
+        "layers": rc.layers,
+        "encoder": rc.encoder,
         "threads": rc.cpus,
         "max_utterances": rc.max_utterances,
+        "alpha": rc.alpha,
         "log_every": rc.log_every,
+        "eval_every": rc.eval_every,
     }
     log.info(
-        "training the phoneme recognizer on %s (%d steps x %d utterances, %d CPU) as a Ray task",
+        "training the phoneme recognizer on %s (%d steps x %d utterances, %d CPU) on Ray",
         cfg.prepare_dir,
         rc.steps,
         rc.batch_size,
         rc.cpus,
     )
-    task = ray.remote(num_cpus=rc.cpus, max_retries=0)(_train_and_save)
-    meta = ray.get(task.remote(cfg.prepare_dir, settings, cfg.run.seed))
+    job = ray.remote(num_cpus=rc.cpus, max_concurrency=2, max_restarts=0)(_RecognizerJob).remote()
+    try:
+        result = job.run.remote(cfg.prepare_dir, settings, cfg.run.seed)
+        done = False
+        while not done:
+            done = bool(ray.wait([result], timeout=2.0)[0])
+            for line in ray.get(job.drain.remote()):
+                log.info(line)
+        meta = ray.get(result)
+    finally:
+        ray.kill(job)
     log.info(
-        "recognizer trained in %.0f s; validation PER per language:\n%s",
+        "recognizer trained in %.0f s; validation PER per language (ground-truth codes):\n%s",
         meta["train_seconds"],
         per_table(meta),
     )
