@@ -21,6 +21,7 @@ from vallex.train.add_language import (
     plan_add_language,
     plot_forgetting,
     replay_weights,
+    report_table,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,3 +368,34 @@ def test_naive_mode_trains_on_the_new_language_only(runs):
     # (Whether naive mode forgets more is not asserted here: synthetic codes carry no language-specific
     # structure to forget, and in 4 steps both modes mostly learn the shared code prior. The demo's
     # real speech shows the contrast: README "The headline result".)
+
+
+def test_report_shows_text_gain_and_per_and_judges_a_falling_text_gain(tmp_path):
+    """Gibberish: the old language's loss hardly moves but it stops reading its text."""
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", "train.guard.metric=text_gain"])
+    plan = AddLanguagePlan(
+        mode="naive",
+        base="base.pt",
+        out_dir=str(tmp_path),
+        old_languages=["en"],
+        new_languages=["ar"],
+        trained_languages=["ar"],
+        unwatched=[],
+        weights="uniform",
+        replay_ratio=None,
+        new_phonemes=0,
+        config=cfg,
+    )
+    records = [_record(0, {"ar": 10.0, "en": 8.0}), _record(10, {"ar": 6.0, "en": 8.1})]
+    for r, (en_gain, ar_gain, en_per) in zip(records, ((0.4, 0.0, 0.3), (0.1, 0.2, 0.8)), strict=True):
+        r["valid"]["en"].update({"text_gain": en_gain, "per": en_per, "per_floor": 0.2})
+        r["valid"]["ar"].update({"text_gain": ar_gain})
+    rep = forgetting_report(records, {"guard": {"verdict": "forgetting", "trips": []}}, plan)
+    en, ar = rep["languages"]["en"], rep["languages"]["ar"]
+    assert en["baseline"] == 0.4 and en["final"] == 0.1 and en["verdict"] == "forgotten"  # -75%
+    assert en["text_gain"] == {"baseline": 0.4, "final": 0.1}
+    assert en["per"] == {"baseline": 0.3, "final": 0.8, "floor": 0.2}
+    assert ar["verdict"] == "learned" and "per" not in ar  # the gain rose from 0
+    table = report_table(rep)
+    assert "text gain" in table and "PER" in table
+    assert "0.400 -> 0.100" in table and "30% -> 80%" in table

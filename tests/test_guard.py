@@ -54,3 +54,39 @@ def test_baseline_report(tmp_path):
 def test_a_stage_not_trained_is_not_judged():
     g = ForgettingGuard(max_rise=0.1, metric="nar_loss")
     assert g.check({"en": {"loss": 3.0, "ar_loss": 3.0, "nar_loss": None}}) == {}
+
+
+def _gains(**gains):
+    return {lang: {"loss": 5.0, "text_gain": g} for lang, g in gains.items()}
+
+
+def test_text_gain_guard_trips_when_the_text_gain_falls():
+    """Forgetting a language's words: its text gain falls while its loss may not move."""
+    g = ForgettingGuard(max_rise=0.2, metric="text_gain", floor=0.05)
+    # below the floor the language has not learnt to read yet: its gain is noise, not judged
+    assert not ForgettingGuard.tripped(g.check(_gains(en=0.01, fr=0.02)))
+    assert not ForgettingGuard.tripped(g.check(_gains(en=0.004, fr=0.3)))  # en -60% of a noise-level best
+    assert not ForgettingGuard.tripped(g.check(_gains(en=0.4, fr=0.28)))  # fr -6.7%: within 20%
+    assert g.best == {"en": 0.4, "fr": 0.3}  # the best text gain is the highest
+    v = g.check(_gains(en=0.3, fr=0.29))  # en -25% below its best 0.4
+    assert ForgettingGuard.tripped(v) == ["en"]
+    assert v["en"]["rise"] == pytest.approx(0.25) and v["en"]["reference"] == 0.4
+    assert "en text gain 0.300 is 25.0% below its best 0.400" in describe_trips(v)
+
+
+def test_text_gain_guard_floor_and_baseline():
+    # the old language read its text at step 0 (0.3); with a generous max_rise only the floor trips
+    g = ForgettingGuard(max_rise=0.9, metric="text_gain", floor=0.1, baseline={"en": 0.3}, source="initial")
+    assert not ForgettingGuard.tripped(g.check(_gains(en=0.12)))
+    v = g.check(_gains(en=0.08))
+    assert ForgettingGuard.tripped(v) == ["en"] and v["en"]["reference_from"] == "initial"
+    assert v["en"]["floor"] == 0.1
+
+
+def test_per_guard_trips_when_the_phoneme_error_rate_rises():
+    g = ForgettingGuard(max_rise=0.5, metric="per")
+    assert not ForgettingGuard.tripped(g.check({"en": {"loss": 5.0, "per": 0.2}}))
+    assert not ForgettingGuard.tripped(g.check({"en": {"loss": 5.0, "per": 0.28}}))  # +40%
+    v = g.check({"en": {"loss": 5.0, "per": 0.35}, "fr": {"loss": 5.0}})  # +75%; fr: no PER, not judged
+    assert ForgettingGuard.tripped(v) == ["en"] and set(v) == {"en"}
+    assert "en phoneme error rate 0.350 is 75.0% above its best 0.200" in describe_trips(v)

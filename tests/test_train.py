@@ -45,6 +45,14 @@ def corpus_cfg(tmp_path):
 
 
 def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpus_cfg):
+    from vallex.data.corpus import PreparedCorpus
+    from vallex.eval.recognizer import train_recognizer
+
+    # A recognizer beside the shards (2 steps: it reads nothing, but it scores deterministically): the
+    # run measures the PER of synthesized speech with it.
+    small = {"dim": 16, "hidden": 16, "threads": 1, "log_every": 0}
+    recognizer = train_recognizer(PreparedCorpus.open(corpus_cfg / "prepare"), steps=2, batch_size=8, **small)
+    recognizer.save(str(corpus_cfg / "prepare"))
     cfg = _cfg(corpus_cfg)
     report = train(cfg)
 
@@ -72,6 +80,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     model, meta = load_checkpoint(cfg.train_dir / "model.pt")
     assert meta["languages"] == sorted(SIZES) and meta["size"] == "tiny"
     assert model.ar_language_embedding.word_embeddings.weight.shape[0] == len(SIZES)
+    _check_intelligibility(cfg, records, saved, model, recognizer)
 
     # Same run again with more steps: resumes from the step-6 checkpoint instead of starting over.
     cfg2 = _cfg(corpus_cfg, "train.max_steps=9")
@@ -89,6 +98,56 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     assert records[-1]["samples_seen"] == 2 * 4 * 9 + 1 * 4 * 3
     # the weights were restored, not re-initialized: validation loss continues from where it was
     assert records[-1]["valid"]["en"]["loss"] < records[0]["valid"]["en"]["loss"]
+
+
+def _check_intelligibility(cfg, records, report, model, recognizer):
+    """Text gain and PER in every record, all-reduced over the 2 ranks: the same as one process computes
+    from the exported weights; listening samples per evaluation."""
+    from vallex.data.corpus import PreparedCorpus
+    from vallex.eval.intelligibility import Intelligibility
+    from vallex.train.loop import _validation_batches, evaluate
+
+    for r in records:
+        for v in r["valid"].values():
+            keys = ("text_gain", "ar_text_gain", "nar_text_gain", "per", "per_floor")
+            assert all(isinstance(v[k], float) for k in keys), v
+            assert v["per_utterances"] == 2
+    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    tables = {lang: corpus.read_split(lang, "valid") for lang in sorted(SIZES)}
+    info = {
+        "languages": sorted(SIZES),
+        "language_ids": {lang: i for i, lang in enumerate(sorted(SIZES))},
+        "num_codebooks": 8,
+        "model_config": {},
+    }
+    batches = _validation_batches(tables, info["language_ids"], 8, 3, 0, 1)
+    valid = evaluate(model, batches, info["languages"], torch.device("cpu"), "both", batches["en"][0])
+    extra = {"recognizer": recognizer.to_bytes(), "symbols": corpus.symbols}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers ran: the same sums, the same sampled codes
+    try:
+        Intelligibility(cfg, tables, info, 0, 1, model, extra).evaluate(
+            model, valid, "cpu", batches["en"][0], 6
+        )
+    finally:
+        torch.set_num_threads(threads)
+    for lang, v in valid.items():
+        for key in ("ar_text_gain", "nar_text_gain"):
+            assert records[-1]["valid"][lang][key] == pytest.approx(v[key], abs=2e-4), (lang, key)
+        for key in ("per", "per_floor"):  # edit counts summed over both ranks' shares of the subset
+            assert records[-1]["valid"][lang][key] == pytest.approx(v[key]), (lang, key)
+    for lang in SIZES:
+        for key in ("text_gain", "per"):
+            assert report["languages"][lang][key]["first"] == records[0]["valid"][lang][key]
+            assert report["languages"][lang][key]["last"] == records[-1]["valid"][lang][key]
+    assert report["intelligibility"]["per"] == "computed" and report["intelligibility"]["reason"] is None
+    assert all(len(v) == 2 for v in report["intelligibility"]["synthesized"].values())
+    for step in (1, 3, 6):
+        folder = cfg.train_dir / "samples" / f"step_{step}"
+        assert sorted(p.name for p in folder.glob("*.wav")) == [f"{lang}.wav" for lang in sorted(SIZES)]
+        index = json.loads((folder / "samples.json").read_text())
+        assert index["en"]["utt_id"] == report["intelligibility"]["synthesized"]["en"][0]["utt_id"]
+        assert index["en"]["seconds"] == pytest.approx(index["en"]["frames"] / 75)
 
 
 def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
@@ -127,6 +186,11 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
     assert not records[0]["guard"]["zh"]["tripped"] and records[0]["guard"]["zh"]["reference_from"] == "best"
     assert report["guard"]["stopped"] and report["guard"]["verdict"] == "forgetting"
     assert report["guard"]["trips"] == [{"step": 1, "languages": ["en"]}]
+    # No recognizer beside the shards: text gain only, and why. ZeRO-3 synthesizes the listening samples
+    # on rank 0 from gathered weights.
+    assert report["intelligibility"]["per"] is None and "recognizer.pt" in report["intelligibility"]["reason"]
+    assert all(v["text_gain"] is not None and "per" not in v for v in records[0]["valid"].values())
+    assert len(list((cfg.train_dir / "samples" / "step_1").glob("*.wav"))) == len(SIZES)
     # ZeRO-3 holds a slice of every parameter per rank; the export gathers them into whole tensors
     weights = torch.load(cfg.train_dir / "model.pt", weights_only=True)["model"]
     assert weights["ar_language_embedding.word_embeddings.weight"].shape == (len(SIZES), 64)

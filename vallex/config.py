@@ -281,15 +281,56 @@ class GuardSection:
     """Per-language overrides of max_rise, e.g. ``{ar: 0.5}`` for a language still being learned."""
     baseline: str = ""
     """An earlier run's report.json: its final losses are the references (else this run's best)."""
-    metric: Literal["loss", "ar_loss", "nar_loss"] = "loss"
-    """Which validation loss to watch (loss = AR + NAR)."""
+    metric: Literal["loss", "ar_loss", "nar_loss", "text_gain", "per"] = "loss"
+    """What to watch: a validation loss (loss = AR + NAR, ar_loss, nar_loss: trips when it rises more
+    than max_rise above its reference), ``text_gain`` (how much the model reads its text, nats/frame:
+    trips when it falls more than max_rise below its reference, or below ``floor``) or ``per`` (phoneme
+    error rate of synthesized speech, needs a recognizer beside the shards: trips when it rises). See
+    ``train.intelligibility``."""
+    floor: float = 0.05
+    """metric=text_gain: a language whose reference text gain is at least this (nats/frame; it has
+    learnt to read) trips when its text gain drops below it. Languages below the floor are not judged
+    yet: an unread language's gain is noise around 0, and a relative fall of noise means nothing."""
     action: Literal["warn", "stop"] = "warn"
     """warn: log loudly and go on; stop: checkpoint and end the run at once."""
 
     def __post_init__(self):
         _require(self.max_rise > 0, "max_rise", "must be > 0")
+        _require(self.floor >= 0, "floor", "must be >= 0 (nats/frame)")
         for lang, v in self.per_language.items():
             _require(v > 0, f"per_language.{lang}", "must be > 0")
+
+
+@dataclass
+class IntelligibilitySection:
+    """Whether the model says its text, measured at every evaluation (``vallex.eval.intelligibility``)."""
+
+    text_gain: bool = True
+    """Text gain per language: validation loss with every utterance's phonemes replaced by another
+    validation utterance's of the same language (a fixed derangement) minus the loss with its own
+    phonemes, nats/frame (AR and NAR). 0 = the model ignores its text. Costs a second validation pass."""
+    per_utterances: int = 2
+    """Validation utterances per language synthesized at each evaluation (a fixed, seeded subset) and
+    transcribed by the recognizer beside the shards (``recognizer.pt``) for the phoneme error rate;
+    0 = off. Without a recognizer only the listening samples are synthesized. Synthesis is most of an
+    evaluation's cost (docs/BENCHMARKS.md, bench/evaluation.py): raise it for a final evaluation."""
+    samples: bool = True
+    """Write one synthesized utterance per language at each evaluation to ``train/samples/step_<N>/``
+    and TensorBoard, decoded with the preparation's codec."""
+    top_k: int = 10
+    """AR sampling of the synthesis: top-k (1 = greedy), seeded per utterance (``run.seed``), so every
+    evaluation decodes the same texts with the same random numbers and only the model changes."""
+    temperature: float = 1.0
+    """AR sampling temperature of the synthesis."""
+    max_length_ratio: float = 1.5
+    """Synthesized frames at most this many times the ground-truth utterance's (a model that never
+    says EOS costs bounded time)."""
+
+    def __post_init__(self):
+        _require(self.per_utterances >= 0, "per_utterances", "must be >= 0 (0 = off)")
+        _require(self.top_k >= 0, "top_k", "must be >= 0 (0 = no filtering, 1 = greedy)")
+        _require(self.temperature >= 0, "temperature", "must be >= 0")
+        _require(self.max_length_ratio > 0, "max_length_ratio", "must be > 0")
 
 
 @dataclass
@@ -375,6 +416,8 @@ class TrainSection:
     (``vallex.model.text_bridge``); training then adapts them."""
     guard: GuardSection = field(default_factory=GuardSection)
     """The forgetting guard."""
+    intelligibility: IntelligibilitySection = field(default_factory=IntelligibilitySection)
+    """Text gain, phoneme error rate of synthesized speech and listening samples at every evaluation."""
 
     def __post_init__(self):
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
@@ -426,6 +469,16 @@ class TrainSection:
             not self.init_vocab or bool(self.init_from),
             "init_vocab",
             "only goes with train.init_from (the public VALL-E X checkpoint it is the tokenizer of)",
+        )
+        watched = {
+            "text_gain": self.intelligibility.text_gain,
+            "per": self.intelligibility.per_utterances > 0,
+        }
+        _require(
+            watched.get(self.guard.metric, True),
+            "guard.metric",
+            f"{self.guard.metric} is not measured: set train.intelligibility."
+            + ("text_gain=true" if self.guard.metric == "text_gain" else "per_utterances > 0"),
         )
 
 

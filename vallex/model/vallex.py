@@ -311,11 +311,13 @@ class VallexModel(nn.Module):
 
     # --------------------------------------------------------------------- NAR
 
-    def _nar_draw(self, b: _Batch, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _nar_draw(
+        self, b: _Batch, batch: dict[str, torch.Tensor], hashed: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample NAR stage Long[B] in [1, Q-1] (0-based codebook to predict) and prompt prefix Long[B]."""
         c = self.config
         B, T, Q = b.codes.shape
-        if self.training:
+        if self.training and not hashed:
             u_stage, u_prefix = torch.rand(2, B, device=b.codes.device, dtype=torch.float64)
         else:
             u_stage, u_prefix = _content_hash_units(b)
@@ -334,6 +336,13 @@ class VallexModel(nn.Module):
                 f"got stages {stage.tolist()}, prefixes {prefix.tolist()}, code_lens {b.code_lens.tolist()}"
             )
         return stage, prefix
+
+    def validation_nar_draw(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The NAR stage and prompt prefix (Long[B] each) eval mode scores each sample at: a hash of its
+        own content, text included. Passed back as ``batch["nar_stage"]`` / ``batch["nar_prefix_lens"]``
+        they score a changed input (the same codes with another utterance's text) at the same positions.
+        Uses no parameters (no collective under ZeRO-3)."""
+        return self._nar_draw(self._check_batch(batch), batch, hashed=True)
 
     def _stage_condition(self, stage: torch.Tensor) -> torch.Tensor:
         """Stage embeddings Float[B, 1, d] for AdaLN. Each table is called (not indexed) for ZeRO-3."""

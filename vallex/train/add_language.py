@@ -29,13 +29,20 @@ from typing import Any
 
 from vallex.config import WEIGHT_POLICIES, Config, config_from_dict
 from vallex.files import write_text_atomic
+from vallex.train.guard import HIGHER_IS_BETTER
 
 log = logging.getLogger("vallex.add_language")
 
 MODES = ("vallex", "naive")
 REPORT_NAME = "forgetting_report.json"
 FIGURE_NAME = "forgetting.png"
-METRIC_NAMES = {"loss": "AR + NAR loss", "ar_loss": "AR loss", "nar_loss": "NAR loss"}
+METRIC_NAMES = {
+    "loss": "AR + NAR loss",
+    "ar_loss": "AR loss",
+    "nar_loss": "NAR loss",
+    "text_gain": "text gain",
+    "per": "synthesized PER",
+}
 
 
 class AddLanguageError(ValueError):
@@ -290,11 +297,15 @@ def forgetting_report(records: list[dict], train_report: dict, plan: AddLanguage
         change = (final - baseline) / baseline if baseline > 0 else math.nan
         limit = g.per_language.get(lang, g.max_rise)
         role = "new" if lang in plan.new_languages else "old"
+        higher_is_better = metric in HIGHER_IS_BETTER  # text gain: forgetting is a fall
+        worse = -change if higher_is_better else change
         if role == "old":
-            verdict = "kept" if change <= limit else "forgotten"
+            verdict = "forgotten" if worse > limit else "kept"  # a 0 baseline (nan) has nothing to lose
         else:
-            verdict = "learned" if change < 0 else "not learned"
-        best = min(curves[lang], key=lambda p: p["loss"])
+            verdict = (
+                "learned" if (final > baseline if higher_is_better else final < baseline) else "not learned"
+            )
+        best = (max if higher_is_better else min)(curves[lang], key=lambda p: p["loss"])
         languages[lang] = {
             "role": role,
             "trained": lang in plan.trained_languages,
@@ -307,6 +318,13 @@ def forgetting_report(records: list[dict], train_report: dict, plan: AddLanguage
             "verdict": verdict,
             "guard_trips": trips.get(lang, []),
         }
+        # Whether the language is still *said*, not only how its codes sound (vallex.eval.intelligibility).
+        for key in ("text_gain", "per"):
+            a, b = first["valid"][lang].get(key), last["valid"][lang].get(key)
+            if a is not None or b is not None:
+                languages[lang][key] = {"baseline": a, "final": b}
+                if key == "per":
+                    languages[lang][key]["floor"] = last["valid"][lang].get("per_floor")
     forgotten = sorted(lang for lang, v in languages.items() if v["verdict"] == "forgotten")
     return {
         "mode": plan.mode,
@@ -334,15 +352,37 @@ def forgetting_report(records: list[dict], train_report: dict, plan: AddLanguage
 
 
 def report_table(report: dict) -> str:
-    """The report as a terminal table, one language a row."""
-    rows = [f"{'language':<10}{'role':<6}{'baseline':>10}{'final':>10}{'change':>9}  verdict"]
+    """The report as a terminal table, one language a row; text gain and PER (step 0 -> final) when
+    the runs measured them."""
+    gain = any("text_gain" in v for v in report["languages"].values())
+    per = any("per" in v for v in report["languages"].values())
+    head = f"{'language':<10}{'role':<6}{'baseline':>10}{'final':>10}{'change':>9}"
+    head += f"{'text gain':>16}" if gain else ""
+    head += f"{'PER':>14}" if per else ""
+    rows = [head + "  verdict"]
     for lang, v in report["languages"].items():
-        rows.append(
+        row = (
             f"{lang:<10}{v['role']:<6}{v['baseline']:>10.3f}{v['final']:>10.3f}"
-            f"{v['relative_change'] * 100:>+8.1f}%  {v['verdict']}"
+            f"{v['relative_change'] * 100:>+8.1f}%"
+        )
+        if gain:
+            row += f"{_arrow(v.get('text_gain'), '{:.3f}'):>16}"
+        if per:
+            row += f"{_arrow(v.get('per'), '{:.0%}'):>14}"
+        rows.append(
+            row
+            + f"  {v['verdict']}"
             + (f" (guard tripped at steps {v['guard_trips']})" if v["guard_trips"] else "")
         )
     return "\n".join(rows)
+
+
+def _arrow(pair: dict | None, fmt: str) -> str:
+    """``baseline -> final`` of a {baseline, final} pair ("-" for a missing value)."""
+    if not pair:
+        return "-"
+    a, b = (("-" if x is None else fmt.format(x)) for x in (pair.get("baseline"), pair.get("final")))
+    return f"{a} -> {b}"
 
 
 def _title(report: dict) -> str:

@@ -1,5 +1,10 @@
 """The forgetting guard: notice the moment a language starts to be forgotten.
 
+What it watches is ``train.guard.metric``: a validation loss (lower is better), the text gain (how much
+the model reads its text, higher is better: forgetting a language's words shows as its text gain
+falling while its loss, the codes' acoustic statistics, may hardly move), or the phoneme error rate of
+synthesized speech (lower is better). See ``vallex.eval.intelligibility``.
+
 After every evaluation each language's validation loss is compared with a reference: the best loss
 this run has seen for it, the language's final loss in an earlier run's ``report.json``, or — when the
 run starts from a trained model (``train.init_from``) — the loss the model had at step 0, before this
@@ -32,8 +37,22 @@ def baseline_losses(path: str, metric: str) -> dict[str, float]:
         ) from None
 
 
+HIGHER_IS_BETTER = ("text_gain",)
+METRIC_WORDS = {
+    "loss": "validation loss",
+    "ar_loss": "AR validation loss",
+    "nar_loss": "NAR validation loss",
+    "text_gain": "text gain",
+    "per": "phoneme error rate",
+}
+
+
 class ForgettingGuard:
-    """Tracks the reference loss per language and judges each evaluation."""
+    """Tracks the reference value per language and judges each evaluation.
+
+    ``rise`` is always the relative change for the worse: ``(value - ref) / ref`` for a loss or PER,
+    ``(ref - value) / ref`` for the text gain (a fall). A PER reference of 0 makes any error a trip.
+    """
 
     def __init__(
         self,
@@ -43,6 +62,7 @@ class ForgettingGuard:
         metric: str = "loss",
         best: dict[str, float] | None = None,
         source: str = "baseline",
+        floor: float = 0.05,
     ):
         self.max_rise = max_rise
         self.per_language = dict(per_language or {})
@@ -50,31 +70,47 @@ class ForgettingGuard:
         self.metric = metric
         self.best: dict[str, float] = dict(best or {})  # restored from a checkpoint on resume
         self.source = source  # what the baseline losses are: "baseline" (a report.json) or "initial"
+        self.floor = floor  # text gain: judged once the reference reaches it, trips below it
+        self.higher_is_better = metric in HIGHER_IS_BETTER
 
     def threshold(self, lang: str) -> float:
         return self.per_language.get(lang, self.max_rise)
 
     def check(self, valid: dict[str, dict]) -> dict[str, dict]:
-        """Verdict per language: reference, loss, relative rise, whether it tripped."""
+        """Verdict per language: reference, value, relative change for the worse, whether it tripped."""
         verdict = {}
         for lang, v in sorted(valid.items()):
-            if v[self.metric] is None:  # the watched stage isn't trained in this run: nothing to judge
+            if v.get(self.metric) is None:  # not measured (a stage not trained, no recognizer): not judged
                 continue
-            loss = float(v[self.metric])
+            value = float(v[self.metric])
             if lang in self.baseline:
                 ref, source = self.baseline[lang], self.source
             else:
-                ref, source = self.best.get(lang, loss), "best"
-            rise = (loss - ref) / ref if ref > 0 and math.isfinite(ref) else 0.0
+                ref, source = self.best.get(lang, value), "best"
+            finite = math.isfinite(ref)
+            if self.higher_is_better:
+                judged = finite and ref >= self.floor and ref > 0
+                rise = (ref - value) / ref if judged else 0.0
+                tripped = judged and (rise > self.threshold(lang) or value < self.floor)
+            else:
+                if ref > 0 and finite:
+                    rise = (value - ref) / ref
+                else:
+                    rise = math.inf if (self.metric == "per" and ref == 0 and value > 0) else 0.0
+                tripped = rise > self.threshold(lang)
             verdict[lang] = {
                 "reference": ref,
                 "reference_from": source,
-                "loss": loss,
+                "loss": value,  # the watched value (named "loss" by older reports)
+                "metric": self.metric,
                 "rise": rise,
                 "max_rise": self.threshold(lang),
-                "tripped": bool(rise > self.threshold(lang)),
+                "tripped": bool(tripped),
             }
-            self.best[lang] = min(self.best.get(lang, loss), loss)
+            if self.higher_is_better and self.floor > 0:
+                verdict[lang]["floor"] = self.floor
+            better = max if self.higher_is_better else min
+            self.best[lang] = better(self.best.get(lang, value), value)
         return verdict
 
     @staticmethod
@@ -83,9 +119,21 @@ class ForgettingGuard:
 
 
 def describe_trips(verdict: dict[str, dict]) -> str:
-    return "; ".join(
-        f"{lang} validation loss {v['loss']:.3f} is {v['rise'] * 100:.1f}% above its {v['reference_from']} "
-        f"{v['reference']:.3f} (limit {v['max_rise'] * 100:.0f}%)"
-        for lang, v in verdict.items()
-        if v["tripped"]
-    )
+    out = []
+    for lang, v in verdict.items():
+        if not v["tripped"]:
+            continue
+        metric = v.get("metric", "loss")
+        word = METRIC_WORDS.get(metric, metric)
+        if metric in HIGHER_IS_BETTER:
+            text = (
+                f"{lang} {word} {v['loss']:.3f} is {v['rise'] * 100:.1f}% below its {v['reference_from']} "
+                f"{v['reference']:.3f} (limit {v['max_rise'] * 100:.0f}%, floor {v.get('floor', 0):.3f})"
+            )
+        else:
+            text = (
+                f"{lang} {word} {v['loss']:.3f} is {v['rise'] * 100:.1f}% above its {v['reference_from']} "
+                f"{v['reference']:.3f} (limit {v['max_rise'] * 100:.0f}%)"
+            )
+        out.append(text)
+    return "; ".join(out)

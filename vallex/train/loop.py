@@ -21,6 +21,7 @@ from vallex.data.batching import PaddingStats, train_batches, validation_indices
 from vallex.data.collate import collate
 from vallex.data.corpus import read_split_share
 from vallex.data.mixing import MixStats
+from vallex.eval.intelligibility import Intelligibility
 from vallex.model.checkpoint import load_weights
 from vallex.model.vallex import OUTPUT_KEYS, VallexConfig, VallexModel
 from vallex.train import engine as ds_engine
@@ -245,13 +246,20 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
     state["world_size"] = world
     state["tracking"] = tracker.open(rank, state.get("tracking"))
 
-    # This rank's rows only (rank, rank + world, ...), read from the shards here: no driver gather.
-    valid_tables = read_split_share(loop_config["valid_ref"], rank, world)
+    # Read from the shards here, not gathered on the driver: the validation split up to
+    # data.valid_max_rows per language. This rank scores rows rank, rank + world, ...; the whole
+    # (capped) split is kept because text gain pairs each row with another one's text and synthesis
+    # draws its prompts from any row (vallex.eval.intelligibility).
+    valid_tables = read_split_share(loop_config["valid_ref"], 0, 1)
     valid_batches = _validation_batches(
-        valid_tables, language_ids, num_codebooks, cfg.train.batch_size, 0, 1, cfg.data.max_tokens
+        valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world, cfg.data.max_tokens
     )
-    first = next(iter(read_split_share({**loop_config["valid_ref"], "max_rows": 1}, 0, 1).values()))
+    first = next(iter(valid_tables.values())).slice(0, 1)
     filler = _validation_batches({"_": first}, language_ids, num_codebooks, 1, 0, 1)["_"][0]
+    # Text gain, PER of synthesized speech, listening samples (vallex.eval.intelligibility).
+    intelligibility = Intelligibility(
+        cfg, valid_tables, info, rank, world, model_engine.module, loop_config.get("intelligibility")
+    )
     mix = MixStats()
     padding = PaddingStats()  # since the last evaluation
     if rank == 0:  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
@@ -269,6 +277,7 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
             g.metric,
             best=state.get("guard_best"),
             source="baseline" if from_file else "initial",
+            floor=g.floor,
         )
 
     guard = make_guard(state.get("initial"))
@@ -276,6 +285,7 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
     def evaluation(step: int, train_loss: float | None, t_window: float, n_window: int) -> dict:
         """Evaluate every language; the record metrics.jsonl keeps (identical on every rank)."""
         valid = evaluate(model_engine, valid_batches, eval_languages, device, cfg.train.train_stage, filler)
+        intelligibility.evaluate(model_engine, valid, device, filler, step, sink if rank == 0 else None)
         counts = global_counts(mix, languages, device)
         total = max(sum(counts.values()), 1)
         elapsed = time.perf_counter() - t_window
@@ -314,7 +324,7 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
         state["initial"] = {
             lang: v[g.metric]
             for lang, v in record["valid"].items()
-            if lang in known and v[g.metric] is not None
+            if lang in known and v.get(g.metric) is not None
         }
         guard = make_guard(state["initial"])
         record["guard"] = guard.check(record["valid"])

@@ -3,7 +3,8 @@
 Rank 0 sends each evaluation record to a :class:`MetricsSink` actor pinned to the driver's node, which
 appends it to ``<train_dir>/metrics.jsonl`` — so metrics land next to the driver on any cluster,
 without a shared filesystem. The driver drains the sink to print one compact line per evaluation,
-and at the end writes ``report.json`` and a PNG of validation loss by language.
+and at the end writes ``report.json`` and a PNG of validation loss (and text gain, PER) by language.
+Rank 0 also sends each evaluation's listening samples, which the sink decodes into ``<train_dir>/samples/``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ import ray
 class MetricsSink:
     """Collects evaluation records from rank 0; appends them to metrics.jsonl as they arrive."""
 
-    def __init__(self, path: str, truncate: bool, tensorboard_dir: str | None = None):
+    def __init__(
+        self, path: str, truncate: bool, tensorboard_dir: str | None = None, codec: tuple | None = None
+    ):
         self.path = Path(path)
+        self.codec = codec  # (manifest codec dict, prepared dir): decodes the listening samples
+        self.tokenizer = None
+        self.codec_error: str | None = None  # why samples cannot be decoded (said once)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate and self.path.exists():
             self.path.unlink()
@@ -47,26 +53,47 @@ class MetricsSink:
             if record.get("padding_fraction") is not None:
                 self.tb.add_scalar("train/padding_fraction", record["padding_fraction"], step)
             for lang, v in record["valid"].items():
-                for key in ("loss", "ar_loss", "nar_loss", "ar_top10", "nar_top10"):
-                    if v[key] is not None:
+                for key in ("loss", "ar_loss", "nar_loss", "ar_top10", "nar_top10", *INTELLIGIBILITY_KEYS):
+                    if v.get(key) is not None:
                         self.tb.add_scalar(f"valid_{key}/{lang}", v[key], step)
             for lang, f in record.get("realized_fractions", {}).items():
                 self.tb.add_scalar(f"mix_fraction/{lang}", f, step)
             self.tb.flush()
+
+    def samples(self, step: int, payload: dict) -> list[str]:
+        """Decode rank 0's listening samples (codes per language) into ``samples/step_<N>/`` and TensorBoard."""
+        from vallex.eval.intelligibility import open_codec, write_samples
+
+        if self.codec is None or not payload or self.codec_error:
+            return []
+        try:
+            if self.tokenizer is None:
+                self.tokenizer = open_codec(*self.codec)
+            paths = write_samples(self.path.parent, step, payload, self.tokenizer, self.tb)
+        except Exception as e:  # noqa: BLE001 - listening is for people; training goes on without it
+            self.codec_error = f"{type(e).__name__}: {e}"
+            print(f"WARNING: listening samples are off: the codec cannot decode them ({self.codec_error})")
+            return []
+        if self.tb is not None:
+            self.tb.flush()
+        return [str(p) for p in paths]
 
     def drain(self) -> list[dict]:
         out, self.pending = self.pending, []
         return out
 
 
-def sink_on_this_node(path: str, truncate: bool, tensorboard_dir: str | None = None):
-    """A MetricsSink scheduled on the calling (driver) node."""
+def sink_on_this_node(
+    path: str, truncate: bool, tensorboard_dir: str | None = None, codec: tuple | None = None
+):
+    """A MetricsSink scheduled on the calling (driver) node. ``codec``: ``(manifest codec dict,
+    prepared dir)`` to decode listening samples with."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     return MetricsSink.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-    ).remote(path, truncate, tensorboard_dir)
+    ).remote(path, truncate, tensorboard_dir, codec)
 
 
 def flat_metrics(record: dict) -> dict[str, float]:
@@ -78,14 +105,26 @@ def flat_metrics(record: dict) -> dict[str, float]:
     if record.get("padding_fraction") is not None:
         out["padding_fraction"] = record["padding_fraction"]
     for lang, v in sorted(record["valid"].items()):
-        for key in ("loss", "ar_loss", "nar_loss"):
-            if v[key] is not None:
+        for key in ("loss", "ar_loss", "nar_loss", *INTELLIGIBILITY_KEYS):
+            if v.get(key) is not None:
                 out[f"{key}/{lang}"] = v[key]
     losses = [v["loss"] for v in record["valid"].values()]
     if losses:
         out["loss_mean"] = sum(losses) / len(losses)
         out["loss_max"] = max(losses)
+    gains = [v["text_gain"] for v in record["valid"].values() if v.get("text_gain") is not None]
+    if gains:
+        out["text_gain_mean"] = sum(gains) / len(gains)
+        out["text_gain_min"] = min(gains)
+    pers = [v["per"] for v in record["valid"].values() if v.get("per") is not None]
+    if pers:
+        out["per_mean"] = sum(pers) / len(pers)
+        out["per_max"] = max(pers)
     return out
+
+
+# Per-language figures of vallex.eval.intelligibility, when measured (higher text gain, lower PER = better).
+INTELLIGIBILITY_KEYS = ("text_gain", "ar_text_gain", "nar_text_gain", "per", "per_floor")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -99,33 +138,64 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
 def format_record(rec: dict, max_steps: int) -> str:
-    """One compact terminal line: step, train loss, per-language valid AR/NAR loss, throughput."""
-    langs = " ".join(
-        f"{lang} {_fmt(v['ar_loss'])}/{_fmt(v['nar_loss'])}" for lang, v in sorted(rec["valid"].items())
-    )
+    """One compact terminal line: step, train loss, per-language valid AR/NAR loss, text gain (AR, nats
+    per frame) and PER of synthesized speech (with the recognizer's floor on the ground truth), mix,
+    throughput."""
+    valid = sorted(rec["valid"].items())
+    langs = " ".join(f"{lang} {_fmt(v['ar_loss'])}/{_fmt(v['nar_loss'])}" for lang, v in valid)
+    parts = [f"valid ar/nar {langs}"]
+    if any(v.get("text_gain") is not None for _, v in valid):
+        parts.append("text gain " + " ".join(f"{lang} {_fmt(v.get('text_gain'))}" for lang, v in valid))
+    if any(v.get("per") is not None for _, v in valid):
+        parts.append(
+            "PER " + " ".join(f"{lang} {_pct(v.get('per'))}/{_pct(v.get('per_floor'))}" for lang, v in valid)
+        )
     fr = " ".join(f"{lang}:{f:.2f}" for lang, f in sorted(rec.get("realized_fractions", {}).items()))
     pad = rec.get("padding_fraction")
     return (
-        f"step {rec['step']:>5}/{max_steps} | train {_fmt(rec['train_loss'])} | valid ar/nar {langs} | "
+        f"step {rec['step']:>5}/{max_steps} | train {_fmt(rec['train_loss'])} | {' | '.join(parts)} | "
         f"mix {fr} ({rec.get('languages_per_batch', 0):.1f} lang/batch, "
         f"{'-' if pad is None else f'{pad:.0%}'} padding) | {rec.get('samples_per_s', 0):.1f} utt/s"
     )
 
 
 def loss_table(records: list[dict]) -> str:
-    """Per-language validation loss (AR+NAR) at the first and last evaluation."""
+    """Per language at the first and last evaluation: validation loss (AR+NAR) and its change, text
+    gain (nats/frame) and PER of synthesized speech (with the recognizer's floor on the ground truth),
+    when the run measured them."""
     if not records:
         return "(no evaluations)"
     first, last = records[0], records[-1]
-    rows = [
-        f"{'language':<10}{'first (step ' + str(first['step']) + ')':>18}{'last (step ' + str(last['step']) + ')':>18}{'change':>10}"
-    ]
+    has_gain = any(v.get("text_gain") is not None for v in last["valid"].values())
+    has_per = any(v.get("per") is not None for v in last["valid"].values())
+    head = f"{'language':<10}{'loss first':>12}{'last':>9}{'change':>9}"
+    if has_gain:
+        head += f"{'text gain first':>17}{'last':>7}"
+    if has_per:
+        head += f"{'PER first':>11}{'last':>7}{'floor':>7}"
+    rows = [f"first = step {first['step']}, last = step {last['step']}", head]
     for lang in sorted(last["valid"]):
-        a = first["valid"][lang]["loss"]
+        a = first["valid"].get(lang, {}).get("loss")
         b = last["valid"][lang]["loss"]
-        rows.append(f"{lang:<10}{a:>18.3f}{b:>18.3f}{(b - a) / a * 100:>9.1f}%")
+        change = f"{(b - a) / a * 100:>8.1f}%" if a else f"{'-':>9}"
+        row = f"{lang:<10}{_fmt3(a):>12}{_fmt3(b):>9}{change}"
+        if has_gain:
+            row += f"{_fmt3(first['valid'].get(lang, {}).get('text_gain')):>17}"
+            row += f"{_fmt3(last['valid'][lang].get('text_gain')):>7}"
+        if has_per:
+            row += f"{_pct(first['valid'].get(lang, {}).get('per')):>11}{_pct(last['valid'][lang].get('per')):>7}"
+            row += f"{_pct(last['valid'][lang].get('per_floor')):>7}"
+        rows.append(row)
     return "\n".join(rows)
+
+
+def _fmt3(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
@@ -137,17 +207,33 @@ def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
 
     if not records:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for lang in sorted(records[-1]["valid"]):
+    panels = [("ar_loss", "AR validation loss"), ("nar_loss", "NAR validation loss")]
+    if any(v.get("text_gain") is not None for r in records for v in r["valid"].values()):
+        panels.append(("text_gain", "text gain (nats/frame; 0 = text ignored)"))
+    if any(v.get("per") is not None for r in records for v in r["valid"].values()):
+        panels.append(("per", "PER of synthesized speech (dotted: ground truth)"))
+    rows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows, 2, figsize=(10, 4 * rows), squeeze=False)
+    axes = axes.flatten()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, lang in enumerate(sorted(records[-1]["valid"])):
         steps = [r["step"] for r in records if lang in r["valid"]]
-        for ax, key in zip(axes, ("ar_loss", "nar_loss"), strict=True):
-            values = [r["valid"][lang][key] for r in records if lang in r["valid"]]
-            ax.plot(steps, [float("nan") if v is None else v for v in values], marker=".", label=lang)
-    for ax, title in zip(axes, ("AR validation loss", "NAR validation loss"), strict=True):
+        for ax, (key, _) in zip(axes, panels, strict=False):
+            values = [r["valid"][lang].get(key) for r in records if lang in r["valid"]]
+            color = colors[i % len(colors)]
+            ax.plot(
+                steps, [float("nan") if v is None else v for v in values], marker=".", label=lang, color=color
+            )
+            if key == "per":
+                floor = [r["valid"][lang].get("per_floor") for r in records if lang in r["valid"]]
+                ax.plot(steps, [float("nan") if v is None else v for v in floor], linestyle=":", color=color)
+    for ax, (_, title) in zip(axes, panels, strict=False):
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend()
+    for ax in axes[len(panels) :]:
+        ax.axis("off")
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -168,6 +254,18 @@ def build_report(records: list[dict], extra: dict[str, Any]) -> dict:
             "best_step": best_step,
             "relative_change": (series[-1][1]["loss"] - series[0][1]["loss"]) / series[0][1]["loss"],
         }
+        # Intelligibility: first / best / last, best = highest text gain, lowest PER.
+        for key, better in (("text_gain", max), ("per", min)):
+            points = [(step, v[key]) for step, v in series if v.get(key) is not None]
+            if points:
+                best_step_k, best_k = better(points, key=lambda p: p[1])
+                per_lang[lang][key] = {
+                    "first": points[0][1],
+                    "best": best_k,
+                    "best_step": best_step_k,
+                    "last": points[-1][1],
+                    **({"floor": series[-1][1].get("per_floor")} if key == "per" else {}),
+                }
     return {
         "steps": records[-1]["step"] if records else 0,
         "evaluations": len(records),

@@ -351,6 +351,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from vallex.data.mixing import build_mixed_dataset
+    from vallex.eval.intelligibility import driver_setup
     from vallex.train.loop import EXPORT_FILE, train_loop_per_worker
 
     check_cluster_fits(cfg)
@@ -391,10 +392,17 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     train_ds = build_mixed_dataset(
         corpus, info["weights"], num_rows=num_rows, seed=cfg.run.seed, window_rows=cfg.data.window_rows
     )
-    # Shard paths only: each worker reads its own share of the validation rows (vallex.data.corpus).
+    # Shard paths only: each worker reads the validation rows itself (vallex.data.corpus.read_split_share).
     from vallex.data.corpus import split_source
 
     valid_ref = split_source(corpus, info["eval_languages"], "valid", cfg.data.valid_max_rows)
+    # The driver reads two light columns: which utterances are synthesized, with which prompt.
+    cap = cfg.data.valid_max_rows or None
+    plan_tables = {
+        lang: corpus.read_split(lang, "valid", columns=["utt_id", "speaker"]).slice(0, cap)
+        for lang in info["eval_languages"]
+    }
+    intelligibility, intelligibility_report = driver_setup(cfg, corpus, plan_tables)
     init_ref = ray.put(init_state) if init_state is not None else None
 
     storage = cfg.storage_path
@@ -404,6 +412,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
         str(train_dir / "metrics.jsonl"),
         truncate=not resuming,
         tensorboard_dir=str(train_dir / "tensorboard"),
+        codec=(corpus.codec, cfg.prepare_dir),
     )
     if resuming:
         log.info("found checkpoints in %s: resuming", run_dir)
@@ -423,6 +432,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
             "init_state": init_ref,
             "objective": objective,
             "tracking": tracking_settings(cfg),
+            "intelligibility": intelligibility,
         },
         scaling_config=ScalingConfig(
             num_workers=(cfg.train.min_workers, cfg.train.num_workers)
@@ -503,12 +513,13 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
             "init_from": cfg.train.init_from or None,
             **({"init_bridge": info["init_bridge"]} if "init_bridge" in info else {}),
             "trained_languages": info["languages"],
+            "intelligibility": intelligibility_report,
             "guard": guard_summary(records, cfg),
         },
     )
     write_text_atomic(train_dir / "report.json", json.dumps(report, indent=2))
     plot_losses(records, train_dir / "valid_loss.png")
-    log.info("per-language validation loss (AR + NAR):\n%s", loss_table(records))
+    log.info("per language, first vs last evaluation:\n%s", loss_table(records))
     log.info(
         "wrote %s, %s, %s",
         train_dir / "metrics.jsonl",
