@@ -61,18 +61,6 @@ def test_train_entry_point(prepared):
     assert report["steps"] == 8 and report["num_workers"] == 2 and report["zero_stage"] == 2
 
 
-def test_demo_entry_point_reuses_prepared_shards(prepared):
-    shards = sorted((prepared / "prepare").glob("*/part-*.parquet"))
-    before = {p: p.stat().st_mtime_ns for p in shards}
-    rc = _main("demo")(["--config", JOB, *_common(prepared), "run.name=demo-job"])
-    assert {p: p.stat().st_mtime_ns for p in shards} == before  # preparation was already done
-    report = json.loads((prepared / "train" / "report.json").read_text())
-    # The demo's exit status says whether validation loss fell for every language.
-    falling = all(v["last"]["loss"] < v["first"]["loss"] for v in report["languages"].values())
-    assert rc == (0 if falling else 1)
-    assert falling, report["languages"]
-
-
 def test_recognizer_entry_point(prepared):
     from vallex.eval.recognizer import RECOGNIZER_FILE, Recognizer
 
@@ -93,3 +81,19 @@ def test_recognizer_entry_point(prepared):
     assert "recognizer step 3/6" in log and "recognizer step 6/6" in log
     for lang, per in rec.meta["valid_per"].items():
         assert f"{lang:<10}{f'{100 * per:.1f}%':>10}" in log
+
+
+def test_demo_entry_point_reuses_prepared_shards(prepared):
+    # Runs after test_recognizer_entry_point: the demo finds that recognizer beside the shards (a
+    # missing one would be trained with recognizer.steps, 1000 by default) and scores PER with it.
+    shards = sorted((prepared / "prepare").glob("*/part-*.parquet"))
+    recognizer = prepared / "prepare" / "recognizer.pt"
+    before = {p: p.stat().st_mtime_ns for p in [*shards, recognizer]}
+    rc = _main("demo")(["--config", JOB, *_common(prepared), "run.name=demo-job"])
+    assert {p: p.stat().st_mtime_ns for p in [*shards, recognizer]} == before  # both were already done
+    report = json.loads((prepared / "train" / "report.json").read_text())
+    assert report["intelligibility"]["per"] == "computed"
+    # The demo's exit status says whether validation loss fell for every language.
+    falling = all(v["last"]["loss"] < v["first"]["loss"] for v in report["languages"].values())
+    assert rc == (0 if falling else 1)
+    assert falling, report["languages"]
