@@ -54,3 +54,18 @@ def test_baseline_report(tmp_path):
 def test_a_stage_not_trained_is_not_judged():
     g = ForgettingGuard(max_rise=0.1, metric="nar_loss")
     assert g.check({"en": {"loss": 3.0, "ar_loss": 3.0, "nar_loss": None}}) == {}
+
+
+def test_a_nan_loss_trips_the_guard_and_does_not_disarm_it():
+    g = ForgettingGuard(max_rise=0.1)
+    g.check(_valid(en=4.0, ar=5.0))
+    v = g.check(_valid(en=float("nan"), ar=5.0))
+    assert ForgettingGuard.tripped(v) == ["en"] and v["en"]["nonfinite"] and v["en"]["rise"] is None
+    assert "en validation loss is nan (not a finite number)" in describe_trips(v)
+    assert g.best == {"en": 4.0, "ar": 5.0}  # NaN is no one's best
+    # The reference is still a number: a later finite rise trips as before (old code: best NaN, never).
+    assert ForgettingGuard.tripped(g.check(_valid(en=4.8, ar=5.0))) == ["en"]
+    first = ForgettingGuard(max_rise=0.1)
+    assert ForgettingGuard.tripped(first.check(_valid(en=float("inf")))) == ["en"] and first.best == {}
+    assert ForgettingGuard.tripped(first.check(_valid(en=4.0))) == []
+    assert ForgettingGuard.tripped(first.check(_valid(en=4.5))) == ["en"]

@@ -357,6 +357,10 @@ class TrainSection:
     (``vallex.model.text_bridge``); training then adapts them."""
     guard: GuardSection = field(default_factory=GuardSection)
     """The forgetting guard."""
+    on_nonfinite: Literal["stop", "guard"] = "stop"
+    """A validation loss that is NaN/inf: ``stop`` ends the run at that evaluation (no checkpoint of
+    it), naming the language; ``guard`` counts it as a forgetting-guard trip of that language (then
+    ``guard.action`` decides). A NaN/inf training loss always stops."""
 
     def __post_init__(self):
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")

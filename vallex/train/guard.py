@@ -65,6 +65,17 @@ class ForgettingGuard:
                 ref, source = self.baseline[lang], self.source
             else:
                 ref, source = self.best.get(lang, loss), "best"
+            if not math.isfinite(loss):  # a NaN/inf loss is the worst news, never "no rise"
+                verdict[lang] = {
+                    "reference": ref,
+                    "reference_from": source,
+                    "loss": loss,
+                    "rise": None,
+                    "max_rise": self.threshold(lang),
+                    "tripped": True,
+                    "nonfinite": True,
+                }
+                continue  # and it is never anyone's best: the reference stays a number
             rise = (loss - ref) / ref if ref > 0 and math.isfinite(ref) else 0.0
             verdict[lang] = {
                 "reference": ref,
@@ -84,7 +95,9 @@ class ForgettingGuard:
 
 def describe_trips(verdict: dict[str, dict]) -> str:
     return "; ".join(
-        f"{lang} validation loss {v['loss']:.3f} is {v['rise'] * 100:.1f}% above its {v['reference_from']} "
+        f"{lang} validation loss is {v['loss']} (not a finite number)"
+        if v.get("nonfinite") or v["rise"] is None
+        else f"{lang} validation loss {v['loss']:.3f} is {v['rise'] * 100:.1f}% above its {v['reference_from']} "
         f"{v['reference']:.3f} (limit {v['max_rise'] * 100:.0f}%)"
         for lang, v in verdict.items()
         if v["tripped"]

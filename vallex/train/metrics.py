@@ -9,6 +9,7 @@ and at the end writes ``report.json`` and a PNG of validation loss by language.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,18 @@ class MetricsSink:
 
             self.tb = SummaryWriter(tensorboard_dir)
 
+    def restart_at(self, step: int | None) -> str | None:
+        """Before a (re)started run appends: keep only the records up to ``step``, the step of the
+        checkpoint it resumed from (None: none, keep nothing), and drop a torn last line. A note on what
+        was cut (also shown by the driver), or None."""
+        note = cut_metrics(self.path, step)
+        if note:
+            self.pending.append({"note": note})
+        return note
+
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.pending.append(record)
@@ -88,11 +98,76 @@ def flat_metrics(record: dict) -> dict[str, float]:
     return out
 
 
+def finite_only(value: Any, where: str = "", found: list[str] | None = None) -> Any:
+    """``value`` with every NaN/inf float replaced by None; their dotted paths appended to ``found``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found.append(where or "value")
+        return None
+    if isinstance(value, dict):
+        return {k: finite_only(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def strict_json(obj: Any, **kwargs) -> str:
+    """Standard JSON (no NaN/Infinity tokens): non-finite numbers become null, and the object gets a
+    ``nonfinite`` list naming where they were (a reader can tell "diverged" from "not measured")."""
+    found: list[str] = []
+    clean = finite_only(obj, "", found)
+    if found and isinstance(clean, dict):
+        clean["nonfinite"] = sorted(set(clean.get("nonfinite") or []) | set(found))
+    return json.dumps(clean, allow_nan=False, **kwargs)
+
+
+def _parse_lines(text: str, path) -> tuple[list[dict], bool]:
+    """The records of a metrics.jsonl text, and whether its last line was torn (unterminated and not
+    JSON: a writer killed mid-append, or one still writing). A bad line anywhere else is an error."""
+    lines = text.split("\n")
+    records, torn = [], False
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the unterminated tail
+                torn = True
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({line[:80]!r})") from None
+    return records, torn
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a run being written, or killed mid-append) is
+    left out; a resumed run cuts it from the file (:func:`cut_metrics`)."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [r for r in _parse_lines(p.read_text(), p)[0] if "step" in r]
+
+
+def cut_metrics(path: str | os.PathLike, step: int | None) -> str | None:
+    """Rewrite metrics.jsonl (atomically) with only the records of steps <= ``step`` (None: none) and
+    no torn tail: what a run restarting from the checkpoint of ``step`` continues. Records after that
+    step belong to an abandoned timeline (a restart, a resume) and would otherwise be counted twice.
+    Returns a note saying what was cut, or None when nothing was."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    records, torn = _parse_lines(p.read_text(), p)
+    keep = [r for r in records if step is not None and r.get("step", -1) <= step]
+    dropped = len(records) - len(keep)
+    if not dropped and not torn:
+        return None
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
+    os.replace(tmp, p)
+    where = f"the checkpoint of step {step}" if step is not None else "the start (no checkpoint)"
+    parts = [f"{dropped} record(s) after it"] if dropped else []
+    parts += ["a torn last line (a write cut short)"] if torn else []
+    return f"{p}: restarting from {where}: removed {' and '.join(parts)}"
 
 
 def _fmt(x: float | None) -> str:
@@ -122,10 +197,21 @@ def loss_table(records: list[dict]) -> str:
         f"{'language':<10}{'first (step ' + str(first['step']) + ')':>18}{'last (step ' + str(last['step']) + ')':>18}{'change':>10}"
     ]
     for lang in sorted(last["valid"]):
-        a = first["valid"][lang]["loss"]
+        a = first["valid"].get(lang, {}).get("loss")
         b = last["valid"][lang]["loss"]
-        rows.append(f"{lang:<10}{a:>18.3f}{b:>18.3f}{(b - a) / a * 100:>9.1f}%")
+        if _number(a) and _number(b):
+            rows.append(f"{lang:<10}{a:>18.3f}{b:>18.3f}{(b - a) / a * 100:>9.1f}%")
+        else:  # diverged (non-finite: null in the file) or not evaluated at the first step
+            rows.append(f"{lang:<10}{_fmt3(a):>18}{_fmt3(b):>18}{'-':>10}")
     return "\n".join(rows)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _fmt3(x) -> str:
+    return f"{x:.3f}" if _number(x) else "n/a"
 
 
 def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
@@ -160,13 +246,15 @@ def build_report(records: list[dict], extra: dict[str, Any]) -> dict:
     per_lang: dict[str, dict] = {}
     for lang in sorted(records[-1]["valid"]) if records else []:
         series = [(r["step"], r["valid"][lang]) for r in records if lang in r["valid"]]
-        best_step, best = min(series, key=lambda s: s[1]["loss"])
+        scored = [s for s in series if _number(s[1]["loss"])]  # a diverged evaluation is no one's best
+        best_step, best = min(scored, key=lambda s: s[1]["loss"]) if scored else (None, None)
+        a, b = series[0][1]["loss"], series[-1][1]["loss"]
         per_lang[lang] = {
             "first": series[0][1],
             "last": series[-1][1],
             "best": best,
             "best_step": best_step,
-            "relative_change": (series[-1][1]["loss"] - series[0][1]["loss"]) / series[0][1]["loss"],
+            "relative_change": (b - a) / a if _number(a) and _number(b) and a else None,
         }
     return {
         "steps": records[-1]["step"] if records else 0,

@@ -25,10 +25,15 @@ from vallex.train.metrics import (
     plot_losses,
     read_metrics,
     sink_on_this_node,
+    strict_json,
 )
 from vallex.train.tracking import tracking_settings
 
 log = logging.getLogger("vallex.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf: the run stopped at that evaluation (report.json says where)."""
 
 
 def _corpus_info(cfg: Config):
@@ -251,7 +256,12 @@ def _ingest_options():
 
 def show_record(rec: dict, max_steps: int) -> None:
     """One line per evaluation; a loud extra line when the forgetting guard trips."""
+    if "note" in rec:  # from the metrics sink (e.g. what a restart cut from metrics.jsonl)
+        log.warning("%s", rec["note"])
+        return
     log.info(format_record(rec, max_steps))
+    if rec.get("stopped_nonfinite"):
+        log.error("STOPPED: %s", rec["stopped_nonfinite"])
     if ForgettingGuard.tripped(rec.get("guard", {})):
         log.warning("FORGETTING GUARD at step %d: %s", rec["step"], describe_trips(rec["guard"]))
         if rec.get("stopped_by_guard"):
@@ -460,9 +470,13 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
             **({"init_bridge": info["init_bridge"]} if "init_bridge" in info else {}),
             "trained_languages": info["languages"],
             "guard": guard_summary(records, cfg),
+            # DeepSpeed skips a step on a loss-scale overflow (fp16): such steps did not train.
+            "skipped_steps": records[-1].get("skipped_steps", 0) if records else 0,
+            "trained_steps": (records[-1]["step"] - records[-1].get("skipped_steps", 0)) if records else 0,
+            "stopped_nonfinite": records[-1].get("stopped_nonfinite") if records else None,
         },
     )
-    write_text_atomic(train_dir / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(train_dir / "report.json", strict_json(report, indent=2))
     plot_losses(records, train_dir / "valid_loss.png")
     log.info("per-language validation loss (AR + NAR):\n%s", loss_table(records))
     log.info(
@@ -471,4 +485,8 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
         train_dir / "report.json",
         train_dir / "valid_loss.png",
     )
+    if report["stopped_nonfinite"]:
+        raise NonFiniteLossError(
+            f"training stopped at {report['stopped_nonfinite']}; report: {train_dir / 'report.json'}"
+        )
     return report
