@@ -90,7 +90,11 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
 
     from vallex.train.engine import load_weights_only, unsafe_globals
 
-    ckpt_dir = sorted((corpus_cfg / "ray_results" / "t").glob("checkpoint_*"))[-1]
+    (ckpt_dir,) = [  # the step-6 checkpoint, the one a resume restores
+        d
+        for d in (corpus_cfg / "ray_results" / "t").glob("checkpoint_*")
+        if d.is_dir() and json.loads((d / "vallex_state.json").read_text())["step"] == 6
+    ]
     files = sorted(ckpt_dir.rglob("*.pt"))
     assert len(files) >= 4  # model states, 2 optimizer partitions, model.pt
     for f in files:
