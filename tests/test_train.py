@@ -107,7 +107,8 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     marker = corpus_cfg / "PWNED"
     torch.save({"optimizer_state_dict": _RunsCode(marker)}, victim)
     with pytest.raises(
-        TrainingFailedError, match=rf"refusing to resume: checkpoint file \S*{victim.name} holds"
+        TrainingFailedError,
+        match=rf"{victim.name} holds posix.system, which a weights-only load does not allow",
     ):
         train(_cfg(corpus_cfg, "train.max_steps=9"))
     assert not marker.exists()
