@@ -111,6 +111,62 @@ def test_shape_mismatch_names_every_tensor(tmp_path):
         import_public(path, tiny_config(num_phonemes=40, num_languages=3, num_layers=3))
 
 
+def test_a_tiny_file_claiming_a_huge_model_is_refused_before_anything_is_built(tmp_path):
+    """A 2 KB vallex checkpoint whose config claims d_model 4096 x 96 layers (~45 B parameters): refused
+    from its shapes, under an address-space limit that any attempt to build that model would break."""
+    import resource
+    import time
+
+    state = {k: v for k, v in tiny().state_dict().items() if k.endswith(".alpha")}  # a few scalars
+    huge = {**tiny_config(num_phonemes=40, num_languages=3).__dict__, "d_model": 4096, "nhead": 32}
+    huge["num_layers"], huge["dim_feedforward"] = 96, None
+    path = tmp_path / "crafted.pt"
+    torch.save(
+        {
+            "format": "vallex",
+            "format_version": 1,
+            "size": "tiny",
+            "config": huge,
+            "model": state,
+            "languages": LANGS,
+            "symbols": {"version": 1, "fingerprint": "", "list": SYMBOLS},
+        },
+        path,
+    )
+    assert path.stat().st_size < 4096
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    t0 = time.perf_counter()
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (2 << 30), hard))  # 2 GB more than now, at most
+    try:
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    assert time.perf_counter() - t0 < 30  # seconds, not a 45 B-parameter init
+    msg = str(e.value)
+    assert str(path) in msg and "d_model=4096" in msg and "num_layers=96" in msg
+    assert "missing key(s)" in msg and "(and " in msg and len(msg) < 2000  # a few named, the rest counted
+    # A config outside the sane bounds is refused from the config alone.
+    torch.save(
+        {"format": "vallex", "format_version": 1, "config": {**huge, "num_layers": 10**9}, "model": {}}, path
+    )
+    with pytest.raises(CheckpointError, match=r"num_layers=1000000000 is not an integer in \[1, 1024\]"):
+        load_checkpoint(path)
+
+
+def test_mismatch_errors_list_a_few_tensors_and_count_the_rest(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    export_public(tiny(), path)
+    with pytest.raises(CheckpointError) as e:  # every width differs: ~100 mis-shaped tensors
+        import_public(path, tiny_config(num_phonemes=40, num_languages=3, d_model=32, nhead=2))
+    msg = str(e.value)
+    shaped = int(msg.split(" tensor(s) with other shapes")[0].rsplit("\n", 1)[-1])
+    assert shaped > 50 and f"(and {shaped - 5} more)" in msg
+    assert msg.count("expected (") == 5 and len(msg) < 2000
+
+
 def test_vallex_format_rebuilds_model_and_checks_symbols(tmp_path):
     model = tiny()
     path = tmp_path / "model.vallex.pt"

@@ -48,7 +48,19 @@ def test_int_is_accepted_where_float_is_expected(tmp_path):
         ("train.use_gpu=yes please", "train.use_gpu", "must be true or false"),
         ("data.weights={en: -1}", "data.weights.en", "finite weight >= 0"),
         ("data.weights={en: 0, ar: 0}", "data.weights", "at least one weight must be > 0"),
-        ("data.weights={en: .nan}", "data.weights.en", "finite weight"),
+        ("data.weights={en: .nan}", "data.weights.en", "must be a finite number"),
+        # non-finite numbers, wherever a float is expected
+        ("train.lr=.inf", "train.lr", "must be a finite number, got inf"),
+        ("prepare.max_duration=.inf", "prepare.max_duration", "must be a finite number"),
+        ("train.guard.max_rise=.nan", "train.guard.max_rise", "must be a finite number"),
+        ("train.guard.per_language={ar: -.inf}", "train.guard.per_language.ar", "must be a finite number"),
+        ("tune.reference={en: .inf}", "tune.reference.en", "must be a finite number"),
+        # caught before Ray starts, not after
+        ("data.weights=temprature", "data.weights", "Did you mean 'temperature'?"),
+        ("run.name=..", "run.name", "must be a folder name"),
+        ("run.name=a\\b", "run.name", "must be a folder name"),
+        ("run.name=a/b", "run.name", "must be a folder name"),
+        ("train.keep_best_by=los/en", "train.keep_best_by", "not a metric this run reports"),
         ("data.alpha=2", "data.alpha", "must be in [0, 1]"),
         ("data.languages=en", "data.languages", "must be a list of str"),
         ("model.d_model=100", None, None),  # valid alone
@@ -65,6 +77,44 @@ def test_bad_values_name_the_key(override, key, fragment):
         load_config(None, [override])
     assert err.value.key == key
     assert fragment in str(err.value)
+
+
+def test_weights_and_keep_best_by_are_checked_against_other_sections_before_ray():
+    with pytest.raises(ConfigError, match=r"weights for \['fr'\], which data.languages"):
+        load_config(None, ["data.languages=[en, ar]", "data.weights={en: 1, fr: 1}"])
+    with pytest.raises(ConfigError, match="keep_best_by: 'nar_loss/en' is not a metric"):
+        load_config(None, ["train.train_stage=ar", "train.keep_best_by=nar_loss/en"])
+    load_config(None, ["data.weights=runs/tune/best_weights.json", "train.keep_best_by=ar_loss/en"])
+
+
+def test_entry_points_check_the_files_a_run_reads_before_ray(tmp_path):
+    from vallex.config import check_local_paths
+
+    for override in (
+        f"data.weights={tmp_path}/best_weights.json",
+        f"train.guard.baseline={tmp_path}/report.json",
+        f"train.init_from={tmp_path}/model.pt",
+    ):
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=f"{key}: no such file"):
+            check_local_paths(load_config(None, [override]))
+    (tmp_path / "report.json").write_text("{}")
+    check_local_paths(load_config(None, [f"train.guard.baseline={tmp_path}/report.json"]))
+    # the real entry point exits with the message, before any Ray work
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "ray_jobs/train.py"),
+            "--config",
+            str(ROOT / "job.yaml"),
+            "data.weights=temprature",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "Did you mean 'temperature'?" in out.stderr, out.stderr[-2000:]
+    assert "ray" not in out.stderr.lower().replace("ray_jobs", "")
 
 
 def test_cross_field_check_names_both():

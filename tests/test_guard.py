@@ -90,3 +90,18 @@ def test_per_guard_trips_when_the_phoneme_error_rate_rises():
     v = g.check({"en": {"loss": 5.0, "per": 0.35}, "fr": {"loss": 5.0}})  # +75%; fr: no PER, not judged
     assert ForgettingGuard.tripped(v) == ["en"] and set(v) == {"en"}
     assert "en phoneme error rate 0.350 is 75.0% above its best 0.200" in describe_trips(v)
+
+
+def test_a_nan_loss_trips_the_guard_and_does_not_disarm_it():
+    g = ForgettingGuard(max_rise=0.1)
+    g.check(_valid(en=4.0, ar=5.0))
+    v = g.check(_valid(en=float("nan"), ar=5.0))
+    assert ForgettingGuard.tripped(v) == ["en"] and v["en"]["nonfinite"] and v["en"]["rise"] is None
+    assert "en validation loss is nan (not a finite number)" in describe_trips(v)
+    assert g.best == {"en": 4.0, "ar": 5.0}  # NaN is no one's best
+    # The reference is still a number: a later finite rise trips as before (old code: best NaN, never).
+    assert ForgettingGuard.tripped(g.check(_valid(en=4.8, ar=5.0))) == ["en"]
+    first = ForgettingGuard(max_rise=0.1)
+    assert ForgettingGuard.tripped(first.check(_valid(en=float("inf")))) == ["en"] and first.best == {}
+    assert ForgettingGuard.tripped(first.check(_valid(en=4.0))) == []
+    assert ForgettingGuard.tripped(first.check(_valid(en=4.5))) == ["en"]

@@ -44,7 +44,19 @@ def corpus_cfg(tmp_path):
     return tmp_path
 
 
-def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpus_cfg):
+class _RunsCode:
+    """Pickles as a call that creates ``marker``: what a planted checkpoint file could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpus_cfg, caplog):
     from vallex.data.corpus import PreparedCorpus
     from vallex.eval.recognizer import train_recognizer
 
@@ -82,12 +94,53 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     assert model.ar_language_embedding.word_embeddings.weight.shape[0] == len(SIZES)
     _check_intelligibility(cfg, records, saved, model, recognizer)
 
+    # Every file of the real ZeRO-2 checkpoint loads weights-only (tensors + the allow-listed types).
+    from ray.train import TrainingFailedError
+
+    from vallex.train.engine import load_weights_only, unsafe_globals
+
+    (ckpt_dir,) = [  # the step-6 checkpoint, the one a resume restores
+        d
+        for d in (corpus_cfg / "ray_results" / "t").glob("checkpoint_*")
+        if d.is_dir() and json.loads((d / "vallex_state.json").read_text())["step"] == 6
+    ]
+    files = sorted(ckpt_dir.rglob("*.pt"))
+    assert len(files) >= 4  # model states, 2 optimizer partitions, model.pt
+    for f in files:
+        assert unsafe_globals(f) == [] and isinstance(load_weights_only(f), dict), f
+
+    # Someone who can write to the storage plants pickled code in a partition file: the resume refuses,
+    # naming the file, and the code never runs.
+    victim = ckpt_dir / "ckpt" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    original = victim.read_bytes()
+    marker = corpus_cfg / "PWNED"
+    torch.save({"optimizer_state_dict": _RunsCode(marker)}, victim)
+    with pytest.raises(
+        TrainingFailedError,
+        match=rf"{victim.name} holds posix.system, which a weights-only load does not allow",
+    ):
+        train(_cfg(corpus_cfg, "train.max_steps=9"))
+    assert not marker.exists()
+    victim.write_bytes(original)
+
+    # A kill mid-append left a torn line, after a record of an abandoned timeline (a step past the
+    # checkpoint, with a guard trip): readers skip the torn tail; the resume cuts both, and says so.
+    metrics = cfg.train_dir / "metrics.jsonl"
+    tripped = {lang: {**v, "tripped": True} for lang, v in records[-1]["guard"].items()}
+    abandoned = {**records[-1], "step": 7, "guard": tripped}
+    metrics.write_text(metrics.read_text() + json.dumps(abandoned) + "\n" + '{"step": 8, "train_lo')
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 3, 6, 7]
+
     # Same run again with more steps: resumes from the step-6 checkpoint instead of starting over.
     cfg2 = _cfg(corpus_cfg, "train.max_steps=9")
-    train(cfg2)
+    report2 = train(cfg2)
     records = read_metrics(cfg2.train_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 3, 6, 9]
     assert records[-1]["samples_seen"] == 2 * 4 * 9  # mix counts were restored with the checkpoint
+    assert metrics.read_text().endswith("}\n") and report2["guard"]["trips"] == []
+    assert report2["skipped_steps"] == 0 and report2["trained_steps"] == 9  # fp32: DeepSpeed skips none
+    note = "restarting from the checkpoint of step 6: removed 1 record(s) after it and a torn last line"
+    assert any(note in m for m in caplog.messages)
 
     # Elastic: the same run continues on 1 worker. ZeRO-2 shards the optimizer per worker, so the
     # weights come back and the optimizer moments restart.
@@ -191,6 +244,12 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
     assert report["intelligibility"]["per"] is None and "recognizer.pt" in report["intelligibility"]["reason"]
     assert all(v["text_gain"] is not None and "per" not in v for v in records[0]["valid"].values())
     assert len(list((cfg.train_dir / "samples" / "step_1").glob("*.wav"))) == len(SIZES)
+    from vallex.train.engine import load_weights_only, unsafe_globals
+
+    ckpt_files = sorted((corpus_cfg / "ray_results" / "guarded").rglob("*.pt"))
+    assert any("zero_pp_rank_1" in f.name for f in ckpt_files)
+    for f in ckpt_files:  # a real ZeRO-3 (offloaded) checkpoint loads weights-only
+        assert unsafe_globals(f) == [] and isinstance(load_weights_only(f), dict), f
     # ZeRO-3 holds a slice of every parameter per rank; the export gathers them into whole tensors
     weights = torch.load(cfg.train_dir / "model.pt", weights_only=True)["model"]
     assert weights["ar_language_embedding.word_embeddings.weight"].shape == (len(SIZES), 64)
@@ -210,7 +269,7 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
         )
 
 
-def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus_cfg):
+def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus_cfg, caplog):
     import os
     import signal
     import threading
@@ -246,24 +305,49 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
     assert killed, "the run ended before a worker could be killed"
     steps = [r["step"] for r in read_metrics(cfg.train_dir / "metrics.jsonl")]
     assert steps[-1] == 60 and report["steps"] == 60
-    # The restart resumed from a checkpoint (step 10 or later), so some evaluation steps repeat, but
-    # the run never went back to step 1.
-    assert steps.count(1) == 1 and len(steps) > len(set(steps))
-    restart_at = next(b for a, b in zip(steps, steps[1:], strict=False) if b <= a)
-    assert restart_at >= 15
+    # The restart resumed from a checkpoint (step 10 or later) and cut the records written after it
+    # (at least step 15's), so metrics.jsonl holds one timeline: each step once, in order.
+    assert steps == sorted(set(steps)) and steps[:4] == [1, 5, 10, 15]
+    cuts = [m for m in caplog.messages if "restarting from the checkpoint of step" in m]
+    assert cuts and "removed" in cuts[0]
     # The mix counts came back with the checkpoint: every optimizer step counted exactly once.
     assert read_metrics(cfg.train_dir / "metrics.jsonl")[-1]["samples_seen"] == 2 * 4 * 60
 
 
-def test_ar_only_stage_reports_no_nar_figures(ray_cluster, corpus_cfg):
+def test_ar_only_stage_reports_no_nar_figures_and_a_nan_loss_stops_the_run(ray_cluster, corpus_cfg):
+    """train.train_stage=ar leaves the NAR figures None. The learning rate (1e30, finite: the config
+    takes it) sends the weights to inf at the first update: the run stops at that evaluation, naming
+    the languages, and metrics.jsonl / report.json stay standard JSON (null + a ``nonfinite`` list)."""
+    from vallex.train.trainer import NonFiniteLossError
+
     cfg = _cfg(
-        corpus_cfg, "run.name=ar-only", "train.num_workers=1", "train.max_steps=3", "train.train_stage=ar"
+        corpus_cfg,
+        "run.name=ar-only",
+        "train.num_workers=1",
+        "train.max_steps=3",
+        "train.train_stage=ar",
+        "train.lr=1.0e+30",
+        "train.grad_clip=0",
     )
-    train(cfg)
-    for r in read_metrics(cfg.train_dir / "metrics.jsonl"):
-        for v in r["valid"].values():
-            assert v["nar_loss"] is None and v["nar_top10"] is None and v["nar_tokens"] == 0
-            assert v["ar_loss"] > 0 and v["loss"] == v["ar_loss"]
+    with pytest.raises(
+        NonFiniteLossError, match=r"step 1: the validation loss of ar \(ar_loss\), en \(ar_loss\)"
+    ):
+        train(cfg)
+
+    def no_nan(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in a JSON file"))
+
+    records = [no_nan(line) for line in (cfg.train_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]  # stopped at the first evaluation, not step 3
+    r = records[0]
+    for v in r["valid"].values():
+        assert v["nar_loss"] is None and v["nar_top10"] is None and v["nar_tokens"] == 0
+        assert v["ar_tokens"] > 0 and v["ar_loss"] is None and v["loss"] is None  # NaN/inf -> null
+    assert "valid.en.ar_loss" in r["nonfinite"] and "en (ar_loss)" in r["stopped_nonfinite"]
+    assert all(g["tripped"] for g in r["guard"].values())  # and the guard is not disarmed by it
+    report = no_nan((cfg.train_dir / "report.json").read_text())
+    assert report["stopped_nonfinite"].startswith("step 1:") and report["guard"]["verdict"] == "forgetting"
+    assert report["languages"]["en"]["best"] is None  # a diverged evaluation is no one's best
 
 
 def test_init_from_keeps_old_ids_and_watches_languages_it_does_not_train(ray_cluster, tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from vallex.config import Config, ConfigError, describe, load_config
+from vallex.config import Config, ConfigError, check_local_paths, describe, load_config
 
 
 def parse_config(
@@ -33,6 +33,7 @@ def parse_config(
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_local_paths(cfg)
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: config error: {e}\n")
     return cfg, args

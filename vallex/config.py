@@ -60,7 +60,11 @@ class RunSection:
     Lets several runs (Tune trials, add-language) share one prepared corpus."""
 
     def __post_init__(self):
-        _require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        _require(
+            bool(self.name.strip()) and not set("/\\") & set(self.name) and self.name not in (".", ".."),
+            "name",
+            f"must be a folder name (not '.' or '..', no '/' or '\\'), got {self.name!r}",
+        )
         _require(bool(self.output_dir), "output_dir", "must be a path")
         _require(
             not is_uri(self.output_dir),
@@ -223,6 +227,16 @@ class DataSection:
     def __post_init__(self):
         if isinstance(self.weights, str):
             _require(bool(self.weights), "weights", f"must be one of {WEIGHT_POLICIES}, a map or a file")
+            w = self.weights
+            if w not in WEIGHT_POLICIES and not (w.endswith(".json") or "/" in w or os.sep in w):
+                close = difflib.get_close_matches(w, WEIGHT_POLICIES, n=1)
+                hint = f"Did you mean {close[0]!r}? " if close else ""
+                _require(
+                    False,
+                    "weights",
+                    f"unknown policy {w!r}. {hint}Use one of {', '.join(WEIGHT_POLICIES)}, a map "
+                    "{en: 0.5, ar: 0.5}, or the path of a best_weights.json",
+                )
         else:
             for lang, w in self.weights.items():
                 _require(
@@ -418,6 +432,10 @@ class TrainSection:
     """The forgetting guard."""
     intelligibility: IntelligibilitySection = field(default_factory=IntelligibilitySection)
     """Text gain, phoneme error rate of synthesized speech and listening samples at every evaluation."""
+    on_nonfinite: Literal["stop", "guard"] = "stop"
+    """A validation loss that is NaN/inf: ``stop`` ends the run at that evaluation (no checkpoint of
+    it), naming the language; ``guard`` counts it as a forgetting-guard trip of that language (then
+    ``guard.action`` decides). A NaN/inf training loss always stops."""
 
     def __post_init__(self):
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
@@ -465,6 +483,17 @@ class TrainSection:
                 f"{name} is not installed; pip install 'vallex[tracking]'",
             )
         _require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
+        if self.keep_best_by:  # the shape of the name here; its language once the corpus is open
+            kind, _, lang = self.keep_best_by.partition("/")
+            stage_ok = {"ar_loss": self.train_stage != "nar", "nar_loss": self.train_stage != "ar"}
+            _require(
+                (not lang and kind in ("loss_mean", "loss_max", "train_loss", "objective"))
+                or (bool(lang) and kind in ("loss", "ar_loss", "nar_loss") and stage_ok.get(kind, True)),
+                "keep_best_by",
+                f"{self.keep_best_by!r} is not a metric this run reports: loss_mean, loss_max, train_loss, "
+                f"or loss/<lang>, ar_loss/<lang>, nar_loss/<lang> (a stage train.train_stage={self.train_stage} "
+                "trains)",
+            )
         _require(
             not self.init_vocab or bool(self.init_from),
             "init_vocab",
@@ -688,6 +717,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ConfigError as e:
                 errors.append(e)
+        inner = [e for e in errors if e.key != key]  # the right shape, a bad item: name the item
+        if inner:
+            raise inner[0]
         raise ConfigError(key, f"must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -717,6 +749,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -750,6 +784,13 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
 
 
 def _check_cross_section(cfg: Config) -> None:
+    if isinstance(cfg.data.weights, dict) and cfg.data.languages:
+        extra = sorted(set(cfg.data.weights) - set(cfg.data.languages))
+        _require(
+            not extra,
+            "data.weights",
+            f"weights for {extra}, which data.languages ({cfg.data.languages}) does not train",
+        )
     if cfg.data.languages and cfg.corpus.languages:
         missing = sorted(set(cfg.data.languages) - set(cfg.corpus.languages))
         _require(
@@ -757,6 +798,22 @@ def _check_cross_section(cfg: Config) -> None:
             "data.languages",
             f"{missing} are not prepared (corpus.languages is {cfg.corpus.languages})",
         )
+
+
+def check_local_paths(cfg: Config) -> None:
+    """The files a run reads on the machine that starts it exist (a weights file, the guard's
+    baseline, ``train.init_from`` and its tokenizer): checked by the entry points before Ray starts.
+    Not in the sections' own checks: workers rebuild the config where these files need not be."""
+    named = {
+        "data.weights": cfg.data.weights if isinstance(cfg.data.weights, str) else "",
+        "train.guard.baseline": cfg.train.guard.baseline,
+        "train.init_from": cfg.train.init_from,
+        "train.init_vocab": cfg.train.init_vocab,
+    }
+    if named["data.weights"] in WEIGHT_POLICIES:
+        named["data.weights"] = ""
+    for key, path in named.items():
+        _require(not path or is_uri(path) or Path(path).is_file(), key, f"no such file: {path!r}")
 
 
 def parse_override(arg: str) -> tuple[list[str], Any]:

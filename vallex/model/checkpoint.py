@@ -61,30 +61,104 @@ class CheckpointError(ValueError):
 # ------------------------------------------------------------------------------------- state dicts
 
 
-def load_weights(model: VallexModel, state: dict[str, torch.Tensor], source: str) -> None:
-    """``model.load_state_dict(state)`` after checking every key and shape; a mismatch is one error that
-    lists every missing, unexpected and mis-shaped tensor (expected vs got) and names ``source``."""
-    want = model.state_dict()
+# A model file states its own config, and a crafted one can claim any size: every config is held to these
+# bounds (far above the ``paper`` size) and to the file's tensor shapes before a model is built, so a tiny
+# file cannot make a loader allocate what its config claims.
+CONFIG_BOUNDS = {
+    "d_model": 65536,
+    "nhead": 1024,
+    "num_layers": 1024,
+    "num_phonemes": 1 << 20,
+    "num_languages": 1 << 16,
+    "num_codebooks": 64,
+    "codebook_size": 1 << 20,
+    "dim_feedforward": 1 << 20,
+    "max_prompt_frames": 1 << 24,
+}
+LISTED = 5  # mismatches named per kind in an error; the rest are counted
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (and {len(items) - LISTED} more)" if len(items) > LISTED else ""
+    return ", ".join(items[:LISTED]) + more
+
+
+def model_config(raw: dict, source: str, **overrides) -> VallexConfig:
+    """A VallexConfig from a file's config dict (known fields only), within CONFIG_BOUNDS."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: its config is a {type(raw).__name__}, expected a map")
+    fields = {f.name for f in dataclasses.fields(VallexConfig)}
+    try:
+        config = VallexConfig(**{**{k: v for k, v in raw.items() if k in fields}, **overrides})
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid config ({e})") from None
+    check_bounds(config, source)
+    return config
+
+
+def check_bounds(config: VallexConfig, source: str) -> None:
+    for key, bound in CONFIG_BOUNDS.items():
+        v = getattr(config, key)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= bound:
+            raise CheckpointError(f"{source}: config {key}={v!r} is not an integer in [1, {bound}]")
+
+
+def expected_shapes(config: VallexConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a model of ``config``, without allocating it: one layer is built on the
+    meta device and its keys repeated per layer (building all of them costs time per layer, even there)."""
+    one = dataclasses.replace(config, num_layers=1)
+    with torch.device("meta"):
+        state = VallexModel(one).state_dict()
+    out: dict[str, tuple[int, ...]] = {}
+    for k, v in state.items():
+        head, sep, rest = k.partition(".layers.0.")
+        if sep:
+            for i in range(config.num_layers):
+                out[f"{head}.layers.{i}.{rest}"] = tuple(v.shape)
+        else:
+            out[k] = tuple(v.shape)
+    return out
+
+
+def check_fits(want: dict[str, tuple[int, ...]], state: dict, config: VallexConfig, source: str) -> None:
+    """Every key of ``want`` in ``state`` with that shape and nothing else; else one error naming the
+    first few missing, unexpected and mis-shaped tensors (expected vs got) and counting the rest."""
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
     shaped = [
-        f"  {k}: expected {tuple(want[k].shape)}, got {tuple(state[k].shape)}"
+        f"{k}: expected {want[k]}, got {tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__}"
         for k in sorted(set(want) & set(state))
-        if not isinstance(state[k], torch.Tensor) or state[k].shape != want[k].shape
+        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != want[k]
     ]
     if missing or unexpected or shaped:
-        c = model.config
+        c = config
         lines = [
             f"{source} does not fit the model (d_model={c.d_model}, nhead={c.nhead}, num_layers={c.num_layers}, "
             f"num_phonemes={c.num_phonemes}, num_languages={c.num_languages}):"
         ]
         if shaped:
-            lines += [f"{len(shaped)} tensor(s) with other shapes:", *shaped]
+            lines.append(f"{len(shaped)} tensor(s) with other shapes: {_listed(shaped)}")
         if missing:
-            lines.append(f"{len(missing)} missing key(s): {missing}")
+            lines.append(f"{len(missing)} missing key(s): {_listed(missing)}")
         if unexpected:
-            lines.append(f"{len(unexpected)} unexpected key(s): {unexpected}")
+            lines.append(f"{len(unexpected)} unexpected key(s): {_listed(unexpected)}")
         raise CheckpointError("\n".join(lines))
+
+
+def build_checked(config: VallexConfig, state: dict, source: str) -> VallexModel:
+    """A model of ``config`` holding ``state``, built only once every tensor's shape is known to fit."""
+    check_bounds(config, source)
+    check_fits(expected_shapes(config), state, config, source)
+    model = VallexModel(config)
+    load_weights(model, state, source)
+    return model
+
+
+def load_weights(model: VallexModel, state: dict[str, torch.Tensor], source: str) -> None:
+    """``model.load_state_dict(state)`` after checking every key and shape; a mismatch is one error that
+    names ``source`` and the first few missing, unexpected and mis-shaped tensors (expected vs got)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_fits(want, state, model.config, source)
     model.load_state_dict(state)
 
 
@@ -156,9 +230,9 @@ def import_public(path: str | os.PathLike, config: VallexConfig | None = None, *
     ``PUBLIC_LANGUAGES``, text ids its tokenizer's): see the module docstring.
     """
     state = _public_state(_read(path), path)
-    model = VallexModel(config or public_config(state, **overrides))
-    load_weights(model, state, f"public VALL-E X checkpoint {path}")
-    return model
+    return build_checked(
+        config or public_config(state, **overrides), state, f"public VALL-E X checkpoint {path}"
+    )
 
 
 def import_public_bridged(
@@ -179,8 +253,7 @@ def import_public_bridged(
     except VocabError as e:
         raise CheckpointError(f"public VALL-E X checkpoint {path}: {e}") from None
     config = public_config(state, **overrides)
-    model = VallexModel(config)
-    load_weights(model, state, f"public VALL-E X checkpoint {path} (text bridged through {vocab})")
+    model = build_checked(config, state, f"public VALL-E X checkpoint {path} (text bridged through {vocab})")
     log.info("public VALL-E X checkpoint %s: %s", path, report.summary())
     meta = {
         "size": "paper",  # public_config is paper's with the file's shapes (nhead, feed-forward: paper's)
@@ -288,9 +361,10 @@ def load_checkpoint(
     unknown = sorted(set(config_overrides) - fields)
     if unknown:
         raise CheckpointError(f"unknown model option(s) {unknown}; VallexConfig fields are {sorted(fields)}")
-    config = VallexConfig(**{**{k: v for k, v in data["config"].items() if k in fields}, **config_overrides})
-    model = VallexModel(config)
-    load_weights(model, data["model"], f"vallex checkpoint {path}")
+    source = f"vallex checkpoint {path}"
+    if not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{source} has no 'model' state dict")
+    model = build_checked(model_config(data.get("config"), source, **config_overrides), data["model"], source)
     meta = {k: data[k] for k in ("size", "config", "languages", "symbols")}
     if symbols is not None:
         _check_extends(meta, symbols)
@@ -328,8 +402,8 @@ def load_training_export(
     """
     data = _read(path)
     meta = _export_meta(path, data, symbols, report, **config_overrides)
-    model = VallexModel(VallexConfig(**meta["config"]))
-    load_weights(model, data, f"training export {path}")
+    source = f"training export {path}"
+    model = build_checked(model_config(meta["config"], source), data, source)
     if len(symbols) > len(meta["symbols"]["list"]):
         resize_phonemes(model, len(symbols))
     return model, meta

@@ -6,6 +6,7 @@ The only CPU/GPU difference is the device and the communication backend, both de
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -82,3 +83,102 @@ def initialize(model: torch.nn.Module, train: TrainSection):
         dist_init_required=False,
     )
     return engine, optimizer, scheduler
+
+
+# ------------------------------------------------------------------------------ loading checkpoints
+#
+# DeepSpeed 0.19.8 reads every checkpoint file with ``torch.load(weights_only=False)``: a file planted in
+# the checkpoint storage (a shared bucket, NFS) would run its pickled code on every worker at resume.
+# vallex reads them weights-only instead: tensors, plain containers and the few DeepSpeed types its
+# ZeRO 0-3 checkpoints hold (listed from real checkpoints of each stage: ``get_unsafe_globals_in_checkpoint``).
+# None of them runs code when unpickled: a dataclass, an enum and a plain attribute holder.
+CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds something a weights-only load refuses (possibly pickled code)."""
+
+
+def _allowed_globals() -> list:
+    import importlib
+
+    out = []
+    for name in CHECKPOINT_GLOBALS:
+        module, attr = name.rsplit(".", 1)
+        out.append(getattr(importlib.import_module(module), attr))
+    return out
+
+
+def unsafe_globals(path) -> list[str]:
+    """What in ``path`` a weights-only load would refuse, read from its pickle without running it."""
+    import torch.serialization as ts
+
+    try:
+        found = ts.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # noqa: BLE001 -- not a torch zip file: nothing vallex would load from it
+        return [f"<not a torch checkpoint: {type(e).__name__}: {e}>"]
+    return sorted(set(found) - set(CHECKPOINT_GLOBALS))
+
+
+def check_checkpoint_files(ckpt_dir) -> None:
+    """Refuse a checkpoint with any ``.pt`` file holding more than tensors and the allowed types,
+    naming the file, before DeepSpeed (or vallex) loads anything from it."""
+    from pathlib import Path
+
+    for path in sorted(Path(ckpt_dir).rglob("*.pt")):
+        bad = unsafe_globals(path)
+        if bad:
+            raise UnsafeCheckpointError(
+                f"refusing to resume: checkpoint file {path} holds {', '.join(bad[:5])}, which a "
+                "weights-only load does not allow (only tensors, plain containers and "
+                f"{', '.join(CHECKPOINT_GLOBALS)}); it may hold pickled code. Was it written by vallex? "
+                "Delete that checkpoint (or the run's storage) to start over"
+            )
+
+
+def load_weights_only(path, map_location=None):
+    """``torch.load`` of a DeepSpeed checkpoint file that cannot run code (see CHECKPOINT_GLOBALS)."""
+    import pickle
+
+    with torch.serialization.safe_globals(_allowed_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln]
+            raise UnsafeCheckpointError(
+                f"refusing to load checkpoint file {path}: {lines[0] if lines else e} (it may hold pickled code)"
+            ) from None
+
+
+def use_weights_only_loads(engine) -> None:
+    """Make ``engine.load_checkpoint`` read every file through :func:`load_weights_only` (its model,
+    optimizer and ZeRO partition files all go through ``engine.checkpoint_engine.load``)."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:  # another engine (Nebula, decoupled): not reviewed
+        raise UnsafeCheckpointError(
+            f"DeepSpeed checkpoint engine {type(current).__name__}: vallex loads checkpoints only through "
+            "TorchCheckpointEngine, with weights-only loads"
+        )
+    cls = _weights_only_engine_class()
+    safe = cls.__new__(cls)
+    safe.__dict__.update(current.__dict__)  # same settings for saving
+    engine.checkpoint_engine = safe
+
+
+@functools.cache
+def _weights_only_engine_class():
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    class _WeightsOnly(TorchCheckpointEngine):
+        """DeepSpeed's TorchCheckpointEngine with weights-only loads."""
+
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path, map_location)
+
+    return _WeightsOnly

@@ -87,6 +87,18 @@ class ForgettingGuard:
                 ref, source = self.baseline[lang], self.source
             else:
                 ref, source = self.best.get(lang, value), "best"
+            if not math.isfinite(value):  # a NaN/inf figure is the worst news, never "no change"
+                verdict[lang] = {
+                    "reference": ref,
+                    "reference_from": source,
+                    "loss": value,
+                    "metric": self.metric,
+                    "rise": None,
+                    "max_rise": self.threshold(lang),
+                    "tripped": True,
+                    "nonfinite": True,
+                }
+                continue  # and it is never anyone's best: the reference stays a number
             finite = math.isfinite(ref)
             if self.higher_is_better:
                 judged = finite and ref >= self.floor and ref > 0
@@ -125,7 +137,9 @@ def describe_trips(verdict: dict[str, dict]) -> str:
             continue
         metric = v.get("metric", "loss")
         word = METRIC_WORDS.get(metric, metric)
-        if metric in HIGHER_IS_BETTER:
+        if v.get("nonfinite") or v["rise"] is None:
+            text = f"{lang} {word} is {v['loss']} (not a finite number)"
+        elif metric in HIGHER_IS_BETTER:
             text = (
                 f"{lang} {word} {v['loss']:.3f} is {v['rise'] * 100:.1f}% below its {v['reference_from']} "
                 f"{v['reference']:.3f} (limit {v['max_rise'] * 100:.0f}%, floor {v.get('floor', 0):.3f})"

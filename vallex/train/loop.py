@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -199,6 +200,43 @@ def resume(model_engine, ckpt_dir: str, saved_world: int, world: int, zero_stage
         log.info("resumed from a checkpoint written by %d worker(s)", saved_world)
 
 
+def _finite(x: float | None) -> bool:
+    return x is None or math.isfinite(x)
+
+
+def any_rank(flag: bool, device) -> bool:
+    """Whether ``flag`` holds on any rank (a collective: every rank calls it)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def nonfinite_losses(record: dict, train_nonfinite: bool, policy: str) -> str | None:
+    """Why the run must stop at this evaluation because a loss is NaN/inf, or None.
+
+    A non-finite training loss (on any rank) always stops: the weights it updated are no longer
+    numbers. A non-finite validation loss stops too with ``train.on_nonfinite=stop``; with ``guard`` it
+    is a forgetting-guard trip for that language instead (``train.guard.action`` decides)."""
+    step = record["step"]
+    if train_nonfinite:
+        return (
+            f"step {step}: the training loss is not a finite number (NaN/inf) on at least one worker; "
+            "lower train.lr, keep train.grad_clip > 0, or use train.precision=fp32"
+        )
+    if policy == "guard":
+        return None
+    bad = {
+        lang: key
+        for lang, v in sorted(record["valid"].items())
+        for key in ("ar_loss", "nar_loss")
+        if v[key] is not None and not math.isfinite(v[key])
+    }
+    if not bad:
+        return None
+    return f"step {step}: the validation loss of {', '.join(f'{lang} ({k})' for lang, k in bad.items())} is not a finite number (NaN/inf)"
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     with Tracker(loop_config.get("tracking")) as tracker:  # ends the MLflow / W&B runs, failed or not
         _train_loop(loop_config, tracker)
@@ -229,6 +267,7 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
     if ckpt is None and loop_config.get("init_state") is not None:  # train.init_from, grown by the driver
         load_weights(model, ray.get(loop_config["init_state"]), cfg.train.init_from)
     model_engine, _, _ = ds_engine.initialize(model, cfg.train)
+    ds_engine.use_weights_only_loads(model_engine)  # a resume must not unpickle code from storage
     # What DeepSpeed actually runs (not what was asked): sent with the first record of each (re)start.
     engine_facts = {
         "zero_stage": model_engine.zero_optimization_stage(),
@@ -241,10 +280,15 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
     state = {"step": 0, "consumed_batches": 0, "mix": {}, "guard_best": {}, "initial": None}
     if ckpt is not None:
         with ckpt.as_directory() as d:
+            ds_engine.check_checkpoint_files(d)  # names a file holding more than weights, before any load
             state = json.loads(Path(d, STATE_FILE).read_text())
             resume(model_engine, d, state.get("world_size", world), world, cfg.train.zero_stage, rank)
     state["world_size"] = world
     state["tracking"] = tracker.open(rank, state.get("tracking"))
+    if rank == 0 and sink is not None:  # metrics.jsonl continues this checkpoint's timeline, no other
+        note = ray.get(sink.restart_at.remote(state["step"] if ckpt is not None else None))
+        if note:
+            log.warning("%s", note)
 
     # Read from the shards here, not gathered on the driver: the validation split up to
     # data.valid_max_rows per language. This rank scores rows rank, rank + world, ...; the whole
@@ -299,6 +343,8 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
             "languages_per_batch": languages_per_batch(mix, device),
             "padding_fraction": padding_fraction(padding, device),
             "samples_per_s": n_window * world / max(elapsed, 1e-9),
+            # Steps DeepSpeed skipped on a loss-scale overflow (fp16): counted, not trained.
+            "skipped_steps": int(getattr(model_engine, "skipped_steps", 0) or 0),
             "time": time.time(),
         }
 
@@ -374,9 +420,17 @@ def _train_loop(loop_config: dict, tracker: Tracker) -> None:
         train_loss = float(torch.stack(loss_window).float().mean()) if loss_window else None
         record = evaluation(step, train_loss, t_window, n_window)
         record["guard"] = guard.check(record["valid"])
+        nonfinite = nonfinite_losses(
+            record, any_rank(not _finite(train_loss), device), cfg.train.on_nonfinite
+        )
         stop = g.action == "stop" and bool(ForgettingGuard.tripped(record["guard"]))
-        record["stopped_by_guard"] = stop
+        record["stopped_by_guard"] = stop and not nonfinite
+        if nonfinite:
+            record["stopped_nonfinite"] = nonfinite
         metrics = publish(record)
+        if nonfinite:  # identical on every rank; the weights are no longer numbers: no checkpoint of them
+            ray.train.report(metrics)
+            return
         t_window, n_window, loss_window = time.perf_counter(), 0, []
         padding.reset()
         if stop or checkpoint:  # the verdict is identical on every rank (all-reduced losses)

@@ -10,6 +10,7 @@ Rank 0 also sends each evaluation's listening samples, which the sink decodes in
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,18 @@ class MetricsSink:
 
             self.tb = SummaryWriter(tensorboard_dir)
 
+    def restart_at(self, step: int | None) -> str | None:
+        """Before a (re)started run appends: keep only the records up to ``step``, the step of the
+        checkpoint it resumed from (None: none, keep nothing), and drop a torn last line. A note on what
+        was cut (also shown by the driver), or None."""
+        note = cut_metrics(self.path, step)
+        if note:
+            self.pending.append({"note": note})
+        return note
+
     def log(self, record: dict) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.pending.append(record)
@@ -127,11 +137,76 @@ def flat_metrics(record: dict) -> dict[str, float]:
 INTELLIGIBILITY_KEYS = ("text_gain", "ar_text_gain", "nar_text_gain", "per", "per_floor")
 
 
+def finite_only(value: Any, where: str = "", found: list[str] | None = None) -> Any:
+    """``value`` with every NaN/inf float replaced by None; their dotted paths appended to ``found``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        if found is not None:
+            found.append(where or "value")
+        return None
+    if isinstance(value, dict):
+        return {k: finite_only(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
+
+
+def strict_json(obj: Any, **kwargs) -> str:
+    """Standard JSON (no NaN/Infinity tokens): non-finite numbers become null, and the object gets a
+    ``nonfinite`` list naming where they were (a reader can tell "diverged" from "not measured")."""
+    found: list[str] = []
+    clean = finite_only(obj, "", found)
+    if found and isinstance(clean, dict):
+        clean["nonfinite"] = sorted(set(clean.get("nonfinite") or []) | set(found))
+    return json.dumps(clean, allow_nan=False, **kwargs)
+
+
+def _parse_lines(text: str, path) -> tuple[list[dict], bool]:
+    """The records of a metrics.jsonl text, and whether its last line was torn (unterminated and not
+    JSON: a writer killed mid-append, or one still writing). A bad line anywhere else is an error."""
+    lines = text.split("\n")
+    records, torn = [], False
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the unterminated tail
+                torn = True
+                continue
+            raise ValueError(f"{path}:{i + 1}: not a JSON record ({line[:80]!r})") from None
+    return records, torn
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl. A torn last line (a run being written, or killed mid-append) is
+    left out; a resumed run cuts it from the file (:func:`cut_metrics`)."""
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [r for r in _parse_lines(p.read_text(), p)[0] if "step" in r]
+
+
+def cut_metrics(path: str | os.PathLike, step: int | None) -> str | None:
+    """Rewrite metrics.jsonl (atomically) with only the records of steps <= ``step`` (None: none) and
+    no torn tail: what a run restarting from the checkpoint of ``step`` continues. Records after that
+    step belong to an abandoned timeline (a restart, a resume) and would otherwise be counted twice.
+    Returns a note saying what was cut, or None when nothing was."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    records, torn = _parse_lines(p.read_text(), p)
+    keep = [r for r in records if step is not None and r.get("step", -1) <= step]
+    dropped = len(records) - len(keep)
+    if not dropped and not torn:
+        return None
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in keep))
+    os.replace(tmp, p)
+    where = f"the checkpoint of step {step}" if step is not None else "the start (no checkpoint)"
+    parts = [f"{dropped} record(s) after it"] if dropped else []
+    parts += ["a torn last line (a write cut short)"] if torn else []
+    return f"{p}: restarting from {where}: removed {' and '.join(parts)}"
 
 
 def _fmt(x: float | None) -> str:
@@ -182,7 +257,7 @@ def loss_table(records: list[dict]) -> str:
     for lang in sorted(last["valid"]):
         a = first["valid"].get(lang, {}).get("loss")
         b = last["valid"][lang]["loss"]
-        change = f"{(b - a) / a * 100:>8.1f}%" if a else f"{'-':>9}"
+        change = f"{(b - a) / a * 100:>8.1f}%" if _number(a) and _number(b) and a else f"{'-':>9}"
         row = f"{lang:<10}{_fmt3(a):>12}{_fmt3(b):>9}{change}"
         if has_gain:
             row += f"{_fmt3(first['valid'].get(lang, {}).get('text_gain')):>17}"
@@ -194,8 +269,15 @@ def loss_table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def _fmt3(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _fmt3(x) -> str:
+    """A figure with 3 decimals; ``-`` when not measured (None), ``n/a`` when not a finite number."""
+    if x is None:
+        return "-"
+    return f"{x:.3f}" if _number(x) else "n/a"
 
 
 def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
@@ -246,13 +328,15 @@ def build_report(records: list[dict], extra: dict[str, Any]) -> dict:
     per_lang: dict[str, dict] = {}
     for lang in sorted(records[-1]["valid"]) if records else []:
         series = [(r["step"], r["valid"][lang]) for r in records if lang in r["valid"]]
-        best_step, best = min(series, key=lambda s: s[1]["loss"])
+        scored = [s for s in series if _number(s[1]["loss"])]  # a diverged evaluation is no one's best
+        best_step, best = min(scored, key=lambda s: s[1]["loss"]) if scored else (None, None)
+        a, b = series[0][1]["loss"], series[-1][1]["loss"]
         per_lang[lang] = {
             "first": series[0][1],
             "last": series[-1][1],
             "best": best,
             "best_step": best_step,
-            "relative_change": (series[-1][1]["loss"] - series[0][1]["loss"]) / series[0][1]["loss"],
+            "relative_change": (b - a) / a if _number(a) and _number(b) and a else None,
         }
         # Intelligibility: first / best / last, best = highest text gain, lowest PER.
         for key, better in (("text_gain", max), ("per", min)):

@@ -26,6 +26,7 @@ from vallex.train.metrics import (
     plot_losses,
     read_metrics,
     sink_on_this_node,
+    strict_json,
 )
 from vallex.train.tracking import tracking_settings
 
@@ -41,6 +42,10 @@ def _log_codec(codec: dict) -> None:
         log.warning("%s", line)
     else:
         log.info("%s", line)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/inf: the run stopped at that evaluation (report.json says where)."""
 
 
 def _corpus_info(cfg: Config):
@@ -264,7 +269,12 @@ def _ingest_options():
 
 def show_record(rec: dict, max_steps: int) -> None:
     """One line per evaluation; a loud extra line when the forgetting guard trips."""
+    if "note" in rec:  # from the metrics sink (e.g. what a restart cut from metrics.jsonl)
+        log.warning("%s", rec["note"])
+        return
     log.info(format_record(rec, max_steps))
+    if rec.get("stopped_nonfinite"):
+        log.error("STOPPED: %s", rec["stopped_nonfinite"])
     if ForgettingGuard.tripped(rec.get("guard", {})):
         log.warning("FORGETTING GUARD at step %d: %s", rec["step"], describe_trips(rec["guard"]))
         if rec.get("stopped_by_guard"):
@@ -515,9 +525,13 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
             "trained_languages": info["languages"],
             "intelligibility": intelligibility_report,
             "guard": guard_summary(records, cfg),
+            # DeepSpeed skips a step on a loss-scale overflow (fp16): such steps did not train.
+            "skipped_steps": records[-1].get("skipped_steps", 0) if records else 0,
+            "trained_steps": (records[-1]["step"] - records[-1].get("skipped_steps", 0)) if records else 0,
+            "stopped_nonfinite": records[-1].get("stopped_nonfinite") if records else None,
         },
     )
-    write_text_atomic(train_dir / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(train_dir / "report.json", strict_json(report, indent=2))
     plot_losses(records, train_dir / "valid_loss.png")
     log.info("per language, first vs last evaluation:\n%s", loss_table(records))
     log.info(
@@ -526,4 +540,8 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
         train_dir / "report.json",
         train_dir / "valid_loss.png",
     )
+    if report["stopped_nonfinite"]:
+        raise NonFiniteLossError(
+            f"training stopped at {report['stopped_nonfinite']}; report: {train_dir / 'report.json'}"
+        )
     return report
