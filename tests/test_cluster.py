@@ -222,6 +222,7 @@ def test_two_node_job_spreads_training_over_both_nodes(two_nodes, tmp_path, caps
             "train.checkpoint_every=4",
             "train.batch_size=2",
             "data.window_rows=64",
+            "train.intelligibility.samples=false",  # no listening samples: not what this test is about
         ]
     )
     logs = capsys.readouterr().out
@@ -541,6 +542,7 @@ def test_elastic_training_survives_losing_a_node(tmp_path):
         "train.checkpoint_every=4",
         "train.batch_size=2",
         "data.window_rows=64",
+        "train.intelligibility.samples=false",  # no listening samples: not what this test is about
     ]
     metrics = out / "train" / "metrics.jsonl"
     try:

@@ -37,6 +37,7 @@ def _cfg(tmp_path: Path, *overrides: str):
             "train.checkpoint_every=4",
             "data.weights=uniform",
             "data.window_rows=32",
+            "train.intelligibility.samples=false",  # no listening samples: not what this test is about
             "train.tracking=[mlflow, wandb]",
             "train.tracking_project=vallex-test",
             *overrides,

@@ -284,6 +284,7 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
         "train.eval_every=5",
         "train.checkpoint_every=10",
         "train.max_failures=2",
+        "train.intelligibility.samples=false",  # 12 evaluations: no listening samples needed here
     )
     killed: list[int] = []
 
@@ -355,6 +356,7 @@ def test_init_from_keeps_old_ids_and_watches_languages_it_does_not_train(ray_clu
     every language the model knew is still evaluated, from step 0, against its step-0 loss."""
     write_synthetic_corpus(tmp_path / "prepare", SIZES, valid_per_language=5, frames=(15, 40))
     one = ["train.num_workers=1", "train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=3"]
+    one.append("train.intelligibility.samples=false")
     base = _cfg(tmp_path, "run.name=base", "data.languages=[zh, en]", *one)
     base_report = train(base)
     assert base_report["model"]["languages"] == ["en", "zh"]

@@ -238,6 +238,14 @@ class Intelligibility:
                 )
         if not self.items:
             return
+        # Weights that give a NaN/inf loss cannot be sampled from; the run stops at this evaluation
+        # (train.on_nonfinite) and the losses, identical on every rank, already say why.
+        if any(
+            x is not None and not math.isfinite(x)
+            for v in valid.values()
+            for x in (v.get("ar_loss"), v.get("nar_loss"))
+        ):
+            return
         model = self._synthesis_model(model_engine)
         generated = {it: self._synthesize(model, it) for it in self.mine()}
         if self.recognizer is not None:

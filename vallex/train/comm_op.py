@@ -135,7 +135,16 @@ def ensure_built() -> None:
             where / "lock",
             age,
         )
-    took = build()
+    try:
+        took = build()
+    except Exception as e:  # noqa: BLE001 -- building ahead is a courtesy: DeepSpeed builds it when needed
+        log.warning(
+            "could not build DeepSpeed's CPU communication op ahead (%s: %s); DeepSpeed will build it "
+            "when it first needs it (minutes, once per environment)",
+            type(e).__name__,
+            e,
+        )
+        return
     if took is not None:
         log.info("DeepSpeed's CPU communication op is ready (%.0f s); training starts", took)
 
