@@ -1,0 +1,116 @@
+"""Online language weights on a known-answer mixture: learning curves whose minimax mix is computable."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vallex.data.online import OnlineSettings, OnlineWeights
+
+# Per language: reachable loss, amplitude, scale. loss(n) = reachable + amplitude * (1 + n / scale) ** -0.5
+# after n rows: "a" is learnt fast, "b" slowly, "c" is hard (high reachable loss) but learnt at once.
+CURVES = {"a": (2.0, 3.0, 200.0), "b": (3.0, 3.0, 800.0), "c": (4.0, 1.0, 100.0)}
+REACHABLE = {lang: c[0] for lang, c in CURVES.items()}
+ROWS, STRETCH = 20_000, 500
+
+
+def loss(lang: str, rows: float) -> float:
+    reach, amp, scale = CURVES[lang]
+    return reach + amp * (1 + rows / scale) ** -0.5
+
+
+def minimax_excess() -> float:
+    """The smallest worst excess loss any fixed mix reaches in ROWS rows (all excesses equal)."""
+    lo, hi = 1e-9, 10.0
+    for _ in range(200):
+        e = (lo + hi) / 2
+        rows = sum(scale * ((amp / e) ** 2 - 1) for _, amp, scale in CURVES.values())
+        lo, hi = (e, hi) if rows > ROWS else (lo, e)
+    return hi
+
+
+def static_excess(weights: dict[str, float]) -> float:
+    return max(loss(lang, w * ROWS) - REACHABLE[lang] for lang, w in weights.items())
+
+
+def train(ow: OnlineWeights, curves_losses=loss) -> dict[str, float]:
+    """Rows drawn by the current weights, one update per stretch; the rows each language got."""
+    rows = dict.fromkeys(CURVES, 0.0)
+    weights = ow.weights
+    for k in range(ROWS // STRETCH):
+        for lang in rows:
+            rows[lang] += weights[lang] * STRETCH
+        weights = ow.update((k + 1) * 10, {lang: curves_losses(lang, n) for lang, n in rows.items()})
+    return rows
+
+
+def test_excess_signal_reaches_the_minimax_mix_that_static_policies_miss():
+    ow = OnlineWeights(
+        dict.fromkeys(CURVES, 1.0), OnlineSettings(step_size=2.0, smoothing=0.1, floor=0.1), REACHABLE
+    )
+    rows = train(ow)
+    online = max(loss(lang, n) - REACHABLE[lang] for lang, n in rows.items())
+    best = minimax_excess()
+    uniform = static_excess(dict.fromkeys(CURVES, 1 / 3))
+    assert online <= 1.1 * best, (online, best)
+    assert online < 0.9 * uniform, (online, uniform)
+    # Driven by raw losses (reference 0) the same update pours rows into the hardest language "c",
+    # which cannot get better: the worst excess loss is then far from the minimax one.
+    raw = OnlineWeights(
+        dict.fromkeys(CURVES, 1.0),
+        OnlineSettings(step_size=2.0, smoothing=0.1, floor=0.1),
+        dict.fromkeys(CURVES, 0.0),
+    )
+    raw_rows = train(raw)
+    assert raw_rows["c"] > 2 * rows["c"]
+    assert max(loss(lang, n) - REACHABLE[lang] for lang, n in raw_rows.items()) > 1.2 * online
+
+
+def test_floor_smoothing_and_prior_zero():
+    s = OnlineSettings(step_size=50.0, smoothing=0.0, floor=0.3)
+    ow = OnlineWeights({"a": 1.0, "b": 1.0, "c": 1.0, "z": 0.0}, s, {**REACHABLE, "z": 0.0})
+    w = ow.update(1, {"a": 9.0, "b": 3.0, "c": 4.0, "z": 1.0})  # "a" far above its reachable loss
+    assert w["z"] == 0.0  # a language the prior leaves out never gets rows
+    assert math.isclose(sum(w.values()), 1.0)
+    assert min(w["b"], w["c"]) >= 0.3 / 3 * (1 - 1e-9)  # the floor holds against a huge step
+    assert w["a"] > 0.7
+    # Smoothing pulls towards the prior: with smoothing 1 the weights are the prior whatever the losses.
+    still = OnlineWeights({"a": 3.0, "b": 1.0}, OnlineSettings(smoothing=1.0, floor=0.0), {"a": 0, "b": 0})
+    assert still.update(1, {"a": 1.0, "b": 50.0}) == pytest.approx({"a": 0.75, "b": 0.25})
+
+
+def test_forgetting_signal_keeps_the_prior_until_a_language_gets_worse():
+    ow = OnlineWeights({"a": 0.5, "b": 0.5}, OnlineSettings(signal="forgetting", floor=0.0, smoothing=0.0))
+    assert ow.update(1, {"a": 5.0, "b": 6.0}) == pytest.approx({"a": 0.5, "b": 0.5})
+    assert ow.update(2, {"a": 4.0, "b": 5.0}) == pytest.approx({"a": 0.5, "b": 0.5})  # both improving
+    w = ow.update(3, {"a": 3.0, "b": 6.0})  # "b" rose 20% above its best: it gets more rows
+    assert w["b"] > 0.54 and w["a"] < 0.46
+
+
+def test_state_round_trips_through_json_and_continues_identically():
+    settings = OnlineSettings(step_size=1.5, smoothing=0.05, floor=0.2)
+    whole = OnlineWeights({"a": 1.0, "b": 2.0, "c": 1.0}, settings, REACHABLE)
+    half = OnlineWeights({"a": 1.0, "b": 2.0, "c": 1.0}, settings, REACHABLE)
+    losses = [{"a": 3 - k / 10, "b": 5 - k / 20, "c": 4.5 - k / 50} for k in range(10)]
+    for k, x in enumerate(losses):
+        expected = whole.update(k, x)
+        if k == 4:
+            half = OnlineWeights.from_dict(json.loads(json.dumps(half.to_dict())))
+        assert half.update(k, x) == expected  # bit for bit: a resumed run draws the same rows
+    assert [h["step"] for h in half.history] == list(range(10))
+
+
+def test_bad_settings_and_losses_name_the_key():
+    with pytest.raises(ValueError, match="data.online.signal"):
+        OnlineSettings(signal="loss")
+    with pytest.raises(ValueError, match="data.online.floor"):
+        OnlineSettings(floor=1.0)
+    with pytest.raises(ValueError, match=r"reference loss for every language; \['c'\]"):
+        OnlineWeights({"a": 1, "c": 1}, OnlineSettings(), {"a": 1.0})
+    ow = OnlineWeights({"a": 1, "b": 1}, OnlineSettings(), {"a": 1.0, "b": 1.0})
+    with pytest.raises(ValueError, match=r"no validation loss for \['b'\]"):
+        ow.update(1, {"a": 2.0})
+    with pytest.raises(ValueError, match="not finite"):
+        ow.update(1, {"a": 2.0, "b": math.nan})
