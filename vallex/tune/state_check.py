@@ -42,7 +42,6 @@ objects and numpy arrays.
 from __future__ import annotations
 
 import binascii
-import builtins
 import fnmatch
 import functools
 import io
@@ -51,6 +50,7 @@ import pickletools
 import posixpath
 import re
 import sys
+import types
 from dataclasses import dataclass
 
 # Tune's own pickles of a vallex search (grid baselines with BasicVariantGenerator, search with Optuna TPE
@@ -92,6 +92,14 @@ TUNE_STATE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("ray.cloudpickle.cloudpickle", "_builtin_type"),
         ("ray.cloudpickle.cloudpickle", "_make_function"),
         ("ray.cloudpickle.cloudpickle", "_function_setstate"),
+        # a failed trial's exception (error.pkl): Ray's RayTaskError(<exception>) class, by value
+        ("builtins", "type"),
+        ("builtins", "property"),
+        ("builtins", "staticmethod"),
+        ("ray.cloudpickle.cloudpickle", "_make_skeleton_class"),
+        ("ray.cloudpickle.cloudpickle", "_class_setstate"),
+        ("ray.cloudpickle.cloudpickle", "_make_empty_cell"),
+        ("ray.cloudpickle.cloudpickle", "_make_cell"),
         # the Tuner, the trials and their storage
         ("collections", "deque"),
         ("datetime", "datetime"),
@@ -161,38 +169,95 @@ TUNE_STATE_CALLS: frozenset[tuple[str, str]] = frozenset(
         ("ray.cloudpickle.cloudpickle", "_builtin_type"),
         ("ray.cloudpickle.cloudpickle", "_make_function"),
         ("ray.cloudpickle.cloudpickle", "_function_setstate"),
+        ("ray.cloudpickle.cloudpickle", "_make_skeleton_class"),
+        ("ray.cloudpickle.cloudpickle", "_class_setstate"),
+        ("ray.cloudpickle.cloudpickle", "_make_empty_cell"),
+        ("ray.cloudpickle.cloudpickle", "_make_cell"),
+        ("builtins", "property"),
+        ("builtins", "staticmethod"),
+    }
+)
+
+# Where the exception classes a failed trial may end with live (error.pkl): Python's and Ray's (Ray
+# Train wraps the workers' errors), listed by exact (module, qualified name) from these modules when the
+# check runs, plus vallex's own, below. Their constructors keep their arguments (Ray's format a message
+# or read a death cause).
+EXCEPTION_MODULES = (
+    "builtins",
+    "ray.exceptions",
+    "ray.train",
+    "ray.train.v2.api.exceptions",
+    "ray.train.v2._internal.exceptions",
+    "ray.tune.error",
+)
+VALLEX_EXCEPTIONS = frozenset(
+    {
+        ("vallex.codec.audio", "AudioError"),
+        ("vallex.codec.audio", "AudioTooLong"),
+        ("vallex.codec.encodec", "CodecError"),
+        ("vallex.codec.encodec", "CodecCheckpointError"),
+        ("vallex.config", "ConfigError"),
+        ("vallex.data.corpus", "CorpusError"),
+        ("vallex.data.prepare", "PrepareError"),
+        ("vallex.data.sources", "ManifestError"),
+        ("vallex.eval.recognizer", "RecognizerError"),
+        ("vallex.locks", "LockError"),
+        ("vallex.model.checkpoint", "CheckpointError"),
+        ("vallex.model.text_bridge", "VocabError"),
+        ("vallex.storage", "StorageError"),
+        ("vallex.text.symbols", "SymbolTableError"),
+        ("vallex.train.add_language", "AddLanguageError"),
+        ("vallex.train.engine", "UnsafeCheckpointError"),
+        ("vallex.train.trainer", "NonFiniteLossError"),
+        ("vallex.tune.search", "SearchInterrupted"),
     }
 )
 
 
 @functools.cache
+def exception_globals() -> frozenset[tuple[str, str]]:
+    """(module, qualified name) of every exception class in :data:`EXCEPTION_MODULES`, as pickles name
+    them, and :data:`VALLEX_EXCEPTIONS`."""
+    import importlib
+
+    out = set()
+    for name in EXCEPTION_MODULES:
+        for obj in vars(importlib.import_module(name)).values():
+            if isinstance(obj, type) and issubclass(obj, BaseException):
+                out.add((obj.__module__, obj.__qualname__))
+    return frozenset(out) | VALLEX_EXCEPTIONS
+
+
+@functools.cache
 def pinned_codes() -> frozenset[tuple]:
     """The code objects a saved state may hold by value, as cloudpickle's arguments to ``CodeType``
-    (the file name left out: it differs between installs). Only one: argparse's ``identity``
-    (``return string``), a local function of ``ArgumentParser.__init__`` that cloudpickle cannot pickle
-    by reference, held by the parser BasicVariantGenerator saves. Taken from this interpreter's own
-    argparse, so a state written by another Python version is refused rather than trusted."""
+    (the file name left out: it differs between installs). Functions local to another function, which
+    cloudpickle cannot pickle by reference: argparse's ``identity`` (``return string``), in the parser
+    BasicVariantGenerator saves; the methods of the class ``RayTaskError.as_instanceof_cause`` makes for
+    a failed trial's exception (``__init__``, ``args``, ``__reduce__``, ``__getattr__``, ``__str__``).
+    Taken from this interpreter's own argparse and Ray, so a state written by other versions is
+    refused rather than trusted."""
     import argparse
 
     from ray.cloudpickle import cloudpickle
 
-    identity = argparse.ArgumentParser()._registries["type"][None]
-    _, args = cloudpickle._code_reduce(identity.__code__)
-    return frozenset({_code_key(args)})
+    from ray.exceptions import RayTaskError
+
+    functions = [argparse.ArgumentParser()._registries["type"][None]]
+    for cause in (ValueError("x"), ExceptionGroup("x", [ValueError("x")])):  # Ray's two dual classes
+        for attr in vars(type(RayTaskError("f", "", cause).as_instanceof_cause())).values():
+            if isinstance(attr, staticmethod):
+                attr = attr.__func__
+            functions += [attr.fget, attr.fset] if isinstance(attr, property) else [attr]
+    return frozenset(
+        _code_key(cloudpickle._code_reduce(f.__code__)[1]) for f in functions if isinstance(f, types.FunctionType)
+    )
 
 
 def _code_key(args: tuple) -> tuple:
     """CodeType arguments without the file name (index 10 in cloudpickle's order for Python 3.11+)."""
     return tuple(a for i, a in enumerate(args) if i != 10)
 
-
-# Exceptions of a failed trial (``error.pkl``): the builtin ones are plain (their constructors only keep
-# their arguments), listed by name so the list stays exact.
-BUILTIN_EXCEPTIONS: frozenset[tuple[str, str]] = frozenset(
-    ("builtins", name)
-    for name, obj in vars(builtins).items()
-    if isinstance(obj, type) and issubclass(obj, BaseException)
-)
 
 # Opcodes that reach objects without naming a global: refused outright.
 REFUSED_OPCODES = {"EXT1", "EXT2", "EXT4", "PERSID", "BINPERSID"}
@@ -249,6 +314,12 @@ class _Opaque:  # any other object the pickle builds (its value does not matter 
 
 class _Function(_Opaque):  # a function cloudpickle rebuilt by value (_make_function)
     pass
+
+
+@dataclass(frozen=True, eq=False)
+class _DynamicClass:  # a class cloudpickle rebuilt by value (_make_skeleton_class)
+    name: str
+    bases: tuple
 
 
 _MARK = object()
@@ -381,6 +452,8 @@ def _call(func, args, opcode: str, pos: int, scan: PickleScan):
             raise PickleRefused(f"a code object at byte {pos} built from values this check cannot read")
         scan.codes.append(args)
         return _Code(args)
+    if isinstance(func, _DynamicClass):  # its methods are code objects checked on their own (pinned_codes)
+        return _Opaque()
     if not isinstance(func, _Global):
         raise PickleRefused(f"{opcode} at byte {pos} calls an object the pickle built itself")
     if opcode in ("NEWOBJ", "NEWOBJ_EX"):
@@ -399,6 +472,10 @@ def _call(func, args, opcode: str, pos: int, scan: PickleScan):
         if not isinstance(first, _Code):
             scan.problems.append(f"{_CLOUDPICKLE}._make_function of a code object this check cannot read")
         return _Function()
+    if key == (_CLOUDPICKLE, "_make_skeleton_class"):
+        return _dynamic_class(args, scan)
+    if key == (_CLOUDPICKLE, "_class_setstate") and not isinstance(first, _DynamicClass):
+        scan.problems.append(f"{_CLOUDPICKLE}._class_setstate on {_describe(first)} (only on a class it rebuilt)")
     if key == (_CLOUDPICKLE, "_function_setstate") and not isinstance(first, _Function):
         scan.problems.append(
             f"{_CLOUDPICKLE}._function_setstate on {_describe(first)} (only on a function it rebuilt)"
@@ -418,6 +495,26 @@ def _call(func, args, opcode: str, pos: int, scan: PickleScan):
             f"{_NUMPY_PICKLE}.__randomstate_ctor{_describe(args)} (calls its second argument)"
         )
     return _Opaque()
+
+
+def _dynamic_class(args: tuple, scan: PickleScan) -> _DynamicClass:
+    """The one class by value Tune saves: the exception of a failed trial, which Ray makes inherit from
+    both ``RayTaskError`` and the trial's own exception (``RayTaskError.as_instanceof_cause``)."""
+    metaclass, name, bases = (tuple(args) + (None, None, None))[:3]
+    if not (
+        metaclass == _Global("builtins", "type")
+        and isinstance(name, str)
+        and name.startswith("RayTaskError(")
+        and isinstance(bases, tuple)
+        and len(bases) == 2
+        and bases[0] == _Global("ray.exceptions", "RayTaskError")
+        and isinstance(bases[1], _Global)
+    ):
+        scan.problems.append(
+            f"a class pickled by value ({_describe(name)}, bases {_describe(bases)}): only Ray's "
+            "RayTaskError(<exception>) is allowed"
+        )
+    return _DynamicClass(str(name), bases if isinstance(bases, tuple) else ())
 
 
 def _describe(value) -> str:
@@ -474,6 +571,7 @@ def json_pickles(text: str, where: str) -> list[tuple[str, bytes]]:
                 if blob is None:
                     raise PickleRefused(f"{label}: a {FALLBACK_TYPE} value that is not hex")
                 out.append((label, blob))
+                return
             for key, item in value.items():
                 if key in TRIAL_PICKLED_FIELDS and isinstance(item, str) and "trainable_name" in value:
                     blob = _hex_pickle(item)
@@ -483,6 +581,13 @@ def json_pickles(text: str, where: str) -> list[tuple[str, bytes]]:
                 else:
                     walk(item, at, trial, depth + 1)
         elif isinstance(value, list):
+            if len(value) == 2 and all(isinstance(v, str) for v in value):  # a trial: (state, run metadata)
+                try:
+                    head = json.loads(value[0])
+                except ValueError:
+                    head = None
+                if isinstance(head, dict) and isinstance(head.get("trial_id"), str):
+                    trial = head["trial_id"]
             for item in value:
                 walk(item, at, trial, depth + 1)
         elif isinstance(value, str):
@@ -537,12 +642,12 @@ def refusals(data: bytes) -> list[str]:
         scan = scan_pickle(data)
     except PickleRefused as e:
         return [str(e)]
-    allowed = TUNE_STATE_GLOBALS | BUILTIN_EXCEPTIONS
+    allowed = TUNE_STATE_GLOBALS | exception_globals()
     out = sorted({f"{m}.{n}" for m, n in scan.globals if (m, n) not in allowed})
     out += sorted(
         f"a call of {m}.{n} (a saved state only refers to it)"
         for m, n in scan.called
-        if (m, n) in allowed and (m, n) not in TUNE_STATE_CALLS | BUILTIN_EXCEPTIONS
+        if (m, n) in allowed and (m, n) not in TUNE_STATE_CALLS | exception_globals()
     )
     pinned = pinned_codes()
     for args in scan.codes:
@@ -588,6 +693,13 @@ def check_experiment_state(path: str) -> int:
             + "\nSomeone (or another program) wrote that state. To go on, start a new search under another "
             "run.name, or, if you trust whoever can write there, delete that experiment folder (the search "
             "starts over)."
+            + (
+                f"\nA failed trial's {ERROR_PICKLE} holds its exception: if it is only an exception class vallex "
+                f"does not list, and you trust the storage, delete that {ERROR_PICKLE} (Tune then reports the "
+                "trial's error.txt)."
+                if any(p.split(": ", 1)[0].endswith("/" + ERROR_PICKLE) for p in problems)
+                else ""
+            )
         )
     return checked
 
