@@ -9,10 +9,12 @@ real search is checked in tests/test_tune.py::test_end_to_end_search_records_a_f
 from __future__ import annotations
 
 import argparse
+import builtins
 import functools
 import json
 import os
 import pickle
+import sys
 
 import pytest
 from ray import cloudpickle
@@ -86,10 +88,14 @@ def test_functions_pickled_by_value_are_refused_unless_their_code_is_argparses_i
 
 def test_what_no_allow_list_can_make_safe_is_refused():
     # A listed global *called* where a saved state only refers to it (a function that uploads files).
-    upload = b"\x80\x04cray.train._internal.storage\n_upload_to_fs_path\n(X\x01\x00\x00\x00aX\x01\x00\x00\x00bNtR."
+    upload = (
+        b"\x80\x04cray.train._internal.storage\n_upload_to_fs_path\n(X\x01\x00\x00\x00aX\x01\x00\x00\x00bNtR."
+    )
     assert any("a call of ray.train._internal.storage._upload_to_fs_path" in b for b in refusals(upload))
     # BUILD on a module-level class: would set attributes on the real class (monkeypatching vallex).
-    patch = b"\x80\x04cvallex.tune.search\nProgress\nN}X\x05\x00\x00\x00setup\x8c\x04json\x8c\x05loads\x93s\x86b."
+    patch = (
+        b"\x80\x04cvallex.tune.search\nProgress\nN}X\x05\x00\x00\x00setup\x8c\x04json\x8c\x05loads\x93s\x86b."
+    )
     with pytest.raises(PickleRefused, match="BUILD at byte .* on vallex.tune.search.Progress"):
         scan_pickle(patch)
     # cloudpickle's _function_setstate on a real module function: would rewrite that module's globals.
@@ -154,7 +160,9 @@ def test_pickles_nested_in_tunes_json_are_all_found_with_their_trial(tmp_path):
     (experiment / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(document))
     (experiment / "searcher-state-2026-01-01_00-00-00.pkl").unlink()
     (experiment / "train_trial_abc" / "error.pkl").write_bytes(pickle.dumps(RunsCommand("true")))
-    with pytest.raises(UnsafeTuneStateError, match=r"(?s)field 'results' is not hex.*error.pkl: posix.system"):
+    with pytest.raises(
+        UnsafeTuneStateError, match=r"(?s)field 'results' is not hex.*error.pkl: posix.system"
+    ):
         check_experiment_state(str(experiment))
 
 
@@ -173,8 +181,12 @@ def test_a_failed_trials_exception_passes_only_as_ray_makes_it():
     # made at run time and so pickled by value with its methods' code.
     cause = WorkerGroupError("Training failed due to worker errors", {1: ActorDiedError()})
     assert refusals(cloudpickle.dumps(RayTaskError("train_trial", "tb", cause).as_instanceof_cause())) == []
-    grouped = ExceptionGroup("two", [ValueError("a"), KeyError("b")])
-    assert refusals(cloudpickle.dumps(RayTaskError("train_trial", "tb", grouped).as_instanceof_cause())) == []
+    if sys.version_info >= (3, 11):
+        grouped = builtins.ExceptionGroup("two", [ValueError("a"), KeyError("b")])
+        assert (
+            refusals(cloudpickle.dumps(RayTaskError("train_trial", "tb", grouped).as_instanceof_cause()))
+            == []
+        )
 
     # An exception class of the trial's own, pickled by value: refused (its code could be anything).
     class TrialsOwnError(Exception):

@@ -42,6 +42,7 @@ objects and numpy arrays.
 from __future__ import annotations
 
 import binascii
+import builtins
 import fnmatch
 import functools
 import io
@@ -240,17 +241,19 @@ def pinned_codes() -> frozenset[tuple]:
     import argparse
 
     from ray.cloudpickle import cloudpickle
-
     from ray.exceptions import RayTaskError
 
     functions = [argparse.ArgumentParser()._registries["type"][None]]
-    for cause in (ValueError("x"), ExceptionGroup("x", [ValueError("x")])):  # Ray's two dual classes
+    group = getattr(builtins, "ExceptionGroup", None)  # Python 3.11+
+    for cause in [ValueError("x")] + ([group("x", [ValueError("x")])] if group else []):  # Ray's two classes
         for attr in vars(type(RayTaskError("f", "", cause).as_instanceof_cause())).values():
             if isinstance(attr, staticmethod):
                 attr = attr.__func__
             functions += [attr.fget, attr.fset] if isinstance(attr, property) else [attr]
     return frozenset(
-        _code_key(cloudpickle._code_reduce(f.__code__)[1]) for f in functions if isinstance(f, types.FunctionType)
+        _code_key(cloudpickle._code_reduce(f.__code__)[1])
+        for f in functions
+        if isinstance(f, types.FunctionType)
     )
 
 
@@ -475,7 +478,9 @@ def _call(func, args, opcode: str, pos: int, scan: PickleScan):
     if key == (_CLOUDPICKLE, "_make_skeleton_class"):
         return _dynamic_class(args, scan)
     if key == (_CLOUDPICKLE, "_class_setstate") and not isinstance(first, _DynamicClass):
-        scan.problems.append(f"{_CLOUDPICKLE}._class_setstate on {_describe(first)} (only on a class it rebuilt)")
+        scan.problems.append(
+            f"{_CLOUDPICKLE}._class_setstate on {_describe(first)} (only on a class it rebuilt)"
+        )
     if key == (_CLOUDPICKLE, "_function_setstate") and not isinstance(first, _Function):
         scan.problems.append(
             f"{_CLOUDPICKLE}._function_setstate on {_describe(first)} (only on a function it rebuilt)"
