@@ -205,3 +205,25 @@ def test_a_failed_trials_exception_passes_only_as_ray_makes_it():
     type(dual).__str__ = __str__
     bad = refusals(cloudpickle.dumps(dual))
     assert any("pickled by value" in b and "cls.__str__" in b for b in bad), bad
+
+
+def test_names_that_lead_tune_out_of_the_experiment_folder_are_refused(tmp_path):
+    # Ray's JSON decoder also expands a fallback blob hidden beside another one's value.
+    hidden = {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(1).hex()}
+    hidden["x"] = {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(RunsCommand("true")).hex()}
+    found = json_pickles(json.dumps({"runner_data": hidden}), "state.json")
+    assert len(found) == 2 and refusals(found[1][1]) == ["posix.system"]
+
+    # Tune finds error.pkl at <experiment>/<trial dir>/<pickled_error_filename>: a name that leaves the
+    # folder would make it unpickle a file this check never read.
+    metadata = {"pickled_error_filename": "../../elsewhere/error.pkl"}
+    with pytest.raises(PickleRefused, match="pickled_error_filename '../../elsewhere/error.pkl'"):
+        json_pickles(
+            json.dumps({"trial_data": [[json.dumps({"trial_id": "t1"}), json.dumps(metadata)]]}), "s"
+        )
+    with pytest.raises(PickleRefused, match="relative_logdir '/tmp/x'"):
+        json_pickles(json.dumps({"trial_data": [[json.dumps({"relative_logdir": "/tmp/x"}), "{}"]]}), "s")
+
+    storage = argparse.Namespace(trial_dir_name="/home/someone/planted")  # as Tune's StorageContext holds it
+    data = pickle.dumps(storage)
+    assert "trial_dir_name '/home/someone/planted' (not a plain file or folder name)" in refusals(data)

@@ -288,6 +288,15 @@ STATE_PICKLES = (  # top-level files Tune unpickles (see the module docstring)
     "searcher-state-*.pkl",
     "callback-states-*.pkl",
 )
+# Names Tune joins to the experiment folder to find a trial's files (error.pkl among them): a value that
+# leaves the folder ("../x", "/abs") would make Tune unpickle a file this check never read.
+PATH_FIELDS = (
+    "relative_logdir",
+    "pickled_error_filename",
+    "error_filename",
+    "trial_dir_name",
+    "experiment_dir_name",
+)
 EXPERIMENT_STATE = "experiment_state-*.json"
 ERROR_PICKLE = "error.pkl"
 
@@ -359,6 +368,7 @@ class PickleScan:
     called: set[tuple[str, str]]  # those it calls (REDUCE, OBJ, INST): functions run, classes' __init__
     created: set[tuple[str, str]]  # classes it makes with cls.__new__(cls, ...) (NEWOBJ), state set after
     codes: list[tuple]  # the arguments of every code object it builds (cloudpickle, by value)
+    items: list[tuple[str, object]]  # (key, value) of every str key set in a dict, values as literals
     problems: list[str]  # what no allow-list can make safe
 
 
@@ -373,7 +383,7 @@ def scan_pickle(data: bytes) -> PickleScan:
     """
     stack: list = []
     memo: dict = {}
-    scan = PickleScan([], set(), set(), [], [])
+    scan = PickleScan([], set(), set(), [], [], [])
     try:
         for op, arg, pos in pickletools.genops(io.BytesIO(data)):
             name = op.name
@@ -434,18 +444,25 @@ def scan_pickle(data: bytes) -> PickleScan:
                 args = taken[1] if name == "REDUCE" else None
                 stack.append(_call(func, args, name, pos, scan))
             elif name in FILLING_OPCODES:  # x.__setstate__(...), x.append(...), x[k] = v: x stays
+                _record_items(taken[1:] if name == "SETITEM" else marked if name == "SETITEMS" else [], scan)
                 if not isinstance(taken[0], _Opaque) or isinstance(taken[0], _Function):
                     raise PickleRefused(
                         f"{name} at byte {pos} on {_describe(taken[0])} (sets state on what it did not build)"
                     )
                 stack.append(taken[0])
             else:
+                if name == "DICT":
+                    _record_items(marked, scan)
                 stack.extend(_Opaque() for _ in op.stack_after)
     except ValueError as e:
         if isinstance(e, PickleRefused):
             raise
         raise PickleRefused(f"not a pickle this check can read: {e}") from None
     return scan
+
+
+def _record_items(pairs: list, scan: PickleScan) -> None:
+    scan.items += [(k, v) for k, v in zip(pairs[::2], pairs[1::2], strict=False) if isinstance(k, str)]
 
 
 def _call(func, args, opcode: str, pos: int, scan: PickleScan):
@@ -550,14 +567,9 @@ def _hex_pickle(text) -> bytes | None:
         return None
 
 
-def _looks_like_hex_pickle(text) -> bool:
-    """A hex string Tune may decode and unpickle: any one that starts like a pickle (protocol 2+)."""
-    return (
-        isinstance(text, str)
-        and len(text) >= 4
-        and text[:2] == "80"
-        and bool(re.fullmatch(r"[0-9a-fA-F]+", text))
-    )
+def _plain_name(name) -> bool:
+    """A file or folder name that stays where it is joined: no separator, not ``.``/``..``."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not re.search(r"[/\\\x00]", name)
 
 
 def json_pickles(text: str, where: str) -> list[tuple[str, bytes]]:
@@ -576,8 +588,10 @@ def json_pickles(text: str, where: str) -> list[tuple[str, bytes]]:
                 if blob is None:
                     raise PickleRefused(f"{label}: a {FALLBACK_TYPE} value that is not hex")
                 out.append((label, blob))
-                return
+                value = {k: v for k, v in value.items() if k != "value"}  # Ray's decoder reads the rest too
             for key, item in value.items():
+                if key in PATH_FIELDS and item is not None and not _plain_name(item):
+                    raise PickleRefused(f"{label}: {key} {item!r} is not a plain file or folder name")
                 if key in TRIAL_PICKLED_FIELDS and isinstance(item, str) and "trainable_name" in value:
                     blob = _hex_pickle(item)
                     if blob is None:
@@ -603,8 +617,6 @@ def json_pickles(text: str, where: str) -> list[tuple[str, bytes]]:
                 except ValueError:
                     return
                 walk(inner, at, trial, depth + 1)
-            elif _looks_like_hex_pickle(value):
-                out.append((label, binascii.unhexlify(value)))
 
     try:
         document = json.loads(text)
@@ -654,6 +666,11 @@ def refusals(data: bytes) -> list[str]:
         for m, n in scan.called
         if (m, n) in allowed and (m, n) not in TUNE_STATE_CALLS | exception_globals()
     )
+    out += [
+        f"{key} {value!r} (not a plain file or folder name)"
+        for key, value in scan.items
+        if key in PATH_FIELDS and value is not None and not _plain_name(value)
+    ]
     pinned = pinned_codes()
     for args in scan.codes:
         if _code_key(args) not in pinned:
