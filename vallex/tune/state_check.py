@@ -23,20 +23,24 @@ Resuming a search (:func:`vallex.tune.search._run_experiment`) hands ``<train.st
 runs resume from DeepSpeed checkpoints that :mod:`vallex.train.engine` checks.)
 
 :func:`check_experiment_state` reads each of those pickles *without running it* (``pickletools``
-opcodes, with the pickle machine's stack followed so that ``STACK_GLOBAL`` names are known) and checks
-every global it names -- each class or function the unpickler would import -- against
-:data:`TUNE_STATE_GLOBALS`, an exact list of (module, name) pairs gathered from real vallex searches
-(``python -m vallex.tune.state_check <experiment folder>`` prints what a folder holds). A pickle that
-imports anything else (``os.system``, ``builtins.eval``, ``functools.partial``, a function or class
-pickled by value through ``cloudpickle``'s ``_make_function`` / ``_make_skeleton_class``, ...), or uses
-an opcode that reaches objects by other means (copyreg extensions, persistent ids), makes the resume
-fail before Ray reads anything, naming the file (and the trial) and the global.
+opcodes, with the pickle machine's stack and memo followed, literals kept) and refuses the resume,
+naming the file (and the trial) and what is wrong, when a pickle
 
-What the list does not stop (docs/SECURITY.md): a pickle made only of listed globals still chooses
-the *values* Tune resumes with (trial configs, statuses, the searcher's history); and a listed class
-may be called with arguments the writer picks. The list holds no function that runs code, opens files
-or imports modules by name; its classes are plain containers, enums, exceptions, Tune/Optuna state
-objects and numpy arrays.
+- imports a global -- a class or function the unpickler would import -- outside
+  :data:`TUNE_STATE_GLOBALS` (an exact list of (module, name) gathered from real vallex searches:
+  ``python -m vallex.tune.state_check <experiment folder>`` prints what a folder holds) and the
+  exception classes of :func:`exception_globals`;
+- calls (REDUCE, OBJ, INST) a listed global outside :data:`TUNE_STATE_CALLS`, or one of numpy's and
+  cloudpickle's constructors with other arguments than Tune gives them (:func:`_call`);
+- builds code (a function or class pickled *by value*) other than :func:`pinned_codes`;
+- sets state on what it did not build (BUILD on a real class), calls what it built, names a global with
+  computed strings, uses copyreg extensions or persistent ids (:func:`scan_pickle`);
+- or holds a file or folder name (:data:`PATH_FIELDS`) that would lead Tune out of the experiment folder,
+  to a pickle this check never read.
+
+What this does not stop (docs/SECURITY.md): a pickle made only of what the lists allow still chooses the
+*values* Tune resumes with (trial configs, statuses, the searcher's history), and listed classes are
+rebuilt with state the writer picks. Nothing listed runs code, opens files or imports modules by name.
 """
 
 from __future__ import annotations
