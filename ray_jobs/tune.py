@@ -29,12 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.output_dir / "logs" / "tune.log")
     init_ray()
     from vallex.tune.search import SearchInterrupted, run_search
+    from vallex.tune.state_check import UnsafeTuneStateError
 
     try:
         run_search(cfg)
     except SearchInterrupted as e:
         logging.getLogger("vallex.tune").warning("WARNING: %s", e)
         return 130
+    except UnsafeTuneStateError as e:  # its saved state holds pickles that could run code: nothing was loaded
+        logging.getLogger("vallex.tune").error("ERROR: %s", e)
+        return 3
     return 0
 
 

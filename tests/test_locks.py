@@ -60,6 +60,21 @@ def test_a_second_preparation_or_training_run_is_refused_naming_the_first(tmp_pa
         with pytest.raises(LockError, match=rf"training run 'twice' \(pid {holders[1].pid} on host"):
             train(cfg)
         assert not (train_dir / "config.yaml").exists()
+
+        # Another run.output_dir, the same train.storage_path: its Ray Train run folder is held.
+        storage = Path(cfg.storage_path) / "twice"
+        holders.append(_hold_in_another_process(storage, "training run 'twice' (its Ray Train checkpoints)"))
+        other = load_config(
+            None,
+            [
+                f"run.output_dir={tmp_path / 'other'}",
+                "run.name=twice",
+                f"train.storage_path={cfg.storage_path}",
+            ],
+        )
+        with pytest.raises(LockError, match=rf"its Ray Train checkpoints\) \(pid {holders[2].pid} on host"):
+            train(other)
+        assert not (other.train_dir / "config.yaml").exists() and not (other.train_dir / LOCK_NAME).exists()
     finally:
         for proc in holders:
             proc.kill()

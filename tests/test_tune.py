@@ -36,6 +36,7 @@ from vallex.data.weights import resolve_weights
 from vallex.tune import space as spaces
 from vallex.tune.objective import pick_best, score
 from vallex.tune.search import load_reference, make_setup, run_search, trial_objective, trial_weights
+from vallex.tune.state_check import UnsafeTuneStateError, check_experiment_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "tune-s3cr3t-9d2e"
@@ -560,6 +561,39 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
         "WANDB_API_KEY: <redacted>"
         in (out / "trials" / trained[0]["trial_id"] / "train" / "config.yaml").read_text()
     )
+
+    # A resume runs no code from train.storage_path (docs/SECURITY.md). The real state of both experiments
+    # passed the check (the resume above); a pickle that would `touch` a marker, planted in a trial's
+    # pickled field of the fixed runs' state, is refused by file and trial before Tune reads anything
+    # (in-process: refused before any trial starts).
+    storage = Path(load_config(config).storage_path)
+    assert all(check_experiment_state(str(storage / f"e2e-tune-{e}")) > 5 for e in ("fixed", "search"))
+    marker = tmp_path / "planted-code-ran"
+    state_file, trial_id = _plant_in_experiment_state(storage / "e2e-tune-fixed", f"touch {marker}")
+    with pytest.raises(UnsafeTuneStateError) as refused:
+        run_search(load_config(config))
+    message = str(refused.value)
+    assert state_file.name in message and trial_id in message and "posix.system" in message, message
+    assert "another run.name" in message
+    assert not marker.exists()
+
+
+def _plant_in_experiment_state(experiment: Path, command: str) -> tuple[Path, str]:
+    """Replace a trial's pickled placement group in the newest experiment_state-*.json with a pickle that
+    runs ``command`` when Ray unpickles it (Tuner.restore does, without the check)."""
+    import pickle
+
+    class Planted:
+        def __reduce__(self):
+            return os.system, (command,)
+
+    state_file = max(experiment.glob("experiment_state-*.json"))
+    state = json.loads(state_file.read_text())
+    trial = json.loads(state["trial_data"][0][0])
+    trial["placement_group_factory"] = pickle.dumps(Planted()).hex()
+    state["trial_data"][0][0] = json.dumps(trial)
+    state_file.write_text(json.dumps(state))
+    return state_file, trial["trial_id"]
 
 
 def test_asha_rungs_without_an_evaluation_before_the_last_step_are_flagged():

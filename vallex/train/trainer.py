@@ -348,6 +348,12 @@ def _best_checkpoint(result, metric: str, storage: str) -> dict | None:
 
 # One run per run.name at a time: a second driver is refused, naming the first (see vallex.locks).
 @locked(lambda cfg, **_: cfg.train_dir, lambda cfg, **_: f"training run {cfg.run.name!r}")
+# And one per Ray Train run folder: two runs of one run.name with different run.output_dir but one
+# train.storage_path would resume from, and write, each other's checkpoints.
+@locked(
+    lambda cfg, **_: join(cfg.storage_path, cfg.run.name),
+    lambda cfg, **_: f"training run {cfg.run.name!r} (its Ray Train checkpoints)",
+)
 def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
     """Run (or resume) training as configured; returns the report (also written to train_dir/report.json).
 

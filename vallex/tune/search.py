@@ -42,6 +42,7 @@ from vallex.config import Config
 from vallex.files import write_text_atomic
 from vallex.tune import space as spaces
 from vallex.tune.objective import pick_best, score
+from vallex.tune.state_check import check_experiment_state
 
 log = logging.getLogger("vallex.tune")
 
@@ -366,6 +367,7 @@ def _run_experiment(
     )
     if tune.Tuner.can_restore(path):
         log.info("resuming %s from %s", name, path)
+        check_experiment_state(path)  # Tune unpickles the state below: refuse one that holds code
         tuner = tune.Tuner.restore(
             path, trainable=trainable, resume_unfinished=True, restart_errored=restart_errored
         )
