@@ -76,12 +76,11 @@ def _options() -> argparse.ArgumentParser:
 
 def _derive(cfg, **sections):
     """A copy of ``cfg`` with ``{section: {key: value}}`` replaced, validated again."""
-    from vallex.config import config_from_dict
+    from vallex.config import derive_config
 
-    data = cfg.to_dict()
-    for section, values in sections.items():
-        data[section].update(values)
-    return config_from_dict(data)
+    return derive_config(
+        cfg, {f"{section}.{k}": v for section, values in sections.items() for k, v in values.items()}
+    )
 
 
 def _fresh(path: Path) -> None:

@@ -850,6 +850,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def derive_config(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with ``{dotted key: value}`` changed (``{"train.guard.action": "warn"}``),
+    validated again: the one way a run's config is derived from another's (Tune trials, add-language).
+    Like :meth:`Config.to_dict`, the copy carries no ``job.runtime_env.env_vars`` values."""
+    data = cfg.to_dict()
+    for key, value in changes.items():
+        *sections, name = key.split(".")
+        node = data
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(key, f"{part!r} is not a section")
+            node = node[part]
+        node[name] = value
+    return config_from_dict(data)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vallex.config import WEIGHT_POLICIES, Config, config_from_dict
-from vallex.files import write_text_atomic
+from vallex.config import WEIGHT_POLICIES, Config, derive_config
+from vallex.files import save_figure, write_text_atomic
 from vallex.train.guard import HIGHER_IS_BETTER
 
 log = logging.getLogger("vallex.add_language")
@@ -204,14 +204,14 @@ def plan_add_language(
     # Resolve now (a policy, a map or a Tune best_weights.json): a file or map that leaves a new
     # language out would give it weight 0, and the run would train only the old ones.
     from vallex.data.weights import resolve_weights
+    from vallex.train.plan import row_budget
 
-    t = cfg.train
     try:
         resolved = resolve_weights(
             weights,
             {lang: counts[lang] for lang in trained},
             alpha=cfg.data.alpha,
-            budget=t.max_steps * t.grad_accum * t.batch_size * t.num_workers,
+            budget=row_budget(cfg.train),
         )
     except (ValueError, OSError) as e:
         raise AddLanguageError(f"data.weights: {e}") from None
@@ -222,20 +222,23 @@ def plan_add_language(
             "trained; give them a weight, use --replay-ratio, or a weights policy"
         )
 
-    data = cfg.to_dict()
-    data["run"].update(
-        output_dir=str(out_dir),
-        # The output folder and the base model are in the name: runs sharing a train.storage_path must
-        # never resume each other's checkpoints.
-        name=run_name or f"add-{'-'.join(new)}-{mode}-{_short_hash(Path(out_dir).resolve(), base.resolve())}",
-        prepared_dir=cfg.prepare_dir,
-    )
-    data["corpus"]["languages"] = []  # the corpus is already prepared; every prepared language may be used
-    data["data"].update(languages=trained, weights=weights)
-    data["train"]["init_from"] = str(base.resolve())
-    data["train"]["init_vocab"] = base_vocab or ""
     try:
-        run_cfg = config_from_dict(data)
+        run_cfg = derive_config(
+            cfg,
+            {
+                "run.output_dir": str(out_dir),
+                # The output folder and the base model are in the name: runs sharing a train.storage_path
+                # must never resume each other's checkpoints.
+                "run.name": run_name
+                or f"add-{'-'.join(new)}-{mode}-{_short_hash(Path(out_dir).resolve(), base.resolve())}",
+                "run.prepared_dir": cfg.prepare_dir,
+                "corpus.languages": [],  # the corpus is already prepared; every prepared language may be used
+                "data.languages": trained,
+                "data.weights": weights,
+                "train.init_from": str(base.resolve()),
+                "train.init_vocab": base_vocab or "",
+            },
+        )
     except ValueError as e:
         raise AddLanguageError(f"config: {e}") from None
     return AddLanguagePlan(
@@ -429,12 +432,7 @@ def plot_forgetting(reports: list[dict], path: str | os.PathLike) -> None:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(f"validation {METRIC_NAMES[reports[0]['metric']]} vs. step 0 (%)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def comparison_table(naive: dict, vallex: dict) -> str:
