@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in files:
         print(f"{out / f['file']}  {f['seconds']:.2f} s  {f['text']!r}")
     if not codec.is_real_encodec:
-        from vallex.codec.tokenizer import describe
+        from vallex.codec.tokenizer import codec_summary
 
-        print(f"note: {describe(codec_dict)}")
+        print(f"note: {codec_summary(codec_dict)}")
     return 0
 
 

@@ -119,7 +119,7 @@ def test_growing_embeddings_leaves_old_language_outputs_unchanged(corpora, saved
     path, model, old_corpus = saved_base
 
     cfg = _cfg(corpora / "grow", corpora / "prep", f"train.init_from={path}", "data.languages=[en,fr,zh]")
-    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    corpus = PreparedCorpus.open(cfg.prepared_dir)
     plan, init_state = plan_and_initial_state(cfg, corpus=corpus)
     assert list(plan.model_languages) == ["en", "fr", "zh"]  # old ids kept, the new language appended
     assert plan.model_config["num_phonemes"] == old_corpus.num_symbols + EXTRA_SYMBOLS

@@ -125,7 +125,7 @@ def test_plan_resolves_once_and_pickles(tmp_path):
     assert plan.weights == pytest.approx({"en": 0.75, "zh": 0.25}) and sum(plan.weights.values()) == 1.0
     assert plan.budget_rows == row_budget(cfg.train) == 5 * cfg.train.grad_accum * cfg.train.batch_size * 2
     assert row_budget(cfg.train, max_steps=100) == 100 * cfg.train.grad_accum * cfg.train.batch_size * 2
-    assert plan.valid_max_rows == 3 and plan.prepared_dir == cfg.prepare_dir
+    assert plan.valid_max_rows == 3 and plan.prepared_dir == cfg.prepared_dir
     assert plan.model_config["num_languages"] == 2 and plan.model_config["num_phonemes"] == plan.num_symbols
     assert pickle.loads(pickle.dumps(plan)) == plan  # plain data: travels to Ray workers and Tune state
     with pytest.raises(AttributeError):

@@ -166,7 +166,7 @@ def _check_intelligibility(cfg, records, report, model, recognizer):
             keys = ("text_gain", "ar_text_gain", "nar_text_gain", "per", "per_floor")
             assert all(isinstance(v[k], float) for k in keys), v
             assert v["per_utterances"] == 2
-    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    corpus = PreparedCorpus.open(cfg.prepared_dir)
     tables = {lang: corpus.read_split(lang, "valid") for lang in sorted(SIZES)}
     plan = plan_run(cfg)
     assert plan.language_ids == {lang: i for i, lang in enumerate(sorted(SIZES))}

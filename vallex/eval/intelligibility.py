@@ -132,7 +132,7 @@ def driver_setup(cfg, corpus, tables: dict[str, pa.Table]) -> tuple[dict, dict]:
     s = cfg.train.intelligibility
     recognizer, reason = (None, "train.intelligibility.per_utterances is 0")
     if s.per_utterances > 0:
-        recognizer, reason = load_recognizer(cfg.prepare_dir, corpus)
+        recognizer, reason = load_recognizer(cfg.prepared_dir, corpus)
     if cfg.train.guard.metric == "per" and recognizer is None:
         raise ValueError(f"train.guard.metric=per needs the phoneme error rate, but {reason}")
     if reason and s.per_utterances > 0:

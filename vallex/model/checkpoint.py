@@ -463,7 +463,7 @@ def _kind(data: dict) -> str:
     return "public" if set(data) == {"model"} else "export"
 
 
-def describe(
+def checkpoint_metadata(
     path: str | os.PathLike, *, symbols: Sequence[str], vocab: str | os.PathLike | None = None
 ) -> dict:
     """What :func:`load_any` would return as metadata (``kind``, ``languages``, ``symbols``), checked the

@@ -125,7 +125,7 @@ def _base_languages(base: Path, symbols: list[str], vocab: str | None) -> tuple[
     Reads only the checkpoint's metadata (tensors memory-mapped), and checks before any Ray work that
     the corpus's symbol table extends the model's (same ids for the same phonemes), or, for the public
     VALL-E X checkpoint, that its tokenizer file ``vocab`` is given and readable."""
-    from vallex.model.checkpoint import CheckpointError, describe
+    from vallex.model.checkpoint import CheckpointError, checkpoint_metadata
 
     if not base.is_file():
         raise AddLanguageError(
@@ -133,7 +133,7 @@ def _base_languages(base: Path, symbols: list[str], vocab: str | None) -> tuple[
             "or the public VALL-E X vallex-checkpoint.pt with --base-vocab)"
         )
     try:
-        meta = describe(base, symbols=symbols, vocab=vocab)
+        meta = checkpoint_metadata(base, symbols=symbols, vocab=vocab)
     except CheckpointError as e:
         raise AddLanguageError(f"base model {base}: {e}") from None
     return list(meta["languages"]), len(symbols) - len(meta["symbols"]["list"]), meta["kind"]
@@ -163,10 +163,10 @@ def plan_add_language(
     if not new:
         raise AddLanguageError("no new language given (e.g. --new ar)")
     base = Path(base)
-    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    corpus = PreparedCorpus.open(cfg.prepared_dir)
     base_vocab = str(Path(base_vocab).resolve()) if base_vocab else None
     old, new_phonemes, base_kind = _base_languages(base, corpus.symbols, base_vocab)
-    manifest = f"{cfg.prepare_dir}/manifest.json"
+    manifest = f"{cfg.prepared_dir}/manifest.json"
     missing = [lang for lang in new if lang not in corpus.languages]
     if missing:
         raise AddLanguageError(
@@ -231,7 +231,7 @@ def plan_add_language(
                 # must never resume each other's checkpoints.
                 "run.name": run_name
                 or f"add-{'-'.join(new)}-{mode}-{_short_hash(Path(out_dir).resolve(), base.resolve())}",
-                "run.prepared_dir": cfg.prepare_dir,
+                "run.prepared_dir": cfg.prepared_dir,
                 "corpus.languages": [],  # the corpus is already prepared; every prepared language may be used
                 "data.languages": trained,
                 "data.weights": weights,

@@ -100,9 +100,9 @@ class RunPlan:
 
 def _log_codec(codec: dict) -> None:
     """Say which codec made the codes; LOUDLY when they are not real EnCodec codes."""
-    from vallex.codec.tokenizer import describe
+    from vallex.codec.tokenizer import codec_summary
 
-    line = describe(codec)
+    line = codec_summary(codec)
     if codec.get("kind", "encodec") != "encodec" or not codec.get("pretrained", True):
         log.warning("%s", line)
     else:
@@ -120,10 +120,10 @@ def plan_and_initial_state(cfg: Config, *, corpus=None, max_steps: int | None = 
     from vallex.data.corpus import PreparedCorpus
     from vallex.model.vallex import MODEL_SIZES
 
-    corpus = corpus or PreparedCorpus.open(cfg.prepare_dir)
+    corpus = corpus or PreparedCorpus.open(cfg.prepared_dir)
     _log_codec(corpus.codec)
     asked = list(cfg.data.languages) or list(corpus.languages)
-    check_prepared(asked, corpus, cfg.prepare_dir)
+    check_prepared(asked, corpus, cfg.prepared_dir)
     train_counts = corpus.counts("train")
     counts = {lang: int(train_counts[lang]) for lang in asked}  # in data.languages' order, as weights.json
     languages = sorted(asked)
@@ -157,7 +157,7 @@ def plan_and_initial_state(cfg: Config, *, corpus=None, max_steps: int | None = 
             )
         )
     plan = RunPlan(
-        prepared_dir=cfg.prepare_dir,
+        prepared_dir=cfg.prepared_dir,
         languages=tuple(languages),
         # Every language the model knows and the corpus can validate is evaluated, trained or not.
         eval_languages=tuple(sorted(set(languages) | (set(init_languages) & set(corpus.languages)))),
@@ -221,6 +221,6 @@ def _grown_initial_model(cfg: Config, corpus, languages):
             "WARNING: the model knows %s but %s has no validation data for them: their forgetting "
             "cannot be watched; prepare them too (a small replay subset is enough)",
             unwatched,
-            cfg.prepare_dir,
+            cfg.prepared_dir,
         )
     return model, meta

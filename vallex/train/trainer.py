@@ -255,7 +255,7 @@ def train(
     from vallex.data.corpus import PreparedCorpus
 
     if plan is None:
-        corpus = PreparedCorpus.open(cfg.prepare_dir)
+        corpus = PreparedCorpus.open(cfg.prepared_dir)
         plan, init_state = plan_and_initial_state(cfg, corpus=corpus)
     else:
         corpus = PreparedCorpus.open(plan.prepared_dir)

@@ -69,7 +69,7 @@ def make_setup(cfg: Config) -> dict[str, Any]:
         raise ValueError(f"data.languages: a weight search needs at least 2 languages, got {languages}")
     empty = sorted(lang for lang, n in counts.items() if n == 0)
     if empty:
-        raise ValueError(f"data.languages: {empty} have no train rows in {cfg.prepare_dir}")
+        raise ValueError(f"data.languages: {empty} have no train rows in {cfg.prepared_dir}")
     spaces.param_names(t.space, languages)  # checks tune.space
     spaces.check_min_weight(languages, t.min_weight)
 
@@ -98,7 +98,7 @@ def make_setup(cfg: Config) -> dict[str, Any]:
         "min_weight": t.min_weight,
         "max_steps": t.max_steps_per_trial,
         "eval_every": t.eval_every,
-        "prepared_dir": cfg.prepare_dir,
+        "prepared_dir": cfg.prepared_dir,
         "out_dir": str(out_dir),
         "train_storage": storage.rstrip("/") + f"/{cfg.run.name}-tune-train",
     }
