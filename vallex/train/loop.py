@@ -23,7 +23,7 @@ import torch.distributed as dist
 from vallex.config import Config, config_from_dict
 from vallex.data.batching import PaddingStats, train_batches, validation_indices
 from vallex.data.collate import collate
-from vallex.data.corpus import read_split_share
+from vallex.data.corpus import read_split_rows
 from vallex.data.mixing import MixStats
 from vallex.eval.intelligibility import Intelligibility
 from vallex.eval.losses import evaluate, to_device
@@ -309,7 +309,7 @@ class WorkerRun:
         (capped) split is read because text gain pairs each row with another one's text and synthesis
         draws its prompts from any row (vallex.eval.intelligibility)."""
         plan, cfg = self.plan, self.cfg
-        tables = read_split_share(valid_ref, 0, 1)
+        tables = read_split_rows(valid_ref)
         ids = plan.language_ids
         self.valid_batches = _validation_batches(
             tables, ids, plan.num_codebooks, cfg.train.batch_size, self.rank, self.world, cfg.data.max_tokens

@@ -320,7 +320,7 @@ def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, ob
     train_ds = build_mixed_dataset(
         corpus, plan.weights, num_rows=num_rows, seed=plan.seed, window_rows=cfg.data.window_rows
     )
-    # Shard paths only: each worker reads the validation rows itself (vallex.data.corpus.read_split_share).
+    # Shard paths only: each worker reads the validation rows itself (vallex.data.corpus.read_split_rows).
     valid_ref = split_source(corpus, list(plan.eval_languages), "valid", plan.valid_max_rows)
     # The driver reads two light columns: which utterances are synthesized, with which prompt.
     cap = plan.valid_max_rows or None
