@@ -31,6 +31,7 @@ from typing import Any
 from vallex.config import WEIGHT_POLICIES, Config, derive_config
 from vallex.files import save_figure, write_text_atomic
 from vallex.train.guard import HIGHER_IS_BETTER
+from vallex.train.plan import RunPlan, plan_run
 
 log = logging.getLogger("vallex.add_language")
 
@@ -74,6 +75,8 @@ class AddLanguagePlan:
     """The training run's config (``train.init_from`` = base, ``data.languages`` = trained languages)."""
     base_kind: str = "vallex"
     """``vallex`` (a checkpoint), ``export`` (a run's model.pt) or ``public`` (VALL-E X, text bridged)."""
+    run_plan: RunPlan | None = field(default=None, repr=False)
+    """The training run's plan (languages, ids, weights, grown model), resolved with the rest."""
 
     def describe(self) -> str:
         w = (
@@ -202,27 +205,6 @@ def plan_add_language(
             weights = replay_weights(counts, with_data, new, replay_ratio, cfg.data.alpha)
         else:
             weights = cfg.data.weights
-    # Resolve now (a policy, a map or a Tune best_weights.json): a file or map that leaves a new
-    # language out would give it weight 0, and the run would train only the old ones.
-    from vallex.data.weights import resolve_weights
-    from vallex.train.plan import row_budget
-
-    try:
-        resolved = resolve_weights(
-            weights,
-            {lang: counts[lang] for lang in trained},
-            alpha=cfg.data.alpha,
-            budget=row_budget(cfg.train),
-        )
-    except (ValueError, OSError) as e:
-        raise AddLanguageError(f"data.weights: {e}") from None
-    absent = [lang for lang in new if resolved.get(lang, 0.0) <= 0]
-    if absent:
-        raise AddLanguageError(
-            f"data.weights ({weights}) gives the new language(s) {absent} no weight: they would not be "
-            "trained; give them a weight, use --replay-ratio, or a weights policy"
-        )
-
     try:
         run_cfg = derive_config(
             cfg,
@@ -242,6 +224,19 @@ def plan_add_language(
         )
     except ValueError as e:
         raise AddLanguageError(f"config: {e}") from None
+    # The run's plan, resolved now (weights from a policy, a map or a Tune best_weights.json; the base
+    # model grown to the new languages): a file or map that leaves a new language out would give it
+    # weight 0, and the run would train only the old ones.
+    try:
+        run_plan = plan_run(run_cfg)
+    except (ValueError, OSError) as e:
+        raise AddLanguageError(str(e)) from None
+    absent = [lang for lang in new if run_plan.weights.get(lang, 0.0) <= 0]
+    if absent:
+        raise AddLanguageError(
+            f"data.weights ({weights}) gives the new language(s) {absent} no weight: they would not be "
+            "trained; give them a weight, use --replay-ratio, or a weights policy"
+        )
     return AddLanguagePlan(
         mode=mode,
         base=str(base),
@@ -255,6 +250,7 @@ def plan_add_language(
         new_phonemes=new_phonemes,
         config=run_cfg,
         base_kind=base_kind,
+        run_plan=run_plan,
     )
 
 
@@ -478,7 +474,7 @@ def add_language(plan: AddLanguagePlan) -> dict:
             "recipe that forgets)",
             plan.new_languages,
         )
-    train_report = train(cfg)
+    train_report = train(cfg, plan=plan.run_plan)
     records = read_metrics(cfg.train_dir / "metrics.jsonl")
     report = forgetting_report(records, train_report, plan)
     out = Path(plan.out_dir)
