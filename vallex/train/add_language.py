@@ -505,33 +505,12 @@ def _fresh(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def add_language_demo(
-    cfg: Config,
-    *,
-    out: Path,
-    new: list[str] | None = None,
-    base_steps: int = 300,
-    add_steps: int = 300,
-    replay_ratio: float | None = None,
-    figure: str | os.PathLike | None = None,
-) -> bool:
-    """The headline comparison on the embedded demo corpus, under ``out``: train a base model on every
-    demo language but ``new`` (default: the smallest), add ``new`` naively and with vallex from that same
-    base, write comparison.md/.json and the figure (also copied to ``figure``). Returns whether the
-    expected contrast showed (vallex kept the old languages, naive forgot them)."""
-    import time
-
+def _demo_corpora(cfg: Config, out: Path, new: list[str] | None):
+    """Demo steps 1-2: the demo corpus, the old languages prepared alone (the base model's corpus) and
+    a copy with the new ones appended; ``(old, new, base_prep, full_prep)``."""
     from vallex.data.demo_corpus import make_demo_corpus
     from vallex.data.prepare import prepare_corpus, summary_table
     from vallex.data.sources import read_manifest
-    from vallex.train.trainer import train
-
-    if cfg.corpus.source != "demo":
-        raise AddLanguageError(
-            f"--demo uses the embedded demo corpus; corpus.source is {cfg.corpus.source!r}"
-        )
-    out = Path(out)
-    t0 = time.time()
 
     log.info("== 1/5: demo corpus (espeak-ng speech, cached in %s)", out / "corpus")
     utts = read_manifest(make_demo_corpus(out / "corpus", seed=cfg.run.seed, scale=cfg.corpus.demo_scale))
@@ -567,6 +546,34 @@ def add_language_demo(
         valid_fraction=cfg.corpus.valid_fraction,
     )
     log.info("prepared corpus in %s:\n%s", full_prep, summary_table(manifest))
+    return old, new, base_prep, full_prep
+
+
+def add_language_demo(
+    cfg: Config,
+    *,
+    out: Path,
+    new: list[str] | None = None,
+    base_steps: int = 300,
+    add_steps: int = 300,
+    replay_ratio: float | None = None,
+    figure: str | os.PathLike | None = None,
+) -> bool:
+    """The headline comparison on the embedded demo corpus, under ``out``: train a base model on every
+    demo language but ``new`` (default: the smallest), add ``new`` naively and with vallex from that same
+    base, write comparison.md/.json and the figure (also copied to ``figure``). Returns whether the
+    expected contrast showed (vallex kept the old languages, naive forgot them)."""
+    import time
+
+    from vallex.train.trainer import train
+
+    if cfg.corpus.source != "demo":
+        raise AddLanguageError(
+            f"--demo uses the embedded demo corpus; corpus.source is {cfg.corpus.source!r}"
+        )
+    out = Path(out)
+    t0 = time.time()
+    old, new, base_prep, full_prep = _demo_corpora(cfg, out, new)
 
     log.info("== 3/5: train the base model on %s (%d steps)", old, base_steps)
     _fresh(out / "base")

@@ -294,20 +294,42 @@ def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, ob
     """The mixed training stream, what every worker reads, the metrics sink, and the ``TorchTrainer``;
     returns ``(trainer, sink, intelligibility_report)``."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from vallex.data.batching import stream_rows
-    from vallex.data.corpus import split_source
-    from vallex.data.mixing import build_mixed_dataset
     from vallex.eval.intelligibility import driver_setup
-    from vallex.train.loop import train_loop_per_worker
 
     guard_baseline = (
         baseline_losses(cfg.train.guard.baseline, cfg.train.guard.metric)
         if cfg.train.guard.baseline
         else None
     )
+    train_ds, valid_ref, plan_tables = _datasets(cfg, plan, corpus)
+    intelligibility, intelligibility_report = driver_setup(cfg, corpus, plan_tables)
+    init_ref = ray.put(init_state) if init_state is not None else None
+    sink = _metrics_sink(cfg, plan, corpus)
+    if not cfg.train.use_gpu:  # DeepSpeed's CPU op: built here, said out loud, not silently in each worker
+        from vallex.train.comm_op import ensure_built
+
+        ensure_built()
+    loop_config = {
+        "config": cfg.to_dict(),
+        "plan": plan,
+        "valid_ref": valid_ref,
+        "sink": sink,
+        "guard_baseline": guard_baseline,
+        "init_state": init_ref,
+        "objective": objective,
+        "tracking": tracking_settings(cfg),
+        "intelligibility": intelligibility,
+    }
+    return _torch_trainer(cfg, plan, train_ds, loop_config, callbacks), sink, intelligibility_report
+
+
+def _datasets(cfg: Config, plan: RunPlan, corpus):
+    """``(mixed training stream, validation shard paths, the driver's light validation columns)``."""
+    from vallex.data.batching import stream_rows
+    from vallex.data.corpus import split_source
+    from vallex.data.mixing import build_mixed_dataset
+
     # Enough mixed rows for the whole run, plus slack for drop_last and uneven worker splits (and, with
     # data.max_tokens, a bucket pool per worker: no rank may run out first; see vallex.data.batching).
     num_rows = stream_rows(
@@ -328,9 +350,12 @@ def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, ob
         lang: corpus.read_split(lang, "valid", columns=["utt_id", "speaker"]).slice(0, cap)
         for lang in plan.eval_languages
     }
-    intelligibility, intelligibility_report = driver_setup(cfg, corpus, plan_tables)
-    init_ref = ray.put(init_state) if init_state is not None else None
+    return train_ds, valid_ref, plan_tables
 
+
+def _metrics_sink(cfg: Config, plan: RunPlan, corpus):
+    """The driver-side actor rank 0 sends evaluation records to (metrics.jsonl, TensorBoard); a resumed
+    run continues its file."""
     train_dir = cfg.train_dir
     run_dir = join(plan.storage_path, cfg.run.name)
     resuming = bool(list_names(run_dir, "checkpoint_*"))
@@ -342,24 +367,19 @@ def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, ob
     )
     if resuming:
         log.info("found checkpoints in %s: resuming", run_dir)
+    return sink
 
-    if not cfg.train.use_gpu:  # DeepSpeed's CPU op: built here, said out loud, not silently in each worker
-        from vallex.train.comm_op import ensure_built
 
-        ensure_built()
-    trainer = TorchTrainer(
+def _torch_trainer(cfg: Config, plan: RunPlan, train_ds, loop_config: dict, callbacks):
+    """Ray Train's ``TorchTrainer``: the workers, the ingest of the mixed stream, checkpoints, retries."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vallex.train.loop import train_loop_per_worker
+
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "plan": plan,
-            "valid_ref": valid_ref,
-            "sink": sink,
-            "guard_baseline": guard_baseline,
-            "init_state": init_ref,
-            "objective": objective,
-            "tracking": tracking_settings(cfg),
-            "intelligibility": intelligibility,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=(cfg.train.min_workers, cfg.train.num_workers)
             if cfg.train.min_workers
@@ -387,7 +407,6 @@ def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, ob
             callbacks=list(callbacks),
         ),
     )
-    return trainer, sink, intelligibility_report
 
 
 def _fit_with_progress(trainer, sink, max_steps: int):
