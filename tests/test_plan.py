@@ -187,3 +187,23 @@ def test_bad_weights_fail_before_ray_starts(tmp_path, monkeypatch, capsys, overr
     with pytest.raises((SystemExit, ValueError)) as failure:  # a config error exits as argparse does
         entry.main(["--config", str(config), f"run.output_dir={tmp_path}", "train.max_steps=5", override])
     assert re.search(message, f"{failure.value} {capsys.readouterr().err}"), failure.value
+
+
+def test_derive_config_changes_dotted_keys_and_validates_again(tmp_path):
+    from vallex.config import ConfigError, derive_config
+
+    cfg = _cfg(tmp_path)
+    derived = derive_config(
+        cfg, {"train.guard.action": "warn", "run.name": "child", "data.weights": {"en": 1}}
+    )
+    assert (derived.train.guard.action, derived.run.name, derived.data.weights) == (
+        "warn",
+        "child",
+        {"en": 1},
+    )
+    assert (cfg.train.guard.action, cfg.run.name) != ("warn", "child")  # the original is untouched
+    assert derived.train.max_steps == cfg.train.max_steps
+    with pytest.raises(ConfigError, match=r"train.max_steps"):
+        derive_config(cfg, {"train.max_steps": 0})
+    with pytest.raises(ConfigError, match=r"'name' is not a section"):
+        derive_config(cfg, {"run.name.x": 1})
