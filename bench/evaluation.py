@@ -66,13 +66,16 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args()
 
-    from vallex.config import load_config
+    import dataclasses
+
+    from vallex.config import derive_config, load_config
     from vallex.data.collate import collate
     from vallex.data.corpus import PreparedCorpus
     from vallex.eval.intelligibility import Intelligibility, load_recognizer, open_codec, synthesis_plan
     from vallex.eval.recognizer import train_recognizer
     from vallex.model.vallex import MODEL_SIZES, VallexModel
     from vallex.train.loop import _validation_batches, evaluate
+    from vallex.train.plan import plan_run
 
     torch.set_num_threads(1)
     cfg = load_config(args.config, args.overrides)
@@ -92,14 +95,11 @@ def main() -> None:
             num_phonemes=corpus.num_symbols, num_languages=len(langs), **cfg.model.overrides()
         )
     )
-    import dataclasses
-
-    info = {
-        "languages": langs,
-        "language_ids": {lang: i for i, lang in enumerate(langs)},
-        "num_codebooks": corpus.num_codebooks,
-        "model_config": dataclasses.asdict(model.config),
-    }
+    # What the workers get: the run's plan over this corpus (its languages, ids and the model's shape).
+    info = plan_run(
+        derive_config(cfg, {"run.prepared_dir": str(prepared), "data.languages": []}), corpus=corpus
+    )
+    assert info.model_config == dataclasses.asdict(model.config)
     print(
         f"model {cfg.model.size} ({model.num_parameters() / 1e6:.1f} M), batch {cfg.train.batch_size}, "
         f"eval_every {cfg.train.eval_every}, rank 0 of {world}, 1 thread; validation "
@@ -138,7 +138,7 @@ def main() -> None:
                 t0 = time.perf_counter()
             idx = rng.choice(len(rows["frames"]), cfg.train.batch_size, replace=False)
             out = trained(
-                collate({c: v[idx] for c, v in rows.items()}, info["language_ids"], corpus.num_codebooks)
+                collate({c: v[idx] for c, v in rows.items()}, info.language_ids, corpus.num_codebooks)
             )
             opt.zero_grad()
             out["loss"].backward()
@@ -148,7 +148,7 @@ def main() -> None:
         t0 = time.perf_counter()
         batches = _validation_batches(
             tables,
-            info["language_ids"],
+            info.language_ids,
             corpus.num_codebooks,
             cfg.train.batch_size,
             0,

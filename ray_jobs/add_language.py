@@ -42,17 +42,13 @@ kept them and the naive one did not), 1 otherwise, 2 for a bad command line or c
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.cli import parse_config
-from vallex.files import write_text_atomic
 from vallex.logs import setup_logging
 from vallex.runtime import init_ray
 
@@ -74,140 +70,6 @@ def _options() -> argparse.ArgumentParser:
     return p
 
 
-def _derive(cfg, **sections):
-    """A copy of ``cfg`` with ``{section: {key: value}}`` replaced, validated again."""
-    from vallex.config import config_from_dict
-
-    data = cfg.to_dict()
-    for section, values in sections.items():
-        data[section].update(values)
-    return config_from_dict(data)
-
-
-def _fresh(path: Path) -> None:
-    """The demo's runs start over each time (their Ray results too), so its numbers are reproducible."""
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def run_demo(cfg, opts, log) -> int:
-    from vallex.data.demo_corpus import make_demo_corpus
-    from vallex.data.prepare import prepare_corpus, summary_table
-    from vallex.data.sources import read_manifest
-    from vallex.train.add_language import (
-        AddLanguageError,
-        add_language,
-        comparison_table,
-        plan_add_language,
-        plot_forgetting,
-    )
-    from vallex.train.trainer import train
-
-    if cfg.corpus.source != "demo":
-        raise AddLanguageError(
-            f"--demo uses the embedded demo corpus; corpus.source is {cfg.corpus.source!r}"
-        )
-    out = Path(opts.out or "runs/add_language")
-    t0 = time.time()
-
-    log.info("== 1/5: demo corpus (espeak-ng speech, cached in %s)", out / "corpus")
-    utts = read_manifest(make_demo_corpus(out / "corpus", seed=cfg.run.seed, scale=cfg.corpus.demo_scale))
-    sizes: dict[str, int] = {}
-    for u in utts:
-        sizes[u.language] = sizes.get(u.language, 0) + 1
-    new = opts.new or [min(sizes, key=sizes.get)]
-    unknown = sorted(set(new) - set(sizes))
-    if unknown:
-        raise AddLanguageError(f"--new {unknown}: not demo languages (the demo has {sorted(sizes)})")
-    old = sorted(set(sizes) - set(new))
-    log.info("utterances per language %s: base model on %s, then add %s", sizes, old, new)
-
-    log.info("== 2/5: prepare the old languages, then add the new one to a copy (its symbols are appended)")
-    base_prep, full_prep = out / "prepare-base", out / "prepare"
-    earlier = base_prep / "manifest.json"
-    if earlier.exists() and set(json.loads(earlier.read_text())["languages"]) != set(old):
-        _fresh(base_prep)  # an earlier demo with another --new: its table must not leak into this base
-    prepare_corpus(
-        [u for u in utts if u.language in old],
-        base_prep,
-        cfg.prepare,
-        seed=cfg.run.seed,
-        valid_fraction=cfg.corpus.valid_fraction,
-    )
-    _fresh(full_prep)
-    shutil.copytree(base_prep, full_prep)
-    manifest = prepare_corpus(
-        [u for u in utts if u.language in new],
-        full_prep,
-        cfg.prepare,
-        seed=cfg.run.seed,
-        valid_fraction=cfg.corpus.valid_fraction,
-    )
-    log.info("prepared corpus in %s:\n%s", full_prep, summary_table(manifest))
-
-    log.info("== 3/5: train the base model on %s (%d steps)", old, opts.base_steps)
-    _fresh(out / "base")
-    base_cfg = _derive(
-        cfg,
-        run={"output_dir": str(out / "base"), "name": "base", "prepared_dir": str(base_prep)},
-        corpus={"languages": []},
-        data={"languages": old},
-        train={"max_steps": opts.base_steps, "init_from": "", "storage_path": ""},
-    )
-    base_report = train(base_cfg)
-    if not base_report.get("model_file"):
-        raise AddLanguageError(f"the base run wrote no model file (see {base_cfg.train_dir / 'report.json'})")
-
-    every = max(1, opts.add_steps // 10)
-    add_cfg = _derive(
-        cfg,
-        run={"prepared_dir": str(full_prep)},
-        corpus={"languages": []},
-        train={
-            "max_steps": opts.add_steps,
-            "eval_every": every,
-            "checkpoint_every": opts.add_steps,
-            "storage_path": "",
-        },
-    )
-    reports = {}
-    for i, mode in enumerate(("naive", "vallex")):
-        log.info("== %d/5: add %s, %s mode, from the same base", 4 + i, new, mode)
-        _fresh(out / mode)
-        plan = plan_add_language(
-            add_cfg,
-            base=base_report["model_file"],
-            new_languages=new,
-            out_dir=out / mode,
-            mode=mode,
-            replay_ratio=None if mode == "naive" else opts.replay_ratio,
-        )
-        reports[mode] = add_language(plan)
-
-    table = comparison_table(reports["naive"], reports["vallex"])
-    figure = out / "add_language.png"
-    plot_forgetting([reports["naive"], reports["vallex"]], figure)
-    if opts.figure:
-        Path(opts.figure).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(figure, opts.figure)
-    minutes = (time.time() - t0) / 60
-    write_text_atomic(
-        out / "comparison.md",
-        f"Validation loss (AR + NAR) of each language, step 0 of the add-language run (the base model) vs. "
-        f"after {opts.add_steps} steps; change relative to step 0; whole demo {minutes:.1f} min.\n\n{table}\n",
-    )
-    write_text_atomic(out / "comparison.json", json.dumps(reports, indent=2))
-    log.info("add-language demo finished in %.1f min:\n%s", minutes, table)
-    log.info("wrote %s, %s%s", out / "comparison.md", figure, f" and {opts.figure}" if opts.figure else "")
-    shown = reports["vallex"]["verdict"] == "ok" and reports["naive"]["verdict"] == "forgetting"
-    if not shown:
-        log.warning(
-            "WARNING: this run did not show the expected contrast (naive %s, vallex %s)",
-            reports["naive"]["verdict"],
-            reports["vallex"]["verdict"],
-        )
-    return 0 if shown else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     opts, rest = _options().parse_known_args(argv)
@@ -225,12 +87,21 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(opts.out or cfg.output_dir / f"add-{'-'.join(sorted(opts.new))}-{mode}")
     log = setup_logging(out / "logs" / "add_language.log")
 
-    from vallex.train.add_language import AddLanguageError, add_language, plan_add_language
+    from vallex.train.add_language import AddLanguageError, add_language, add_language_demo, plan_add_language
 
     if opts.demo:
         init_ray()
         try:
-            return run_demo(cfg, opts, log)
+            shown = add_language_demo(
+                cfg,
+                out=out,
+                new=opts.new,
+                base_steps=opts.base_steps,
+                add_steps=opts.add_steps,
+                replay_ratio=opts.replay_ratio,
+                figure=opts.figure,
+            )
+            return 0 if shown else 1
         except AddLanguageError as e:
             log.error("add_language.py: %s", e)
             return 2

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("== 1-2/3: demo corpus and preparation")
     manifest = prepare_from_config(cfg)
-    log.info("prepared corpus in %s:\n%s", cfg.prepare_dir, summary_table(manifest))
+    log.info("prepared corpus in %s:\n%s", cfg.prepared_dir, summary_table(manifest))
     if cfg.train.intelligibility.per_utterances > 0:
         log.info("== 2/3: the phoneme recognizer that scores synthesized speech (once per corpus)")
         ensure_recognizer(cfg)

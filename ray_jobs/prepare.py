@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from vallex.data.prepare import prepare_from_config, summary_table
 
     manifest = prepare_from_config(cfg)
-    log.info("prepared corpus in %s:\n%s", cfg.prepare_dir, summary_table(manifest))
+    log.info("prepared corpus in %s:\n%s", cfg.prepared_dir, summary_table(manifest))
     return 0
 
 

@@ -14,16 +14,13 @@ file's text, phonemes and length. Runs in this process (CPU, or the GPU when the
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SIDECAR = "synthesis.json"
+from vallex.model.speech import say
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,122 +71,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _say(message: str) -> None:
-    """A progress line on stderr (stdout lists the files written): each phase can take seconds to minutes."""
-    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _say("loading torch")
-    import numpy as np
-    import soundfile as sf
-    import torch
+    say("loading torch")
+    from vallex.model.speech import SpeechRequest, text_to_speech
+    from vallex.model.synthesis import SamplingSettings
 
-    from vallex.codec import open_tokenizer
-    from vallex.codec.audio import load_audio, resample
-    from vallex.codec.encodec import SAMPLE_RATE, CodecSettings
-    from vallex.model.checkpoint import load_any
-    from vallex.model.synthesis import SamplingSettings, language_id, synthesize_codes
-    from vallex.text.phonemize import Phonemizer
-    from vallex.text.symbols import SymbolTable
-
-    t0 = time.time()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    settings = SamplingSettings(args.top_k, args.top_p, args.temperature, args.seed, args.max_frames)
-    table = SymbolTable.load(args.symbols)
-    _say(f"loading {args.checkpoint} on {device}")
-    model, meta = load_any(args.checkpoint, symbols=table.symbols)
-    model.to(device).eval()
-    languages = meta["languages"]
-    lang = language_id(languages, args.language)
-    prompt_language = args.prompt_language or args.language
-    if args.prepared_dir:
-        from vallex.data.corpus import PreparedCorpus
-
-        codec_dict = PreparedCorpus.open(args.prepared_dir).codec
-    else:
-        codec_dict = CodecSettings(
-            pretrained=not args.codec_random_init, checkpoint=args.codec_checkpoint, seed=args.codec_seed
-        ).to_dict()
-    codec = open_tokenizer(codec_dict, args.prepared_dir, device=device)
-
-    phonemizer = Phonemizer()
-    phones = phonemizer(args.text, args.language)
-    ids = [table.encode(p, allow_unknown=True) for p in phones]
-    prompt_ids, prompt_codes = [], None
-    if args.prompt_audio:
-        wav, sr = load_audio(args.prompt_audio)
-        prompt_codes = codec.encode([resample(wav, sr, SAMPLE_RATE)])[0]
-        prompt_ids = table.encode(phonemizer([args.prompt_text], prompt_language)[0], allow_unknown=True)
-    _say(f"synthesizing {len(ids)} text(s) in {args.language} (up to {args.max_frames} frames each)")
-    codes = synthesize_codes(
-        model,
-        ids,
-        lang,
-        settings,
-        prompt_ids=prompt_ids,
-        prompt_codes=prompt_codes,
-        prompt_language=language_id(languages, prompt_language) if args.prompt_audio else None,
+    request = SpeechRequest(
+        checkpoint=args.checkpoint,
+        symbols=args.symbols,
+        texts=args.text,
+        language=args.language,
+        out=args.out,
+        prompt_audio=args.prompt_audio,
+        prompt_text=args.prompt_text,
+        prompt_language=args.prompt_language,
+        sampling=SamplingSettings(args.top_k, args.top_p, args.temperature, args.seed, args.max_frames),
+        prepared_dir=args.prepared_dir,
+        codec_checkpoint=args.codec_checkpoint,
+        codec_random_init=args.codec_random_init,
+        codec_seed=args.codec_seed,
+        device=args.device,
     )
-    _say("decoding the codes to audio with EnCodec")
-    wavs = codec.decode(codes)
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, (text, ph, c, w) in enumerate(zip(args.text, phones, codes, wavs, strict=True)):
-        name = f"{i:03d}.wav"
-        sf.write(out / name, np.clip(w, -1.0, 1.0), SAMPLE_RATE, subtype="PCM_16")
-        unknown = sorted({s for s in ph if s not in table})
-        files.append(
-            {
-                "file": name,
-                "text": text,
-                "phonemes": ph,
-                "unknown_phonemes": unknown,
-                "frames": int(c.shape[1]),
-                "seconds": len(w) / SAMPLE_RATE,
-            }
-        )
-    sidecar = {
-        "checkpoint": {
-            "path": str(Path(args.checkpoint).resolve()),
-            "sha256": hashlib.sha256(Path(args.checkpoint).read_bytes()).hexdigest(),
-            "size": meta["size"],
-            "languages": languages,
-            "symbols_version": meta["symbols"]["version"],
-            "symbols_fingerprint": meta["symbols"]["fingerprint"],
-        },
-        "symbols": {
-            "path": str(Path(args.symbols).resolve()),
-            "version": table.version,
-            "fingerprint": table.fingerprint,
-        },
-        "language": args.language,
-        "prompt": (
-            {
-                "audio": str(Path(args.prompt_audio).resolve()),
-                "text": args.prompt_text,
-                "language": prompt_language,
-                "frames": int(prompt_codes.shape[1]),
-            }
-            if args.prompt_audio
-            else None
-        ),
-        "sampling": settings.to_dict(),
-        "codec": codec_dict,
-        "device": device,
-        "files": files,
-        "wall_seconds": time.time() - t0,
-    }
-    (out / SIDECAR).write_text(json.dumps(sidecar, indent=1, ensure_ascii=False))
-    for f in files:
-        print(f"{out / f['file']}  {f['seconds']:.2f} s  {f['text']!r}")
-    if not codec.is_real_encodec:
-        from vallex.codec.tokenizer import describe
-
-        print(f"note: {describe(codec_dict)}")
+    sidecar, note = text_to_speech(request)
+    for f in sidecar["files"]:
+        print(f"{Path(args.out) / f['file']}  {f['seconds']:.2f} s  {f['text']!r}")
+    if note:
+        print(f"note: {note}")
     return 0
 
 

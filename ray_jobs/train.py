@@ -23,10 +23,13 @@ from vallex.runtime import init_ray
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_config(__doc__, sections=("run", "data", "model", "train"), argv=argv)
     setup_logging(cfg.output_dir / "logs" / "train.log")
+    from vallex.train.plan import plan_run
+
+    plan = plan_run(cfg)  # languages, weights, model: checked before a cluster is started
     init_ray()
     from vallex.train.trainer import train
 
-    train(cfg)
+    train(cfg, plan=plan)
     return 0
 
 

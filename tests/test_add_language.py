@@ -112,24 +112,26 @@ def test_growing_embeddings_leaves_old_language_outputs_unchanged(corpora, saved
     import numpy as np
 
     from vallex.data.collate import collate
+    from vallex.data.corpus import PreparedCorpus
     from vallex.model.vallex import VallexConfig, VallexModel
-    from vallex.train.trainer import _corpus_info
+    from vallex.train.plan import plan_and_initial_state
 
     path, model, old_corpus = saved_base
 
     cfg = _cfg(corpora / "grow", corpora / "prep", f"train.init_from={path}", "data.languages=[en,fr,zh]")
-    corpus, info, init_state = _corpus_info(cfg)
-    assert info["model_languages"] == ["en", "fr", "zh"]  # old ids kept, the new language appended
-    assert info["model_config"]["num_phonemes"] == old_corpus.num_symbols + EXTRA_SYMBOLS
-    grown = VallexModel(VallexConfig(**info["model_config"])).eval()
+    corpus = PreparedCorpus.open(cfg.prepared_dir)
+    plan, init_state = plan_and_initial_state(cfg, corpus=corpus)
+    assert list(plan.model_languages) == ["en", "fr", "zh"]  # old ids kept, the new language appended
+    assert plan.model_config["num_phonemes"] == old_corpus.num_symbols + EXTRA_SYMBOLS
+    grown = VallexModel(VallexConfig(**plan.model_config)).eval()
     grown.load_state_dict(init_state)
-    assert sorted(info["eval_languages"]) == ["en", "fr", "zh"]
+    assert sorted(plan.eval_languages) == ["en", "fr", "zh"]
 
     for lang in ("en", "fr"):
         table = corpus.read_split(lang, "valid")
         batch = collate(
             {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names},
-            info["language_ids"],
+            plan.language_ids,
             corpus.num_codebooks,
         )
         with torch.no_grad():

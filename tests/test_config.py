@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vallex.config import Config, ConfigError, describe, field_docs, load_config, save_config
+from vallex.config import Config, ConfigError, config_help, field_docs, load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,7 +154,7 @@ def test_every_field_is_documented():
                 assert docs.get(f.name), f"{cls.__name__}.{f.name} has no docstring"
 
     walk(Config)
-    text = describe()
+    text = config_help()
     assert "train.max_steps=300" in text and "Optimizer steps in the run." in text
 
 

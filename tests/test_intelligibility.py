@@ -19,6 +19,7 @@ from vallex.eval.intelligibility import Intelligibility, synthesis_plan
 from vallex.eval.text_gain import derangement, mismatched_table
 from vallex.model.vallex import VallexConfig, VallexModel
 from vallex.train.loop import _validation_batches, evaluate
+from vallex.train.plan import RunPlan
 
 Q, K = 2, 32  # codebooks and codebook size of the small readable corpus
 
@@ -58,17 +59,28 @@ def _cfg(*overrides):
     return load_config(None, ["train.batch_size=8", "train.intelligibility.samples=false", *overrides])
 
 
-def _info(tables, model):
+def _info(tables, model) -> RunPlan:
+    """The run plan the workers would get, for a model over ``tables``' languages."""
     import dataclasses
 
-    langs = sorted(tables)
-    return {
-        "languages": langs,
-        "eval_languages": langs,
-        "language_ids": {lang: i for i, lang in enumerate(langs)},
-        "num_codebooks": model.config.num_codebooks,
-        "model_config": dataclasses.asdict(model.config),
-    }
+    langs = tuple(sorted(tables))
+    return RunPlan(
+        prepared_dir="",
+        languages=langs,
+        eval_languages=langs,
+        init_languages=(),
+        model_languages=langs,
+        counts={},
+        weights={},
+        budget_rows=0,
+        model_config=dataclasses.asdict(model.config),
+        size="tiny",
+        num_symbols=model.config.num_phonemes,
+        num_codebooks=model.config.num_codebooks,
+        seed=0,
+        valid_max_rows=0,
+        storage_path="",
+    )
 
 
 def _tiny(num_languages: int = 1, **kw) -> VallexModel:
@@ -81,9 +93,9 @@ def _tiny(num_languages: int = 1, **kw) -> VallexModel:
 def _evaluate(model, tables, cfg) -> dict:
     """What the training loop does at an evaluation, on one process."""
     info = _info(tables, model)
-    batches = _validation_batches(tables, info["language_ids"], info["num_codebooks"], 8, 0, 1)
-    filler = batches[info["languages"][0]][0]
-    valid = evaluate(model, batches, info["languages"], torch.device("cpu"), "both", filler)
+    batches = _validation_batches(tables, info.language_ids, info.num_codebooks, 8, 0, 1)
+    filler = batches[info.languages[0]][0]
+    valid = evaluate(model, batches, list(info.languages), torch.device("cpu"), "both", filler)
     intel = Intelligibility(cfg, tables, info, 0, 1, model, None)
     intel.evaluate(model, valid, torch.device("cpu"), filler, step=1)
     return valid

@@ -44,7 +44,7 @@ def test_a_second_preparation_or_training_run_is_refused_naming_the_first(tmp_pa
     from vallex.train.trainer import train
 
     cfg = load_config(None, [f"run.output_dir={tmp_path / 'run'}", "run.name=twice"])
-    prepared, train_dir = Path(cfg.prepare_dir), cfg.train_dir
+    prepared, train_dir = Path(cfg.prepared_dir), cfg.train_dir
     holders = [
         _hold_in_another_process(prepared, f"preparation of {prepared}"),
         _hold_in_another_process(train_dir, "training run 'twice'"),

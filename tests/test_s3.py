@@ -273,8 +273,8 @@ def test_config_takes_a_prepared_uri_and_refuses_a_remote_output_dir(tmp_path):
     with pytest.raises(ConfigError, match=r"run.output_dir: must be a local .*run.prepared_dir=s3://"):
         load_config(None, ["run.output_dir=s3://bucket/run"])
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "run.prepared_dir=gs://bucket/prep/"])
-    assert cfg.prepare_dir == "gs://bucket/prep"
-    assert load_config(None, [f"run.output_dir={tmp_path}"]).prepare_dir == str(tmp_path / "prepare")
+    assert cfg.prepared_dir == "gs://bucket/prep"
+    assert load_config(None, [f"run.output_dir={tmp_path}"]).prepared_dir == str(tmp_path / "prepare")
 
 
 def test_training_checkpoints_to_s3_and_resumes_from_them(s3, tmp_path, one_thread):

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from vallex.data.synthetic import write_synthetic_corpus
-from vallex.model.checkpoint import CheckpointError, describe, export_public, import_public, load_any
+from vallex.model.checkpoint import (
+    CheckpointError,
+    checkpoint_metadata,
+    export_public,
+    import_public,
+    load_any,
+)
 from vallex.model.text_bridge import read_reference_vocab, spell
 from vallex.model.vallex import VallexModel, paper_config
 from vallex.text.symbols import SPECIALS
@@ -197,11 +203,14 @@ def test_public_checkpoint_errors_name_the_fix(public, tmp_path):
         load_any(path, symbols=SYMBOLS, vocab=tmp_path / "nope.json")
     (tmp_path / "other.json").write_text(json.dumps({"symbols": ["a"]}))
     with pytest.raises(CheckpointError, match=r"other\.json has no .*vocab"):
-        describe(path, symbols=SYMBOLS, vocab=tmp_path / "other.json")
+        checkpoint_metadata(path, symbols=SYMBOLS, vocab=tmp_path / "other.json")
     # A tokenizer with more ids than the checkpoint has rows belongs to another checkpoint.
     small = tmp_path / "small.pt"
     export_public(_public_model(num_text_tokens=20), small)
-    for check in (load_any, describe):  # describe (plans, before Ray) checks it from the shapes alone
+    for check in (
+        load_any,
+        checkpoint_metadata,
+    ):  # checkpoint_metadata (plans, before Ray) checks it from the shapes alone
         with pytest.raises(
             CheckpointError, match="ids up to 69 but the checkpoint's text embeddings have 20 rows"
         ):
@@ -209,7 +218,7 @@ def test_public_checkpoint_errors_name_the_fix(public, tmp_path):
     # A public-format file with a fourth language row does not say which language that is.
     four = tmp_path / "four.pt"
     export_public(_public_model(num_languages=4), four)
-    for check in (load_any, describe):
+    for check in (load_any, checkpoint_metadata):
         with pytest.raises(
             CheckpointError, match=r"4 language rows; the format's languages are \['en', 'zh', 'ja'\]"
         ):
@@ -225,7 +234,7 @@ def test_public_checkpoint_errors_name_the_fix(public, tmp_path):
         symbols=SYMBOLS,
         symbols_version=1,
     )
-    for check in (load_any, describe):
+    for check in (load_any, checkpoint_metadata):
         with pytest.raises(
             CheckpointError, match=r"goes with the public VALL-E X checkpoint only.*drop train\.init_vocab"
         ):
@@ -236,7 +245,7 @@ def test_public_checkpoint_errors_name_the_fix(public, tmp_path):
     export_public(
         VallexModel(paper_config(d_model=48, nhead=4, num_layers=1, num_phonemes=80, num_languages=3)), narrow
     )
-    assert describe(narrow, symbols=SYMBOLS, vocab=vocab_path)["languages"] == ["en", "zh", "ja"]
+    assert checkpoint_metadata(narrow, symbols=SYMBOLS, vocab=vocab_path)["languages"] == ["en", "zh", "ja"]
     assert load_any(narrow, symbols=SYMBOLS, vocab=vocab_path, nhead=4)[0].config.d_model == 48
     # Without a vocabulary the file still imports as the reference's own model (its ids, its languages).
     assert import_public(path, nhead=16).config.num_phonemes == 80

@@ -159,27 +159,24 @@ def _check_intelligibility(cfg, records, report, model, recognizer):
     from vallex.data.corpus import PreparedCorpus
     from vallex.eval.intelligibility import Intelligibility
     from vallex.train.loop import _validation_batches, evaluate
+    from vallex.train.plan import plan_run
 
     for r in records:
         for v in r["valid"].values():
             keys = ("text_gain", "ar_text_gain", "nar_text_gain", "per", "per_floor")
             assert all(isinstance(v[k], float) for k in keys), v
             assert v["per_utterances"] == 2
-    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    corpus = PreparedCorpus.open(cfg.prepared_dir)
     tables = {lang: corpus.read_split(lang, "valid") for lang in sorted(SIZES)}
-    info = {
-        "languages": sorted(SIZES),
-        "language_ids": {lang: i for i, lang in enumerate(sorted(SIZES))},
-        "num_codebooks": 8,
-        "model_config": {},
-    }
-    batches = _validation_batches(tables, info["language_ids"], 8, 3, 0, 1)
-    valid = evaluate(model, batches, info["languages"], torch.device("cpu"), "both", batches["en"][0])
+    plan = plan_run(cfg)
+    assert plan.language_ids == {lang: i for i, lang in enumerate(sorted(SIZES))}
+    batches = _validation_batches(tables, plan.language_ids, 8, 3, 0, 1)
+    valid = evaluate(model, batches, list(plan.languages), torch.device("cpu"), "both", batches["en"][0])
     extra = {"recognizer": recognizer.to_bytes(), "symbols": corpus.symbols}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers ran: the same sums, the same sampled codes
     try:
-        Intelligibility(cfg, tables, info, 0, 1, model, extra).evaluate(
+        Intelligibility(cfg, tables, plan, 0, 1, model, extra).evaluate(
             model, valid, "cpu", batches["en"][0], 6
         )
     finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from vallex.config import Config, ConfigError, check_local_paths, describe, load_config
+from vallex.config import Config, ConfigError, check_local_paths, config_help, load_config
 
 
 def parse_config(
@@ -22,7 +22,7 @@ def parse_config(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (set in the YAML file or override as key.sub=value):\n"
-        + describe(sections=sections),
+        + config_help(sections=sections),
     )
     parser.add_argument(
         "--config",

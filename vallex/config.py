@@ -658,11 +658,18 @@ class Config:
         return self.output_dir / "corpus"
 
     @property
-    def prepare_dir(self) -> str:
-        """The prepared corpus: a URI as given, else an absolute path (Ray tasks may run elsewhere)."""
+    def prepared_dir(self) -> str:
+        """The prepared corpus (``run.prepared_dir`` resolved): a URI as given, else an absolute path
+        (Ray tasks may run elsewhere)."""
         if is_uri(self.run.prepared_dir):
             return self.run.prepared_dir.rstrip("/")
         return os.path.abspath(self.run.prepared_dir or self.output_dir / "prepare")
+
+    @property
+    def prepare_dir(self) -> str:
+        """Old name of :attr:`prepared_dir` (it named the folder after the stage, not the key it
+        resolves); kept while code written against it is merged, then removed."""
+        return self.prepared_dir
 
     @property
     def train_dir(self) -> Path:
@@ -850,6 +857,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def derive_config(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with ``{dotted key: value}`` changed (``{"train.guard.action": "warn"}``),
+    validated again: the one way a run's config is derived from another's (Tune trials, add-language).
+    Like :meth:`Config.to_dict`, the copy carries no ``job.runtime_env.env_vars`` values."""
+    data = cfg.to_dict()
+    for key, value in changes.items():
+        *sections, name = key.split(".")
+        node = data
+        for part in sections:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(key, f"{part!r} is not a section")
+            node = node[part]
+        node[name] = value
+    return config_from_dict(data)
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -961,7 +984,7 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type = Config, prefix: str = "", sections: tuple[str, ...] | None = None) -> str:
+def config_help(cls: type = Config, prefix: str = "", sections: tuple[str, ...] | None = None) -> str:
     """A plain-text listing of every key, its default and its documentation."""
     lines = []
     default = cls()
@@ -974,7 +997,7 @@ def describe(cls: type = Config, prefix: str = "", sections: tuple[str, ...] | N
                 continue
             doc = (type(value).__doc__ or "").strip()
             lines.append(f"\n{key}:  {doc}" if not prefix else f"  {key}:  {doc}")
-            lines.append(describe(type(value), key + ".", sections))
+            lines.append(config_help(type(value), key + ".", sections))
             continue
         shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
         lines.append(f"  {key}={shown}\n      {docs.get(f.name, '')}")

@@ -168,3 +168,18 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | pa.Buffer) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
+    """Render a matplotlib figure as PNG, write it atomically (:func:`write_bytes_atomic`), close it:
+    the one way vallex writes a plot, so a reader never sees half a PNG."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())

@@ -78,7 +78,7 @@ def _record(purpose: str, token: str) -> dict:
     }
 
 
-def describe(record: dict | None) -> str:
+def holder_summary(record: dict | None) -> str:
     """An owner record for a message: what, where, since when, and how it was started."""
     if not record:
         return "an owner that left no record"
@@ -120,7 +120,7 @@ def _parse(text: str) -> dict | None:
 
 def _refusal(path: str, record: dict | None, why: str) -> LockError:
     return LockError(
-        f"{path} is held by {describe(record)}: {why}. Two writers would interleave their files. Wait for "
+        f"{path} is held by {holder_summary(record)}: {why}. Two writers would interleave their files. Wait for "
         f"it to finish or stop it, or use another folder (another run.name / run.prepared_dir); if that "
         f"process is gone for good, delete {path}"
     )
@@ -186,7 +186,7 @@ def _acquire_local(path: str, purpose: str, wait: bool) -> int:
                     raise _refusal(path, record, "its host's processes cannot be checked from here")
                 if not _process_gone(record):
                     raise _refusal(path, record, "that process is alive")
-                log.warning("%s: taking over the lock of %s, which is gone", path, describe(record))
+                log.warning("%s: taking over the lock of %s, which is gone", path, holder_summary(record))
             return fd
         except BaseException:
             with contextlib.suppress(OSError):
@@ -211,7 +211,7 @@ def _hold_uri(location: str, purpose: str) -> Iterator[dict]:
             raise _refusal(location, theirs, "its host's processes cannot be checked from here")
         if not _process_gone(theirs):
             raise _refusal(location, theirs, "that process is alive")
-        log.warning("%s: taking over the lock of %s, which is gone", location, describe(theirs))
+        log.warning("%s: taking over the lock of %s, which is gone", location, holder_summary(theirs))
     record = _record(purpose, uuid.uuid4().hex)
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(record, indent=1).encode())

@@ -125,7 +125,7 @@ def check_storage(cfg) -> None:
         check_uri(storage)
     else:
         check_shared(storage, "train.storage_path", nodes)
-    prepared = cfg.prepare_dir
+    prepared = cfg.prepared_dir
     key = "run.prepared_dir" if cfg.run.prepared_dir else "run.output_dir (its prepare/ shards)"
     if is_uri(prepared):
         check_uri(prepared, key)

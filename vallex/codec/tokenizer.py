@@ -30,7 +30,7 @@ def codec_kind(codec: dict) -> str:
     return kind
 
 
-def describe(codec: dict) -> str:
+def codec_summary(codec: dict) -> str:
     """One line for logs, saying LOUDLY when the codes are not real EnCodec codes."""
     kind = codec_kind(codec)
     if kind == "mel_rvq":

@@ -312,7 +312,7 @@ class PreparedCorpus:
 
 
 def split_source(corpus: PreparedCorpus, languages: list[str], split: str, max_rows: int = 0) -> dict:
-    """What a worker needs to read its share of ``split`` itself (:func:`read_split_share`): shard
+    """What a worker needs to read ``split`` itself (:func:`read_split_rows`): shard
     paths per language and the per-language row cap (0 = every row). A few strings per shard, so
     nothing but paths travels from the driver to the workers."""
     if split not in SPLITS:
@@ -326,14 +326,14 @@ def split_source(corpus: PreparedCorpus, languages: list[str], split: str, max_r
     }
 
 
-def read_split_share(source: dict, rank: int, world: int) -> dict[str, pa.Table]:
-    """Rank ``rank``'s share of each language's ``split`` rows: rows ``rank, rank + world, ...`` of the
-    first ``max_rows`` (0: all) in :meth:`PreparedCorpus.read_split`'s order (shards in manifest order,
-    rows in file order), so the ranks' shares partition exactly the rows one driver-side read would give.
+def read_split_rows(source: dict) -> dict[str, pa.Table]:
+    """Each language's ``split`` rows, the first ``max_rows`` (0: all) in :meth:`PreparedCorpus.read_split`'s
+    order (shards in manifest order, rows in file order): the same rows one driver-side read would give.
 
-    Reads the ``split`` column of each shard, then only the row groups holding this rank's rows, and
-    stops at the shard where the language's cap is reached: a worker holds its own share, never the
-    whole split."""
+    Reads the ``split`` column of each shard, then only the row groups holding wanted rows, and stops at
+    the shard where the language's cap is reached. Every Train worker reads the whole capped split:
+    each scores its own rows (rank, rank + world, ...), but text gain pairs a row with another one's
+    text and synthesis draws its prompt from any row (vallex.eval.intelligibility)."""
     split, cap = source["split"], source["max_rows"] or None
     out = {}
     for lang, paths in source["shards"].items():
@@ -349,9 +349,7 @@ def read_split_share(source: dict, rank: int, world: int) -> dict[str, pa.Table]
             except OSError as e:
                 raise CorpusError(read_failure(path, e)) from None
             index = seen + np.arange(len(hits))
-            keep = index % world == rank
-            if cap is not None:
-                keep &= index < cap
+            keep = index < cap if cap is not None else np.ones(len(hits), dtype=bool)
             seen += len(hits)
             rows = hits[keep]
             if not len(rows):

@@ -56,6 +56,7 @@ from ray.data import Datasource, MixStoppingCondition, ReadTask
 from ray.data.block import BlockMetadata
 
 from vallex.data.corpus import PreparedCorpus
+from vallex.data.weights import normalize
 from vallex.files import is_uri
 
 TRAIN_SPLIT = "train"
@@ -64,7 +65,8 @@ STRATEGIES = ("planned", "mix")
 
 def normalize_weights(corpus: PreparedCorpus, weights: Mapping[str, float]) -> dict[str, float]:
     """The languages to draw from (weight > 0, sorted) with weights summing to 1; checks them against
-    the corpus so that a bad mapping fails here, not inside a Ray task."""
+    the corpus so that a bad mapping fails here, not inside a Ray task. Weights from
+    :func:`vallex.data.weights.resolve_weights` (a run's plan) already sum to 1 and are kept as they are."""
     active = {lang: float(w) for lang, w in weights.items() if w > 0}
     if not active:
         raise ValueError(f"weights {dict(weights)} select no language; at least one weight must be > 0")
@@ -77,8 +79,7 @@ def normalize_weights(corpus: PreparedCorpus, weights: Mapping[str, float]) -> d
     empty = sorted(lang for lang in active if counts[lang] == 0)
     if empty:
         raise ValueError(f"languages {empty} have weight > 0 but no train rows in {corpus.root}")
-    total = sum(active.values())
-    return {lang: active[lang] / total for lang in sorted(active)}
+    return normalize({lang: active[lang] for lang in sorted(active)}, f"weights {dict(weights)}")
 
 
 def _language_seed(seed: int, lang: str) -> tuple[int, int]:
@@ -255,7 +256,7 @@ class MixPlan:
 
     @classmethod
     def build(cls, corpus: PreparedCorpus, weights: Mapping[str, float], *, num_rows, seed, window_rows):
-        weights = normalize_weights(corpus, weights)
+        """``weights``: languages to draw from, each > 0, summing to 1 (see :func:`normalize_weights`)."""
         streams = tuple(
             _LanguageStream(
                 lang, corpus.shards(lang), corpus.group_rows(lang, TRAIN_SPLIT), _language_seed(seed, lang)
@@ -305,6 +306,7 @@ def plan_mix(
     """The run's windows from row ``start_row`` on, as a list (for inspection and tests; the dataset
     computes them one read task at a time). The windows before ``start_row`` are walked too, so the
     rest is unchanged."""
+    weights = normalize_weights(corpus, weights)
     plan = MixPlan.build(corpus, weights, num_rows=num_rows, seed=seed, window_rows=window_rows)
     first, skip = divmod(start_row, window_rows)
     if first >= plan.num_windows:
@@ -484,6 +486,7 @@ def planned_datasource(
     columns: list[str] | None = None,
 ) -> _PlannedMix:
     """The ``planned`` strategy's Ray Data datasource (what :func:`build_mixed_dataset` reads)."""
+    weights = normalize_weights(corpus, weights)
     plan = MixPlan.build(corpus, weights, num_rows=num_rows, seed=seed, window_rows=window_rows)
     return _PlannedMix(plan, start_row, columns)
 
@@ -602,15 +605,8 @@ def build_mixed_dataset(
             corpus, weights, num_rows=num_rows, seed=seed, block_rows=block_rows, columns=columns
         )
     else:
-        source = planned_datasource(
-            corpus,
-            weights,
-            num_rows=num_rows,
-            seed=seed,
-            window_rows=window_rows,
-            start_row=start_row,
-            columns=columns,
-        )
+        plan = MixPlan.build(corpus, weights, num_rows=num_rows, seed=seed, window_rows=window_rows)
+        source = _PlannedMix(plan, start_row, columns)
         # One read task per TASK_WINDOWS windows, one block per window: without the override Ray splits
         # reads to reach its default parallelism.
         ds = ray.data.read_datasource(source, override_num_blocks=source.num_tasks())

@@ -478,7 +478,7 @@ def _prepare_owned(
     valid_fraction: float,
     progress: bool,
 ) -> dict:
-    from vallex.codec.tokenizer import describe
+    from vallex.codec.tokenizer import codec_summary
     from vallex.text.symbols import SymbolTable
 
     codec = codec_description(settings, seed)
@@ -520,7 +520,7 @@ def _prepare_owned(
     if codec.get("kind") == "mel_rvq":
         codec = fitted_codec(out, codec, ready, settings, seed, old_codec, progress)
     if codec.get("kind") == "mel_rvq" or not codec.get("pretrained", True):
-        log.warning("%s", describe(codec))
+        log.warning("%s", codec_summary(codec))
 
     # Pass 2: shard jobs; shards already written by an identical job are skipped.
     jobs, reused = [], []
@@ -889,7 +889,7 @@ def prepare_from_config(cfg, progress: bool = True) -> dict:
         )
     return prepare_corpus(
         utts,
-        cfg.prepare_dir,
+        cfg.prepared_dir,
         cfg.prepare,
         seed=cfg.run.seed,
         valid_fraction=cfg.corpus.valid_fraction,

@@ -24,8 +24,13 @@ from pathlib import Path
 from vallex.config import WEIGHT_POLICIES  # the names the config accepts; one list for both
 
 
-def _normalize(raw: dict[str, float], source: str) -> dict[str, float]:
+def normalize(raw: Mapping[str, float], source: str) -> dict[str, float]:
+    """``raw`` scaled to sum 1: the one place sampling weights are normalized (``source`` names them in
+    the error). Weights that already sum to 1 are returned as they are, so normalizing twice changes
+    nothing."""
     total = math.fsum(raw.values())
+    if total == 1.0:
+        return dict(raw)
     if total <= 0:
         raise ValueError(f"{source}: all weights are 0 ({raw}); at least one language needs a weight > 0")
     return {lang: w / total for lang, w in raw.items()}
@@ -157,4 +162,4 @@ def resolve_weights(
             )
     else:
         raise ValueError(f"weights must be a policy name, a map or a JSON path, got {type(spec).__name__}")
-    return _normalize(raw, source)
+    return normalize(raw, source)

@@ -132,7 +132,7 @@ def driver_setup(cfg, corpus, tables: dict[str, pa.Table]) -> tuple[dict, dict]:
     s = cfg.train.intelligibility
     recognizer, reason = (None, "train.intelligibility.per_utterances is 0")
     if s.per_utterances > 0:
-        recognizer, reason = load_recognizer(cfg.prepare_dir, corpus)
+        recognizer, reason = load_recognizer(cfg.prepared_dir, corpus)
     if cfg.train.guard.metric == "per" and recognizer is None:
         raise ValueError(f"train.guard.metric=per needs the phoneme error rate, but {reason}")
     if reason and s.per_utterances > 0:
@@ -171,7 +171,8 @@ def driver_setup(cfg, corpus, tables: dict[str, pa.Table]) -> tuple[dict, dict]:
 class Intelligibility:
     """Per-worker state of the intelligibility evaluation (built once, used at every evaluation)."""
 
-    def __init__(self, cfg, tables, info: dict, rank: int, world: int, model, extra: dict | None):
+    def __init__(self, cfg, tables, plan, rank: int, world: int, model, extra: dict | None):
+        """``plan``: the run's :class:`vallex.train.plan.RunPlan` (languages, ids, model config)."""
         import ray
 
         from vallex.eval.text_gain import mismatched_batches
@@ -179,12 +180,12 @@ class Intelligibility:
         s = cfg.train.intelligibility
         self.settings = s
         self.rank, self.world = rank, world
-        self.languages: list[str] = list(info.get("eval_languages", info["languages"]))
-        self.language_ids: dict[str, int] = info["language_ids"]
-        self.num_codebooks: int = info["num_codebooks"]
+        self.languages: list[str] = list(plan.eval_languages)
+        self.language_ids: dict[str, int] = plan.language_ids
+        self.num_codebooks: int = plan.num_codebooks
         self.zero_stage = cfg.train.zero_stage
         self.train_stage = cfg.train.train_stage
-        self.model_config = info["model_config"]
+        self.model_config = plan.model_config
         self.mismatched: dict[str, list] = {}
         if s.text_gain:
             self.mismatched, _ = mismatched_batches(
@@ -226,8 +227,8 @@ class Intelligibility:
         """Add text gain and PER to ``valid`` (the all-reduced losses, per language), in place; rank 0
         (``sink`` given) sends the listening samples. A collective: every rank calls it."""
         if self.settings.text_gain:
+            from vallex.eval.losses import evaluate
             from vallex.eval.text_gain import text_gains
-            from vallex.train.loop import evaluate
 
             langs = [lang for lang in self.languages if lang in self.mismatched]
             mis = evaluate(model_engine, self.mismatched, langs, device, self.train_stage, filler)
@@ -271,8 +272,8 @@ class Intelligibility:
     def _synthesis_model(self, model_engine):
         if self.zero_stage != 3:
             return getattr(model_engine, "module", model_engine)  # DeepSpeed's engine, or a bare model
+        from vallex.model.checkpoint import consolidated_state_dict
         from vallex.model.vallex import VallexConfig, VallexModel
-        from vallex.train.loop import consolidated_state_dict
 
         weights = consolidated_state_dict(model_engine, 3)  # every rank joins the gather
         if self.rank != 0:

@@ -692,14 +692,14 @@ def train_recognizer_on_ray(cfg: Config) -> dict:
     }
     log.info(
         "training the phoneme recognizer on %s (%d steps x %d utterances, %d CPU) on Ray",
-        cfg.prepare_dir,
+        cfg.prepared_dir,
         rc.steps,
         rc.batch_size,
         rc.cpus,
     )
     job = ray.remote(num_cpus=rc.cpus, max_concurrency=2, max_restarts=0)(_RecognizerJob).remote()
     try:
-        result = job.run.remote(cfg.prepare_dir, settings, cfg.run.seed)
+        result = job.run.remote(cfg.prepared_dir, settings, cfg.run.seed)
         done = False
         while not done:
             done = bool(ray.wait([result], timeout=2.0)[0])
@@ -720,7 +720,7 @@ def ensure_recognizer(cfg: Config) -> dict:
     """The demo's stage after preparation: the metadata of the recognizer beside ``cfg``'s prepared corpus,
     trained first (on Ray) if there is none or it was made for another symbol table or codec."""
     try:
-        rec = Recognizer.load(cfg.prepare_dir)
+        rec = Recognizer.load(cfg.prepared_dir)
     except RecognizerError as e:
         log.warning("recognizer: %s; training a new one", e)
         rec = None

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from vallex.model.vallex import MODEL_SIZES, VallexConfig, VallexModel, paper_config
+from vallex.model.vallex import MODEL_SIZES, PHONEME_TABLES, VallexConfig, VallexModel, paper_config
 
 FORMAT = "vallex"
 FORMAT_VERSION = 1
@@ -49,7 +49,6 @@ log = logging.getLogger("vallex.model")
 
 PUBLIC_LANGUAGES = ("en", "zh", "ja")  # VALLE.language_ID in the reference
 LANGUAGE_TABLES = ("ar_language_embedding", "nar_language_embedding")
-PHONEME_TABLES = ("ar_text_embedding", "nar_text_embedding")
 TEXT_KEY = "ar_text_embedding.word_embeddings.weight"
 LANGUAGE_KEY = "ar_language_embedding.word_embeddings.weight"
 
@@ -464,7 +463,7 @@ def _kind(data: dict) -> str:
     return "public" if set(data) == {"model"} else "export"
 
 
-def describe(
+def checkpoint_metadata(
     path: str | os.PathLike, *, symbols: Sequence[str], vocab: str | os.PathLike | None = None
 ) -> dict:
     """What :func:`load_any` would return as metadata (``kind``, ``languages``, ``symbols``), checked the
@@ -557,3 +556,13 @@ def resize_phonemes(model: VallexModel, num_phonemes: int) -> VallexModel:
         _grow(getattr(model, name), num_phonemes)
     model.config.num_phonemes = num_phonemes
     return model
+
+
+def consolidated_state_dict(model_engine, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on rank 0 (collective under ZeRO-3, where each rank holds a slice)."""
+    if zero_stage == 3:
+        # Gathers the partitioned parameters; every rank must call it. Returns the dict on rank 0.
+        state = model_engine._zero3_consolidated_16bit_state_dict() or {}
+    else:
+        state = model_engine.module.state_dict()
+    return {k: v.detach().float().cpu() for k, v in state.items()}

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from vallex.model.checkpoint import PHONEME_TABLES
+from vallex.model.vallex import PHONEME_TABLES
 
 log = logging.getLogger("vallex.model")
 

@@ -69,6 +69,10 @@ from vallex.model.modules import SinePositionalEmbedding, TokenEmbedding, Transf
 IGNORE = -100  # target id that cross_entropy skips
 TRAIN_STAGES = ("ar", "nar", "both")
 BATCH_KEYS = ("phonemes", "phoneme_lens", "codes", "code_lens", "language")
+# The model's phoneme (text) embedding tables: grown, bridged and checked by vallex.model.checkpoint
+# and vallex.model.text_bridge.
+PHONEME_TABLES = ("ar_text_embedding", "nar_text_embedding")
+
 OUTPUT_KEYS = (
     "ar_loss_sum",
     "ar_tokens",

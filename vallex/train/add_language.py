@@ -23,13 +23,15 @@ import json
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vallex.config import WEIGHT_POLICIES, Config, config_from_dict
-from vallex.files import write_text_atomic
+from vallex.config import WEIGHT_POLICIES, Config, derive_config
+from vallex.files import save_figure, write_text_atomic
 from vallex.train.guard import HIGHER_IS_BETTER
+from vallex.train.plan import RunPlan, plan_run
 
 log = logging.getLogger("vallex.add_language")
 
@@ -73,6 +75,8 @@ class AddLanguagePlan:
     """The training run's config (``train.init_from`` = base, ``data.languages`` = trained languages)."""
     base_kind: str = "vallex"
     """``vallex`` (a checkpoint), ``export`` (a run's model.pt) or ``public`` (VALL-E X, text bridged)."""
+    run_plan: RunPlan | None = field(default=None, repr=False)
+    """The training run's plan (languages, ids, weights, grown model), resolved with the rest."""
 
     def describe(self) -> str:
         w = (
@@ -125,7 +129,7 @@ def _base_languages(base: Path, symbols: list[str], vocab: str | None) -> tuple[
     Reads only the checkpoint's metadata (tensors memory-mapped), and checks before any Ray work that
     the corpus's symbol table extends the model's (same ids for the same phonemes), or, for the public
     VALL-E X checkpoint, that its tokenizer file ``vocab`` is given and readable."""
-    from vallex.model.checkpoint import CheckpointError, describe
+    from vallex.model.checkpoint import CheckpointError, checkpoint_metadata
 
     if not base.is_file():
         raise AddLanguageError(
@@ -133,7 +137,7 @@ def _base_languages(base: Path, symbols: list[str], vocab: str | None) -> tuple[
             "or the public VALL-E X vallex-checkpoint.pt with --base-vocab)"
         )
     try:
-        meta = describe(base, symbols=symbols, vocab=vocab)
+        meta = checkpoint_metadata(base, symbols=symbols, vocab=vocab)
     except CheckpointError as e:
         raise AddLanguageError(f"base model {base}: {e}") from None
     return list(meta["languages"]), len(symbols) - len(meta["symbols"]["list"]), meta["kind"]
@@ -163,10 +167,10 @@ def plan_add_language(
     if not new:
         raise AddLanguageError("no new language given (e.g. --new ar)")
     base = Path(base)
-    corpus = PreparedCorpus.open(cfg.prepare_dir)
+    corpus = PreparedCorpus.open(cfg.prepared_dir)
     base_vocab = str(Path(base_vocab).resolve()) if base_vocab else None
     old, new_phonemes, base_kind = _base_languages(base, corpus.symbols, base_vocab)
-    manifest = f"{cfg.prepare_dir}/manifest.json"
+    manifest = f"{cfg.prepared_dir}/manifest.json"
     missing = [lang for lang in new if lang not in corpus.languages]
     if missing:
         raise AddLanguageError(
@@ -201,43 +205,38 @@ def plan_add_language(
             weights = replay_weights(counts, with_data, new, replay_ratio, cfg.data.alpha)
         else:
             weights = cfg.data.weights
-    # Resolve now (a policy, a map or a Tune best_weights.json): a file or map that leaves a new
-    # language out would give it weight 0, and the run would train only the old ones.
-    from vallex.data.weights import resolve_weights
-
-    t = cfg.train
     try:
-        resolved = resolve_weights(
-            weights,
-            {lang: counts[lang] for lang in trained},
-            alpha=cfg.data.alpha,
-            budget=t.max_steps * t.grad_accum * t.batch_size * t.num_workers,
+        run_cfg = derive_config(
+            cfg,
+            {
+                "run.output_dir": str(out_dir),
+                # The output folder and the base model are in the name: runs sharing a train.storage_path
+                # must never resume each other's checkpoints.
+                "run.name": run_name
+                or f"add-{'-'.join(new)}-{mode}-{_short_hash(Path(out_dir).resolve(), base.resolve())}",
+                "run.prepared_dir": cfg.prepared_dir,
+                "corpus.languages": [],  # the corpus is already prepared; every prepared language may be used
+                "data.languages": trained,
+                "data.weights": weights,
+                "train.init_from": str(base.resolve()),
+                "train.init_vocab": base_vocab or "",
+            },
         )
+    except ValueError as e:
+        raise AddLanguageError(f"config: {e}") from None
+    # The run's plan, resolved now (weights from a policy, a map or a Tune best_weights.json; the base
+    # model grown to the new languages): a file or map that leaves a new language out would give it
+    # weight 0, and the run would train only the old ones.
+    try:
+        run_plan = plan_run(run_cfg)
     except (ValueError, OSError) as e:
-        raise AddLanguageError(f"data.weights: {e}") from None
-    absent = [lang for lang in new if resolved.get(lang, 0.0) <= 0]
+        raise AddLanguageError(str(e)) from None
+    absent = [lang for lang in new if run_plan.weights.get(lang, 0.0) <= 0]
     if absent:
         raise AddLanguageError(
             f"data.weights ({weights}) gives the new language(s) {absent} no weight: they would not be "
             "trained; give them a weight, use --replay-ratio, or a weights policy"
         )
-
-    data = cfg.to_dict()
-    data["run"].update(
-        output_dir=str(out_dir),
-        # The output folder and the base model are in the name: runs sharing a train.storage_path must
-        # never resume each other's checkpoints.
-        name=run_name or f"add-{'-'.join(new)}-{mode}-{_short_hash(Path(out_dir).resolve(), base.resolve())}",
-        prepared_dir=cfg.prepare_dir,
-    )
-    data["corpus"]["languages"] = []  # the corpus is already prepared; every prepared language may be used
-    data["data"].update(languages=trained, weights=weights)
-    data["train"]["init_from"] = str(base.resolve())
-    data["train"]["init_vocab"] = base_vocab or ""
-    try:
-        run_cfg = config_from_dict(data)
-    except ValueError as e:
-        raise AddLanguageError(f"config: {e}") from None
     return AddLanguagePlan(
         mode=mode,
         base=str(base),
@@ -251,6 +250,7 @@ def plan_add_language(
         new_phonemes=new_phonemes,
         config=run_cfg,
         base_kind=base_kind,
+        run_plan=run_plan,
     )
 
 
@@ -429,12 +429,7 @@ def plot_forgetting(reports: list[dict], path: str | os.PathLike) -> None:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(f"validation {METRIC_NAMES[reports[0]['metric']]} vs. step 0 (%)")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def comparison_table(naive: dict, vallex: dict) -> str:
@@ -479,7 +474,7 @@ def add_language(plan: AddLanguagePlan) -> dict:
             "recipe that forgets)",
             plan.new_languages,
         )
-    train_report = train(cfg)
+    train_report = train(cfg, plan=plan.run_plan)
     records = read_metrics(cfg.train_dir / "metrics.jsonl")
     report = forgetting_report(records, train_report, plan)
     out = Path(plan.out_dir)
@@ -500,3 +495,151 @@ def add_language(plan: AddLanguagePlan) -> dict:
         out / FIGURE_NAME,
     )
     return report
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+
+def _fresh(path: Path) -> None:
+    """The demo's runs start over each time (their Ray results too), so its numbers are reproducible."""
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _demo_corpora(cfg: Config, out: Path, new: list[str] | None):
+    """Demo steps 1-2: the demo corpus, the old languages prepared alone (the base model's corpus) and
+    a copy with the new ones appended; ``(old, new, base_prep, full_prep)``."""
+    from vallex.data.demo_corpus import make_demo_corpus
+    from vallex.data.prepare import prepare_corpus, summary_table
+    from vallex.data.sources import read_manifest
+
+    log.info("== 1/5: demo corpus (espeak-ng speech, cached in %s)", out / "corpus")
+    utts = read_manifest(make_demo_corpus(out / "corpus", seed=cfg.run.seed, scale=cfg.corpus.demo_scale))
+    sizes: dict[str, int] = {}
+    for u in utts:
+        sizes[u.language] = sizes.get(u.language, 0) + 1
+    new = new or [min(sizes, key=sizes.get)]
+    unknown = sorted(set(new) - set(sizes))
+    if unknown:
+        raise AddLanguageError(f"--new {unknown}: not demo languages (the demo has {sorted(sizes)})")
+    old = sorted(set(sizes) - set(new))
+    log.info("utterances per language %s: base model on %s, then add %s", sizes, old, new)
+
+    log.info("== 2/5: prepare the old languages, then add the new one to a copy (its symbols are appended)")
+    base_prep, full_prep = out / "prepare-base", out / "prepare"
+    earlier = base_prep / "manifest.json"
+    if earlier.exists() and set(json.loads(earlier.read_text())["languages"]) != set(old):
+        _fresh(base_prep)  # an earlier demo with another --new: its table must not leak into this base
+    prepare_corpus(
+        [u for u in utts if u.language in old],
+        base_prep,
+        cfg.prepare,
+        seed=cfg.run.seed,
+        valid_fraction=cfg.corpus.valid_fraction,
+    )
+    _fresh(full_prep)
+    shutil.copytree(base_prep, full_prep)
+    manifest = prepare_corpus(
+        [u for u in utts if u.language in new],
+        full_prep,
+        cfg.prepare,
+        seed=cfg.run.seed,
+        valid_fraction=cfg.corpus.valid_fraction,
+    )
+    log.info("prepared corpus in %s:\n%s", full_prep, summary_table(manifest))
+    return old, new, base_prep, full_prep
+
+
+def add_language_demo(
+    cfg: Config,
+    *,
+    out: Path,
+    new: list[str] | None = None,
+    base_steps: int = 300,
+    add_steps: int = 300,
+    replay_ratio: float | None = None,
+    figure: str | os.PathLike | None = None,
+) -> bool:
+    """The headline comparison on the embedded demo corpus, under ``out``: train a base model on every
+    demo language but ``new`` (default: the smallest), add ``new`` naively and with vallex from that same
+    base, write comparison.md/.json and the figure (also copied to ``figure``). Returns whether the
+    expected contrast showed (vallex kept the old languages, naive forgot them)."""
+    import time
+
+    from vallex.train.trainer import train
+
+    if cfg.corpus.source != "demo":
+        raise AddLanguageError(
+            f"--demo uses the embedded demo corpus; corpus.source is {cfg.corpus.source!r}"
+        )
+    out = Path(out)
+    t0 = time.time()
+    old, new, base_prep, full_prep = _demo_corpora(cfg, out, new)
+
+    log.info("== 3/5: train the base model on %s (%d steps)", old, base_steps)
+    _fresh(out / "base")
+    base_cfg = derive_config(
+        cfg,
+        {
+            "run.output_dir": str(out / "base"),
+            "run.name": "base",
+            "run.prepared_dir": str(base_prep),
+            "corpus.languages": [],
+            "data.languages": old,
+            "train.max_steps": base_steps,
+            "train.init_from": "",
+            "train.storage_path": "",
+        },
+    )
+    base_report = train(base_cfg)
+    if not base_report.get("model_file"):
+        raise AddLanguageError(f"the base run wrote no model file (see {base_cfg.train_dir / 'report.json'})")
+
+    every = max(1, add_steps // 10)
+    add_cfg = derive_config(
+        cfg,
+        {
+            "run.prepared_dir": str(full_prep),
+            "corpus.languages": [],
+            "train.max_steps": add_steps,
+            "train.eval_every": every,
+            "train.checkpoint_every": add_steps,
+            "train.storage_path": "",
+        },
+    )
+    reports = {}
+    for i, mode in enumerate(("naive", "vallex")):
+        log.info("== %d/5: add %s, %s mode, from the same base", 4 + i, new, mode)
+        _fresh(out / mode)
+        plan = plan_add_language(
+            add_cfg,
+            base=base_report["model_file"],
+            new_languages=new,
+            out_dir=out / mode,
+            mode=mode,
+            replay_ratio=None if mode == "naive" else replay_ratio,
+        )
+        reports[mode] = add_language(plan)
+
+    table = comparison_table(reports["naive"], reports["vallex"])
+    written = out / "add_language.png"
+    plot_forgetting([reports["naive"], reports["vallex"]], written)
+    if figure:
+        Path(figure).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(written, figure)
+    minutes = (time.time() - t0) / 60
+    write_text_atomic(
+        out / "comparison.md",
+        f"Validation loss (AR + NAR) of each language, step 0 of the add-language run (the base model) vs. "
+        f"after {add_steps} steps; change relative to step 0; whole demo {minutes:.1f} min.\n\n{table}\n",
+    )
+    write_text_atomic(out / "comparison.json", json.dumps(reports, indent=2))
+    log.info("add-language demo finished in %.1f min:\n%s", minutes, table)
+    log.info("wrote %s, %s%s", out / "comparison.md", written, f" and {figure}" if figure else "")
+    shown = reports["vallex"]["verdict"] == "ok" and reports["naive"]["verdict"] == "forgetting"
+    if not shown:
+        log.warning(
+            "WARNING: this run did not show the expected contrast (naive %s, vallex %s)",
+            reports["naive"]["verdict"],
+            reports["vallex"]["verdict"],
+        )
+    return shown

@@ -1,7 +1,8 @@
 """The per-worker training loop that Ray Train runs on every rank.
 
-``setup -> (resume) -> train steps with periodic per-language validation and checkpoints``.
-Everything a worker needs arrives in ``train_loop_config`` (see ``vallex.train.trainer``).
+``setup -> (resume) -> train steps -> evaluate -> checkpoint -> ... -> finish``, one method of
+:class:`WorkerRun` each. Everything a worker needs arrives in ``train_loop_config`` (see
+``vallex.train.trainer``), the run's facts as a :class:`vallex.train.plan.RunPlan`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,27 +23,23 @@ import torch.distributed as dist
 from vallex.config import Config, config_from_dict
 from vallex.data.batching import PaddingStats, train_batches, validation_indices
 from vallex.data.collate import collate
-from vallex.data.corpus import read_split_share
+from vallex.data.corpus import read_split_rows
 from vallex.data.mixing import MixStats
 from vallex.eval.intelligibility import Intelligibility
-from vallex.model.checkpoint import load_weights
-from vallex.model.vallex import OUTPUT_KEYS, VallexConfig, VallexModel
+from vallex.eval.losses import evaluate, to_device
+from vallex.model.checkpoint import consolidated_state_dict, load_weights
+from vallex.model.vallex import VallexConfig, VallexModel
 from vallex.train import engine as ds_engine
 from vallex.train.guard import ForgettingGuard
 from vallex.train.metrics import flat_metrics
+from vallex.train.plan import RunPlan
 from vallex.train.tracking import Tracker
 
 log = logging.getLogger("vallex.train")
 
-# Per-language sums all-reduced across ranks: the model's per-sample outputs, in its order.
-EVAL_FIELDS = OUTPUT_KEYS
 STATE_FILE = "vallex_state.json"
 EXPORT_FILE = "model.pt"
 CHECKPOINT_TAG = "ckpt"
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _validation_batches(
@@ -65,54 +64,6 @@ def _validation_batches(
     return out
 
 
-def evaluate(
-    model_engine,
-    valid_batches: dict[str, list],
-    languages: list[str],
-    device,
-    train_stage: str,
-    filler: dict[str, torch.Tensor],
-) -> dict:
-    """All-reduced per-language validation losses and top-10 accuracies.
-
-    Every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively inside
-    forward); a rank with fewer batches (or none: fewer validation rows than workers) runs ``filler``,
-    a real batch whose results are discarded.
-    """
-    model_engine.eval()
-    sums = torch.zeros(len(languages), len(EVAL_FIELDS), dtype=torch.float64, device=device)
-    n_local = torch.tensor([sum(len(b) for b in valid_batches.values())], device=device)
-    if dist.is_initialized():
-        dist.all_reduce(n_local, op=dist.ReduceOp.MAX)
-    n_max = int(n_local.item())
-    work = [(li, b) for li, lang in enumerate(languages) for b in valid_batches.get(lang, [])]
-    with torch.no_grad():
-        for i in range(n_max):
-            li, batch = work[i] if i < len(work) else (None, filler)
-            out = model_engine(_to_device(batch, device), train_stage=train_stage)
-            if li is not None:
-                sums[li] += torch.stack([out[f].sum().double() for f in EVAL_FIELDS])
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    model_engine.train()
-    result = {}
-    for li, lang in enumerate(languages):
-        s = dict(zip(EVAL_FIELDS, sums[li].tolist(), strict=True))
-        # A stage not run (train.train_stage=ar or nar) scored no tokens: its figures are None, not 0.
-        ar = s["ar_loss_sum"] / s["ar_tokens"] if s["ar_tokens"] else None
-        nar = s["nar_loss_sum"] / s["nar_tokens"] if s["nar_tokens"] else None
-        result[lang] = {
-            "ar_loss": ar,
-            "nar_loss": nar,
-            "loss": (ar or 0.0) + (nar or 0.0),
-            "ar_top10": s["ar_top10_correct"] / s["ar_tokens"] if s["ar_tokens"] else None,
-            "nar_top10": s["nar_top10_correct"] / s["nar_tokens"] if s["nar_tokens"] else None,
-            "ar_tokens": int(s["ar_tokens"]),
-            "nar_tokens": int(s["nar_tokens"]),
-        }
-    return result
-
-
 def _save_checkpoint(
     model_engine, state: dict, metrics: dict, rank: int, zero_stage: int, export: bool
 ) -> None:
@@ -133,16 +84,6 @@ def _save_checkpoint(
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def consolidated_state_dict(model_engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on rank 0 (collective under ZeRO-3, where each rank holds a slice)."""
-    if zero_stage == 3:
-        # Gathers the partitioned parameters; every rank must call it. Returns the dict on rank 0.
-        state = model_engine._zero3_consolidated_16bit_state_dict() or {}
-    else:
-        state = model_engine.module.state_dict()
-    return {k: v.detach().float().cpu() for k, v in state.items()}
 
 
 def global_counts(mix: MixStats, languages: list[str], device) -> dict[str, int]:
@@ -238,206 +179,320 @@ def nonfinite_losses(record: dict, train_nonfinite: bool, policy: str) -> str | 
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    """What Ray Train runs on every rank: set up, (step 0 evaluation), train, then finish."""
     with Tracker(loop_config.get("tracking")) as tracker:  # ends the MLflow / W&B runs, failed or not
-        _train_loop(loop_config, tracker)
+        run = WorkerRun.setup(loop_config, tracker)
+        if run.needs_baseline:
+            run.evaluate_baseline()
+        run.train()
 
 
-def _train_loop(loop_config: dict, tracker: Tracker) -> None:
-    import ray
-    import ray.train
+@dataclass
+class Window:
+    """What the steps since the last evaluation did (reset at each evaluation)."""
 
-    cfg: Config = config_from_dict(loop_config["config"])
-    info = loop_config["corpus"]
-    languages: list[str] = info["languages"]  # trained (mixed) languages
-    eval_languages: list[str] = info.get("eval_languages", languages)
-    language_ids: dict[str, int] = info["language_ids"]
-    num_codebooks: int = info["num_codebooks"]
-    sink = loop_config.get("sink")
-    objective = loop_config.get("objective")
+    t0: float = field(default_factory=time.perf_counter)
+    rows: int = 0
+    losses: list = field(default_factory=list)
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ds_engine.device_for(cfg.train)
-    torch.manual_seed(cfg.run.seed)  # identical init on every rank
-    if not cfg.train.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    def train_loss(self) -> float | None:
+        return float(torch.stack(self.losses).float().mean()) if self.losses else None
 
-    model = VallexModel(VallexConfig(**info["model_config"]))
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and loop_config.get("init_state") is not None:  # train.init_from, grown by the driver
-        load_weights(model, ray.get(loop_config["init_state"]), cfg.train.init_from)
-    model_engine, _, _ = ds_engine.initialize(model, cfg.train)
-    ds_engine.use_weights_only_loads(model_engine)  # a resume must not unpickle code from storage
-    # What DeepSpeed actually runs (not what was asked): sent with the first record of each (re)start.
-    engine_facts = {
-        "zero_stage": model_engine.zero_optimization_stage(),
-        "offload_optimizer": model_engine.zero_offload_optimizer() is not None,
-        "offload_param": model_engine.zero_offload_param() is not None,
-        "bf16": bool(model_engine.bfloat16_enabled()),
-        "world_size": world,
-    }
+    def reset(self) -> None:
+        self.t0, self.rows, self.losses = time.perf_counter(), 0, []
 
-    state = {"step": 0, "consumed_batches": 0, "mix": {}, "guard_best": {}, "initial": None}
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            ds_engine.check_checkpoint_files(d)  # names a file holding more than weights, before any load
-            state = json.loads(Path(d, STATE_FILE).read_text())
-            resume(model_engine, d, state.get("world_size", world), world, cfg.train.zero_stage, rank)
-    state["world_size"] = world
-    state["tracking"] = tracker.open(rank, state.get("tracking"))
-    if rank == 0 and sink is not None:  # metrics.jsonl continues this checkpoint's timeline, no other
-        note = ray.get(sink.restart_at.remote(state["step"] if ckpt is not None else None))
-        if note:
-            log.warning("%s", note)
 
-    # Read from the shards here, not gathered on the driver: the validation split up to
-    # data.valid_max_rows per language. This rank scores rows rank, rank + world, ...; the whole
-    # (capped) split is kept because text gain pairs each row with another one's text and synthesis
-    # draws its prompts from any row (vallex.eval.intelligibility).
-    valid_tables = read_split_share(loop_config["valid_ref"], 0, 1)
-    valid_batches = _validation_batches(
-        valid_tables, language_ids, num_codebooks, cfg.train.batch_size, rank, world, cfg.data.max_tokens
-    )
-    first = next(iter(valid_tables.values())).slice(0, 1)
-    filler = _validation_batches({"_": first}, language_ids, num_codebooks, 1, 0, 1)["_"][0]
-    # Text gain, PER of synthesized speech, listening samples (vallex.eval.intelligibility).
-    intelligibility = Intelligibility(
-        cfg, valid_tables, info, rank, world, model_engine.module, loop_config.get("intelligibility")
-    )
-    mix = MixStats()
-    padding = PaddingStats()  # since the last evaluation
-    if rank == 0:  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
-        mix.counts.update(state["mix"])
-    g = cfg.train.guard
+@dataclass
+class WorkerRun:
+    """One rank's run: what :meth:`setup` built, and the state a checkpoint keeps (``progress``).
 
-    def make_guard(initial: dict | None) -> ForgettingGuard:
-        # Reference per language: train.guard.baseline's file, else (init_from) the loss the languages the
-        # model already knew had before this run trained it, else the run's own best.
-        from_file = loop_config.get("guard_baseline")
+    ``progress`` is what ``vallex_state.json`` and the DeepSpeed client state hold: step, batches this
+    rank consumed, the all-ranks language counts, the guard's best losses, the step-0 losses and the
+    tracking run ids. Every method that runs a collective is called by every rank at the same step.
+    """
+
+    cfg: Config
+    plan: RunPlan
+    rank: int
+    world: int
+    device: torch.device
+    model_engine: object
+    tracker: Tracker
+    sink: object
+    objective: Callable[[dict], dict] | None
+    guard_baseline: dict | None
+    resumed: bool
+    progress: dict
+    engine_facts: dict
+    valid_batches: dict = field(default_factory=dict)
+    filler: dict = field(default_factory=dict)
+    intelligibility: Intelligibility | None = None
+    mix: MixStats = field(default_factory=MixStats)
+    padding: PaddingStats = field(default_factory=PaddingStats)  # since the last evaluation
+    guard: ForgettingGuard | None = None
+
+    # ------------------------------------------------------------------------------------- setup
+
+    @classmethod
+    def setup(cls, loop_config: dict, tracker: Tracker) -> WorkerRun:
+        """Build the model and DeepSpeed engine, restore a checkpoint if Ray Train gives one, read this
+        worker's validation data, and set up the guard."""
+        import ray
+        import ray.train
+
+        cfg: Config = config_from_dict(loop_config["config"])
+        plan: RunPlan = loop_config["plan"]
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.manual_seed(cfg.run.seed)  # identical init on every rank
+        if not cfg.train.use_gpu:
+            torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        model = VallexModel(VallexConfig(**plan.model_config))
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None and loop_config.get("init_state") is not None:  # train.init_from, grown by the driver
+            load_weights(model, ray.get(loop_config["init_state"]), cfg.train.init_from)
+        model_engine, _, _ = ds_engine.initialize(model, cfg.train)
+        ds_engine.use_weights_only_loads(model_engine)  # a resume must not unpickle code from storage
+        run = cls(
+            cfg=cfg,
+            plan=plan,
+            rank=rank,
+            world=world,
+            device=ds_engine.device_for(cfg.train),
+            model_engine=model_engine,
+            tracker=tracker,
+            sink=loop_config.get("sink"),
+            objective=loop_config.get("objective"),
+            guard_baseline=loop_config.get("guard_baseline"),
+            resumed=ckpt is not None,
+            progress={"step": 0, "consumed_batches": 0, "mix": {}, "guard_best": {}, "initial": None},
+            # What DeepSpeed actually runs (not what was asked): sent with the first record of each (re)start.
+            engine_facts={
+                "zero_stage": model_engine.zero_optimization_stage(),
+                "offload_optimizer": model_engine.zero_offload_optimizer() is not None,
+                "offload_param": model_engine.zero_offload_param() is not None,
+                "bf16": bool(model_engine.bfloat16_enabled()),
+                "world_size": world,
+            },
+        )
+        run._restore(ckpt)
+        run._read_validation(loop_config["valid_ref"], loop_config.get("intelligibility"))
+        if (
+            rank == 0
+        ):  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
+            run.mix.counts.update(run.progress["mix"])
+        run.guard = run._make_guard(run.progress.get("initial"))
+        return run
+
+    def _restore(self, ckpt) -> None:
+        """Load Ray Train's checkpoint (if any) into the engine and ``progress``; open the trackers."""
+        import ray
+
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                ds_engine.check_checkpoint_files(d)  # names a file holding more than weights, before any load
+                self.progress = json.loads(Path(d, STATE_FILE).read_text())
+                saved_world = self.progress.get("world_size", self.world)
+                resume(self.model_engine, d, saved_world, self.world, self.cfg.train.zero_stage, self.rank)
+        self.progress["world_size"] = self.world
+        self.progress["tracking"] = self.tracker.open(self.rank, self.progress.get("tracking"))
+        if self.rank == 0 and self.sink is not None:  # metrics.jsonl continues this checkpoint's timeline
+            note = ray.get(self.sink.restart_at.remote(self.progress["step"] if ckpt is not None else None))
+            if note:
+                log.warning("%s", note)
+
+    def _read_validation(self, valid_ref: dict, intelligibility: dict | None) -> None:
+        """This rank's validation batches, the filler batch, and the intelligibility evaluation.
+
+        Read from the shards here, not gathered on the driver: the validation split up to
+        data.valid_max_rows per language. This rank scores rows rank, rank + world, ...; the whole
+        (capped) split is read because text gain pairs each row with another one's text and synthesis
+        draws its prompts from any row (vallex.eval.intelligibility)."""
+        plan, cfg = self.plan, self.cfg
+        tables = read_split_rows(valid_ref)
+        ids = plan.language_ids
+        self.valid_batches = _validation_batches(
+            tables, ids, plan.num_codebooks, cfg.train.batch_size, self.rank, self.world, cfg.data.max_tokens
+        )
+        first = next(iter(tables.values())).slice(0, 1)
+        self.filler = _validation_batches({"_": first}, ids, plan.num_codebooks, 1, 0, 1)["_"][0]
+        # Text gain, PER of synthesized speech, listening samples (vallex.eval.intelligibility).
+        self.intelligibility = Intelligibility(
+            cfg, tables, plan, self.rank, self.world, self.model_engine.module, intelligibility
+        )
+
+    def _make_guard(self, initial: dict | None) -> ForgettingGuard:
+        """Reference per language: train.guard.baseline's file, else (init_from) the loss the languages
+        the model already knew had before this run trained it, else the run's own best."""
+        g = self.cfg.train.guard
         return ForgettingGuard(
             g.max_rise,
             g.per_language,
-            from_file or initial,
+            self.guard_baseline or initial,
             g.metric,
-            best=state.get("guard_best"),
-            source="baseline" if from_file else "initial",
+            best=self.progress.get("guard_best"),
+            source="baseline" if self.guard_baseline else "initial",
             floor=g.floor,
         )
 
-    guard = make_guard(state.get("initial"))
+    @property
+    def needs_baseline(self) -> bool:
+        """A run from ``train.init_from`` evaluates at step 0 (not again when it resumes)."""
+        return bool(self.cfg.train.init_from) and not self.resumed
 
-    def evaluation(step: int, train_loss: float | None, t_window: float, n_window: int) -> dict:
+    # --------------------------------------------------------------------------------- evaluate
+
+    def evaluate_baseline(self) -> None:
+        """Step 0: where every language stands before this run trains the model (the forgetting baseline)."""
+        import ray.train
+
+        record = self.evaluation(0, Window())
+        known = set(self.plan.init_languages)
+        metric = self.cfg.train.guard.metric
+        self.progress["initial"] = {
+            lang: v[metric]
+            for lang, v in record["valid"].items()
+            if lang in known and v.get(metric) is not None
+        }
+        self.guard = self._make_guard(self.progress["initial"])
+        record["guard"] = self.guard.check(record["valid"])
+        record["stopped_by_guard"] = False
+        ray.train.report(self.publish(record))
+
+    def evaluation(self, step: int, window: Window) -> dict:
         """Evaluate every language; the record metrics.jsonl keeps (identical on every rank)."""
-        valid = evaluate(model_engine, valid_batches, eval_languages, device, cfg.train.train_stage, filler)
-        intelligibility.evaluate(model_engine, valid, device, filler, step, sink if rank == 0 else None)
-        counts = global_counts(mix, languages, device)
+        engine, device, languages = self.model_engine, self.device, list(self.plan.languages)
+        valid = evaluate(
+            engine,
+            self.valid_batches,
+            list(self.plan.eval_languages),
+            device,
+            self.cfg.train.train_stage,
+            self.filler,
+        )
+        self.intelligibility.evaluate(
+            engine, valid, device, self.filler, step, self.sink if self.rank == 0 else None
+        )
+        counts = global_counts(self.mix, languages, device)
         total = max(sum(counts.values()), 1)
-        elapsed = time.perf_counter() - t_window
+        elapsed = time.perf_counter() - window.t0
         return {
             "step": step,
-            "train_loss": train_loss,
-            "lr": float(model_engine.get_lr()[0]),
+            "train_loss": window.train_loss(),
+            "lr": float(engine.get_lr()[0]),
             "valid": valid,
             "realized_fractions": {lang: counts[lang] / total for lang in languages},
             "samples_seen": int(sum(counts.values())),
-            "languages_per_batch": languages_per_batch(mix, device),
-            "padding_fraction": padding_fraction(padding, device),
-            "samples_per_s": n_window * world / max(elapsed, 1e-9),
+            "languages_per_batch": languages_per_batch(self.mix, device),
+            "padding_fraction": padding_fraction(self.padding, device),
+            "samples_per_s": window.rows * self.world / max(elapsed, 1e-9),
             # Steps DeepSpeed skipped on a loss-scale overflow (fp16): counted, not trained.
-            "skipped_steps": int(getattr(model_engine, "skipped_steps", 0) or 0),
+            "skipped_steps": int(getattr(engine, "skipped_steps", 0) or 0),
             "time": time.time(),
         }
 
-    def publish(record: dict) -> dict:
+    def publish(self, record: dict) -> dict:
         """Send the record to the driver's sink (rank 0); the flat metrics every rank reports."""
-        if rank == 0 and sink is not None:
-            if engine_facts:
-                record = {**record, "engine": dict(engine_facts)}
-                engine_facts.clear()
-            ray.get(sink.log.remote(record))
-        metrics = flat_metrics(record)
-        if objective:
-            from vallex.tune.objective import score
+        import ray
 
-            metrics.update(score(record["valid"], **objective))
-        tracker.log(metrics)
+        if self.rank == 0 and self.sink is not None:
+            if self.engine_facts:
+                record = {**record, "engine": dict(self.engine_facts)}
+                self.engine_facts.clear()
+            ray.get(self.sink.log.remote(record))
+        metrics = flat_metrics(record)
+        if self.objective is not None:  # a Tune trial's score of the per-language losses
+            metrics.update(self.objective(record["valid"]))
+        self.tracker.log(metrics)
         return metrics
 
-    if cfg.train.init_from and ckpt is None:
-        # Step 0: where every language stands before this run trains the model (the forgetting baseline).
-        record = evaluation(0, None, time.perf_counter(), 0)
-        known = set(info.get("init_languages", []))
-        state["initial"] = {
-            lang: v[g.metric]
-            for lang, v in record["valid"].items()
-            if lang in known and v.get(g.metric) is not None
-        }
-        guard = make_guard(state["initial"])
-        record["guard"] = guard.check(record["valid"])
-        record["stopped_by_guard"] = False
-        ray.train.report(publish(record))
+    # ------------------------------------------------------------------------------------ train
 
-    shard = ray.train.get_dataset_shard("train")
+    def train(self) -> None:
+        """Train steps until ``train.max_steps``, evaluating and checkpointing on the way; returns early
+        when the guard stops the run or a loss is not finite."""
+        import ray.train
 
-    # Ray Data has no mid-stream position: after a resume, skip the batches this rank already used
-    # (same count, not necessarily the same rows: see docs in vallex.data.mixing). With data.max_tokens
-    # the batch sizes vary, but the batches are a function of the stream, so the same count is skipped.
-    stream = train_batches(
-        shard,
-        batch_size=cfg.train.batch_size,
-        max_tokens=cfg.data.max_tokens,
-        bucket_rows=cfg.data.bucket_rows,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.run.seed,
-        rank=rank,
-        skip=state["consumed_batches"],
-    )
-    step = state["step"]
-    t_window, n_window, loss_window = time.perf_counter(), 0, []
-    model_engine.train()
-    while step < cfg.train.max_steps:
+        cfg = self.cfg
+        # Ray Data has no mid-stream position: after a resume, skip the batches this rank already used
+        # (same count, not necessarily the same rows: see docs in vallex.data.mixing). With data.max_tokens
+        # the batch sizes vary, but the batches are a function of the stream, so the same count is skipped.
+        stream = train_batches(
+            ray.train.get_dataset_shard("train"),
+            batch_size=cfg.train.batch_size,
+            max_tokens=cfg.data.max_tokens,
+            bucket_rows=cfg.data.bucket_rows,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.run.seed,
+            rank=self.rank,
+            skip=self.progress["consumed_batches"],
+        )
+        window = Window()
+        self.model_engine.train()
+        while self.progress["step"] < cfg.train.max_steps:
+            self.train_step(stream, window)
+            step = self.progress["step"]
+            last = step == cfg.train.max_steps
+            checkpoint = step % cfg.train.checkpoint_every == 0 or last
+            # Every checkpoint is evaluated too, so each one carries its metrics (keep-best, Tune).
+            if not (step == 1 or step % cfg.train.eval_every == 0 or checkpoint):
+                continue
+            if self.evaluate_and_checkpoint(step, window, checkpoint=checkpoint, last=last):
+                return
+
+    def train_step(self, stream, window: Window) -> None:
+        """One optimizer step: ``train.grad_accum`` micro-batches through DeepSpeed."""
+        cfg, plan = self.cfg, self.plan
         for _ in range(cfg.train.grad_accum):
             np_batch = next(stream)
-            mix.update(np_batch)
-            padding.update(np_batch)
-            batch = _to_device(collate(np_batch, language_ids, num_codebooks), device)
-            out = model_engine(batch, train_stage=cfg.train.train_stage)
+            self.mix.update(np_batch)
+            self.padding.update(np_batch)
+            batch = to_device(collate(np_batch, plan.language_ids, plan.num_codebooks), self.device)
+            out = self.model_engine(batch, train_stage=cfg.train.train_stage)
             # A token mean over this batch; DeepSpeed weighs every micro-batch alike (1/grad_accum, mean
             # over ranks), whatever its rows: see vallex.data.batching on what data.max_tokens does to that.
-            model_engine.backward(out["loss"])
-            model_engine.step()
-            state["consumed_batches"] += 1
-            n_window += len(np_batch["language"])
-            loss_window.append(out["loss"].detach())  # no host sync per step; read at evaluation
-        step += 1
-        state["step"] = step
+            self.model_engine.backward(out["loss"])
+            self.model_engine.step()
+            self.progress["consumed_batches"] += 1
+            window.rows += len(np_batch["language"])
+            window.losses.append(out["loss"].detach())  # no host sync per step; read at evaluation
+        self.progress["step"] += 1
 
-        last = step == cfg.train.max_steps
-        checkpoint = step % cfg.train.checkpoint_every == 0 or last
-        # Every checkpoint is evaluated too, so each one carries its metrics (keep-best, Tune).
-        if not (step == 1 or step % cfg.train.eval_every == 0 or checkpoint):
-            continue
-        train_loss = float(torch.stack(loss_window).float().mean()) if loss_window else None
-        record = evaluation(step, train_loss, t_window, n_window)
-        record["guard"] = guard.check(record["valid"])
+    def evaluate_and_checkpoint(self, step: int, window: Window, *, checkpoint: bool, last: bool) -> bool:
+        """Evaluate, judge (guard, non-finite losses), report with or without a checkpoint; whether the
+        run stops here. Every verdict is identical on every rank (all-reduced losses)."""
+        import ray.train
+
+        record = self.evaluation(step, window)
+        record["guard"] = self.guard.check(record["valid"])
+        train_loss = record["train_loss"]
         nonfinite = nonfinite_losses(
-            record, any_rank(not _finite(train_loss), device), cfg.train.on_nonfinite
+            record, any_rank(not _finite(train_loss), self.device), self.cfg.train.on_nonfinite
         )
-        stop = g.action == "stop" and bool(ForgettingGuard.tripped(record["guard"]))
+        stop = self.cfg.train.guard.action == "stop" and bool(ForgettingGuard.tripped(record["guard"]))
         record["stopped_by_guard"] = stop and not nonfinite
         if nonfinite:
+            # The weights are no longer numbers: reported without a checkpoint of them, and the run ends.
             record["stopped_nonfinite"] = nonfinite
-        metrics = publish(record)
-        if nonfinite:  # identical on every rank; the weights are no longer numbers: no checkpoint of them
-            ray.train.report(metrics)
-            return
-        t_window, n_window, loss_window = time.perf_counter(), 0, []
-        padding.reset()
-        if stop or checkpoint:  # the verdict is identical on every rank (all-reduced losses)
-            state["mix"], state["guard_best"] = global_counts(mix, languages, device), guard.best
-            export = last or stop or bool(cfg.train.keep_best_by)  # keep-best: each may be the one kept
-            _save_checkpoint(model_engine, state, metrics, rank, cfg.train.zero_stage, export=export)
+            ray.train.report(self.publish(record))
+            return True
+        metrics = self.publish(record)
+        window.reset()
+        self.padding.reset()
+        if stop or checkpoint:
+            self.save(
+                metrics, export=last or stop or bool(self.cfg.train.keep_best_by)
+            )  # keep-best: any may be kept
         else:
             ray.train.report(metrics)  # a barrier: every rank reports at the same steps
-        if stop:
-            return
+        return stop
+
+    # ------------------------------------------------------------------------------- checkpoint
+
+    def save(self, metrics: dict, *, export: bool) -> None:
+        """Store the all-ranks counts and the guard's state in ``progress``, then checkpoint and report."""
+        self.progress["mix"] = global_counts(self.mix, list(self.plan.languages), self.device)
+        self.progress["guard_best"] = self.guard.best
+        _save_checkpoint(
+            self.model_engine, self.progress, metrics, self.rank, self.cfg.train.zero_stage, export=export
+        )

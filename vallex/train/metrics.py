@@ -17,6 +17,8 @@ from typing import Any
 
 import ray
 
+from vallex.files import save_figure
+
 
 @ray.remote(num_cpus=0)
 class MetricsSink:
@@ -317,10 +319,7 @@ def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
     for ax in axes[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def build_report(records: list[dict], extra: dict[str, Any]) -> dict:

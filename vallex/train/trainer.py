@@ -6,12 +6,12 @@ touches tensors itself: workers run :func:`vallex.train.loop.train_loop_per_work
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vallex.config import Config, save_config
@@ -28,124 +28,14 @@ from vallex.train.metrics import (
     sink_on_this_node,
     strict_json,
 )
+from vallex.train.plan import RunPlan, initial_state, plan_and_initial_state
 from vallex.train.tracking import tracking_settings
 
 log = logging.getLogger("vallex.train")
 
 
-def _log_codec(codec: dict) -> None:
-    """Say which codec made the codes; LOUDLY when they are not real EnCodec codes."""
-    from vallex.codec.tokenizer import describe
-
-    line = describe(codec)
-    if codec.get("kind", "encodec") != "encodec" or not codec.get("pretrained", True):
-        log.warning("%s", line)
-    else:
-        log.info("%s", line)
-
-
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN/inf: the run stopped at that evaluation (report.json says where)."""
-
-
-def _corpus_info(cfg: Config):
-    """Open the prepared corpus, choose languages, resolve sampling weights, fix the model's shape.
-
-    Returns ``(corpus, info, init_state)``: ``init_state`` is the state dict to start from
-    (``train.init_from``, grown to this run's languages and symbols) or None for a fresh model.
-    """
-    from vallex.data.corpus import PreparedCorpus
-    from vallex.data.weights import resolve_weights
-    from vallex.model.checkpoint import grow_languages
-    from vallex.model.vallex import MODEL_SIZES
-
-    corpus = PreparedCorpus.open(cfg.prepare_dir)
-    _log_codec(corpus.codec)
-    languages = list(cfg.data.languages) or list(corpus.languages)
-    unknown = sorted(set(languages) - set(corpus.languages))
-    if unknown:
-        raise ValueError(
-            f"data.languages: {unknown} have no prepared shards in {cfg.prepare_dir} "
-            f"(prepared: {sorted(corpus.languages)}); run ray_jobs/prepare.py for them first"
-        )
-    train_counts = corpus.counts("train")
-    counts = {lang: train_counts[lang] for lang in languages}
-    budget = cfg.train.max_steps * cfg.train.grad_accum * cfg.train.batch_size * cfg.train.num_workers
-    weights = resolve_weights(cfg.data.weights, counts, alpha=cfg.data.alpha, budget=budget)
-    init_state, init_languages = None, []
-    if cfg.train.init_from:
-        model, meta = _initial_model(cfg, corpus)
-        init_languages = list(meta["languages"])
-        # The checkpoint's languages keep their ids; new ones get the next rows.
-        model_languages = init_languages + sorted(set(languages) - set(init_languages))
-        grow_languages(model, len(model_languages))
-        unwatched = sorted(set(init_languages) - set(corpus.languages))
-        if unwatched:
-            log.warning(
-                "WARNING: the model knows %s but %s has no validation data for them: their forgetting "
-                "cannot be watched; prepare them too (a small replay subset is enough)",
-                unwatched,
-                cfg.prepare_dir,
-            )
-        model_config = dataclasses.asdict(model.config)
-        size = meta["size"] or cfg.model.size
-        init_state = model.state_dict()
-        log.info(
-            "starting from %s (%s, languages %s); model languages now %s",
-            cfg.train.init_from,
-            size,
-            init_languages,
-            model_languages,
-        )
-    else:
-        model_languages = sorted(languages)
-        size = cfg.model.size
-        model_config = dataclasses.asdict(
-            MODEL_SIZES[size](
-                num_phonemes=corpus.num_symbols, num_languages=len(model_languages), **cfg.model.overrides()
-            )
-        )
-    # Every language the model knows and the corpus can validate is evaluated, trained or not.
-    eval_languages = sorted(set(languages) | (set(init_languages) & set(corpus.languages)))
-    info = {
-        "languages": sorted(languages),
-        "eval_languages": eval_languages,
-        "init_languages": init_languages,
-        "model_languages": model_languages,
-        "language_ids": {lang: i for i, lang in enumerate(model_languages)},
-        "model_config": model_config,
-        "size": size,
-        "num_symbols": corpus.num_symbols,
-        "num_codebooks": corpus.num_codebooks,
-        "counts": counts,
-        "weights": weights,
-        "budget_rows": budget,
-    }
-    if cfg.train.init_from and "bridge" in meta:
-        info["init_bridge"] = meta["bridge"]  # how a public checkpoint's text embeddings were mapped
-    return corpus, info, init_state
-
-
-def _initial_model(cfg: Config, corpus):
-    """The ``train.init_from`` model, its phoneme table grown to the corpus's symbols; (model, meta)."""
-    from vallex.model.checkpoint import load_any
-
-    path = Path(cfg.train.init_from)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"train.init_from: {path} does not exist (expected a vallex checkpoint, a run's model.pt, or the "
-            "public VALL-E X vallex-checkpoint.pt with train.init_vocab)"
-        )
-    try:
-        return load_any(
-            path,
-            symbols=corpus.symbols,
-            vocab=cfg.train.init_vocab or None,
-            dropout=cfg.model.dropout,
-            activation_checkpointing=cfg.model.activation_checkpointing,
-        )
-    except ValueError as e:
-        raise ValueError(f"train.init_from: {e}") from None
 
 
 def guard_summary(records: list[dict], cfg: Config) -> dict:
@@ -169,7 +59,7 @@ def guard_summary(records: list[dict], cfg: Config) -> dict:
     }
 
 
-def write_model_file(weights_path: Path, out: Path, cfg: Config, corpus, info: dict) -> None:
+def write_model_file(weights_path: Path, out: Path, corpus, plan: RunPlan) -> None:
     """The consolidated fp32 weights as a self-describing vallex checkpoint (config, languages in id
     order, the phoneme symbol table): what ray_jobs/synthesize.py and add-language load."""
     import torch
@@ -177,15 +67,15 @@ def write_model_file(weights_path: Path, out: Path, cfg: Config, corpus, info: d
     from vallex.model.checkpoint import load_weights, save_checkpoint
     from vallex.model.vallex import VallexConfig, VallexModel
 
-    model = VallexModel(VallexConfig(**info["model_config"]))
+    model = VallexModel(VallexConfig(**plan.model_config))
     load_weights(model, torch.load(weights_path, weights_only=True), str(weights_path))
     save_checkpoint(
         model,
         out,
-        languages=info["model_languages"],
+        languages=list(plan.model_languages),
         symbols=corpus.symbols,
         symbols_version=int(corpus.manifest["symbols_version"]),
-        size=info["size"],
+        size=plan.size,
     )
 
 
@@ -354,102 +244,148 @@ def _best_checkpoint(result, metric: str, storage: str) -> dict | None:
     lambda cfg, **_: join(cfg.storage_path, cfg.run.name),
     lambda cfg, **_: f"training run {cfg.run.name!r} (its Ray Train checkpoints)",
 )
-def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
+def train(
+    cfg: Config, *, callbacks=(), objective: Callable[[dict], dict] | None = None, plan: RunPlan | None = None
+) -> dict:
     """Run (or resume) training as configured; returns the report (also written to train_dir/report.json).
 
+    ``plan``: the run's :class:`~vallex.train.plan.RunPlan` when the caller built it (a Tune trial, an
+    entry point that checks it before starting Ray); else it is built from ``cfg`` here.
     ``callbacks``: extra Ray Train callbacks (Tune passes its ``TuneReportCallback``). ``objective``:
-    keyword arguments of :func:`vallex.tune.objective.score`, computed by the workers at every evaluation
-    and reported with the metrics (what a Tune search minimizes).
+    a picklable function of the per-language validation losses returning extra metrics (Tune passes
+    :func:`vallex.tune.objective.score` with its arguments), computed by the workers at every
+    evaluation and reported with the metrics (what a Tune search minimizes).
+
+    Phases: plan -> checks and run files -> the workers' inputs -> fit (with live progress) -> report.
     """
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from vallex.data.corpus import PreparedCorpus
 
-    from vallex.data.mixing import build_mixed_dataset
-    from vallex.eval.intelligibility import driver_setup
-    from vallex.train.loop import EXPORT_FILE, train_loop_per_worker
-
+    if plan is None:
+        corpus = PreparedCorpus.open(cfg.prepared_dir)
+        plan, init_state = plan_and_initial_state(cfg, corpus=corpus)
+    else:
+        corpus = PreparedCorpus.open(plan.prepared_dir)
+        init_state = initial_state(cfg, plan, corpus)
     check_cluster_fits(cfg)
     check_storage(cfg)
+    _start_run_files(cfg, plan, objective)
+    trainer, sink, intelligibility_report = _build_trainer(
+        cfg, plan, corpus, init_state, callbacks, objective
+    )
+    t0 = time.time()
+    result = _fit_with_progress(trainer, sink, cfg.train.max_steps)
+    report = _finish(cfg, plan, corpus, result, intelligibility_report, time.time() - t0)
+    if report["stopped_nonfinite"]:
+        raise NonFiniteLossError(
+            f"training stopped at {report['stopped_nonfinite']}; report: {cfg.train_dir / 'report.json'}"
+        )
+    return report
+
+
+def _start_run_files(cfg: Config, plan: RunPlan, objective) -> None:
+    """Check what needs the plan, then write config.yaml and weights.json and say what is trained."""
+    check_keep_best_by(
+        cfg.train.keep_best_by, list(plan.eval_languages), objective is not None, cfg.train.train_stage
+    )
+    train_dir = cfg.train_dir
+    train_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, train_dir / "config.yaml")
+    write_text_atomic(
+        train_dir / "weights.json", json.dumps({"weights": plan.weights, "counts": plan.counts}, indent=2)
+    )
+    log.info("%s", plan.summary())
+
+
+def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, objective):
+    """The mixed training stream, what every worker reads, the metrics sink, and the ``TorchTrainer``;
+    returns ``(trainer, sink, intelligibility_report)``."""
+    import ray
+
+    from vallex.eval.intelligibility import driver_setup
+
     guard_baseline = (
         baseline_losses(cfg.train.guard.baseline, cfg.train.guard.metric)
         if cfg.train.guard.baseline
         else None
     )
-    train_dir = cfg.train_dir
-    train_dir.mkdir(parents=True, exist_ok=True)
-    corpus, info, init_state = _corpus_info(cfg)
-    check_keep_best_by(
-        cfg.train.keep_best_by, info["eval_languages"], objective is not None, cfg.train.train_stage
-    )
-    save_config(cfg, train_dir / "config.yaml")
-    write_text_atomic(
-        train_dir / "weights.json",
-        json.dumps({"weights": info["weights"], "counts": info["counts"]}, indent=2),
-    )
-    log.info(
-        "languages %s; sampling weights %s",
-        ", ".join(f"{lang} ({info['counts'][lang]} utt)" for lang in info["languages"]),
-        ", ".join(f"{lang}={w:.3f}" for lang, w in info["weights"].items()),
-    )
+    train_ds, valid_ref, plan_tables = _datasets(cfg, plan, corpus)
+    intelligibility, intelligibility_report = driver_setup(cfg, corpus, plan_tables)
+    init_ref = ray.put(init_state) if init_state is not None else None
+    sink = _metrics_sink(cfg, plan, corpus)
+    if not cfg.train.use_gpu:  # DeepSpeed's CPU op: built here, said out loud, not silently in each worker
+        from vallex.train.comm_op import ensure_built
+
+        ensure_built()
+    loop_config = {
+        "config": cfg.to_dict(),
+        "plan": plan,
+        "valid_ref": valid_ref,
+        "sink": sink,
+        "guard_baseline": guard_baseline,
+        "init_state": init_ref,
+        "objective": objective,
+        "tracking": tracking_settings(cfg),
+        "intelligibility": intelligibility,
+    }
+    return _torch_trainer(cfg, plan, train_ds, loop_config, callbacks), sink, intelligibility_report
+
+
+def _datasets(cfg: Config, plan: RunPlan, corpus):
+    """``(mixed training stream, validation shard paths, the driver's light validation columns)``."""
+    from vallex.data.batching import stream_rows
+    from vallex.data.corpus import split_source
+    from vallex.data.mixing import build_mixed_dataset
 
     # Enough mixed rows for the whole run, plus slack for drop_last and uneven worker splits (and, with
     # data.max_tokens, a bucket pool per worker: no rank may run out first; see vallex.data.batching).
-    from vallex.data.batching import stream_rows
-
     num_rows = stream_rows(
-        info["budget_rows"],
+        plan.budget_rows,
         cfg.train.batch_size,
         cfg.train.num_workers,
         cfg.data.max_tokens,
         cfg.data.bucket_rows,
     )
     train_ds = build_mixed_dataset(
-        corpus, info["weights"], num_rows=num_rows, seed=cfg.run.seed, window_rows=cfg.data.window_rows
+        corpus, plan.weights, num_rows=num_rows, seed=plan.seed, window_rows=cfg.data.window_rows
     )
-    # Shard paths only: each worker reads the validation rows itself (vallex.data.corpus.read_split_share).
-    from vallex.data.corpus import split_source
-
-    valid_ref = split_source(corpus, info["eval_languages"], "valid", cfg.data.valid_max_rows)
+    # Shard paths only: each worker reads the validation rows itself (vallex.data.corpus.read_split_rows).
+    valid_ref = split_source(corpus, list(plan.eval_languages), "valid", plan.valid_max_rows)
     # The driver reads two light columns: which utterances are synthesized, with which prompt.
-    cap = cfg.data.valid_max_rows or None
+    cap = plan.valid_max_rows or None
     plan_tables = {
         lang: corpus.read_split(lang, "valid", columns=["utt_id", "speaker"]).slice(0, cap)
-        for lang in info["eval_languages"]
+        for lang in plan.eval_languages
     }
-    intelligibility, intelligibility_report = driver_setup(cfg, corpus, plan_tables)
-    init_ref = ray.put(init_state) if init_state is not None else None
+    return train_ds, valid_ref, plan_tables
 
-    storage = cfg.storage_path
-    run_dir = join(storage, cfg.run.name)
+
+def _metrics_sink(cfg: Config, plan: RunPlan, corpus):
+    """The driver-side actor rank 0 sends evaluation records to (metrics.jsonl, TensorBoard); a resumed
+    run continues its file."""
+    train_dir = cfg.train_dir
+    run_dir = join(plan.storage_path, cfg.run.name)
     resuming = bool(list_names(run_dir, "checkpoint_*"))
     sink = sink_on_this_node(
         str(train_dir / "metrics.jsonl"),
         truncate=not resuming,
         tensorboard_dir=str(train_dir / "tensorboard"),
-        codec=(corpus.codec, cfg.prepare_dir),
+        codec=(corpus.codec, plan.prepared_dir),
     )
     if resuming:
         log.info("found checkpoints in %s: resuming", run_dir)
+    return sink
 
-    if not cfg.train.use_gpu:  # DeepSpeed's CPU op: built here, said out loud, not silently in each worker
-        from vallex.train.comm_op import ensure_built
 
-        ensure_built()
-    trainer = TorchTrainer(
+def _torch_trainer(cfg: Config, plan: RunPlan, train_ds, loop_config: dict, callbacks):
+    """Ray Train's ``TorchTrainer``: the workers, the ingest of the mixed stream, checkpoints, retries."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from vallex.train.loop import train_loop_per_worker
+
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "corpus": info,
-            "valid_ref": valid_ref,
-            "sink": sink,
-            "guard_baseline": guard_baseline,
-            "init_state": init_ref,
-            "objective": objective,
-            "tracking": tracking_settings(cfg),
-            "intelligibility": intelligibility,
-        },
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=(cfg.train.min_workers, cfg.train.num_workers)
             if cfg.train.min_workers
@@ -467,7 +403,7 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options()),
         run_config=RunConfig(
             name=cfg.run.name,
-            storage_path=storage,
+            storage_path=plan.storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute=cfg.train.keep_best_by or None,
@@ -477,31 +413,43 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
             callbacks=list(callbacks),
         ),
     )
+
+
+def _fit_with_progress(trainer, sink, max_steps: int):
+    """``trainer.fit()`` while a driver thread prints each evaluation as it comes; the Ray Train result."""
+    import ray
+
     stop = threading.Event()
-    poller = threading.Thread(target=_poll, args=(sink, cfg.train.max_steps, stop), daemon=True)
+    poller = threading.Thread(target=_poll, args=(sink, max_steps, stop), daemon=True)
     poller.start()
-    t0 = time.time()
     try:
         result = trainer.fit()
     finally:
         stop.set()
         poller.join(timeout=5)
     for rec in ray.get(sink.drain.remote()):
-        show_record(rec, cfg.train.max_steps)
+        show_record(rec, max_steps)
+    return result
 
-    records = read_metrics(train_dir / "metrics.jsonl")
+
+def _export_models(cfg: Config, plan: RunPlan, corpus, result) -> tuple[Path | None, dict | None]:
+    """The last checkpoint's weights as train_dir/model.pt and, with train.keep_best_by, the best one's
+    as best_model.pt; ``(model_path, best)``."""
+    from vallex.train.loop import EXPORT_FILE
+
+    train_dir, storage = cfg.train_dir, plan.storage_path
     model_path = None
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             if (Path(d) / EXPORT_FILE).exists():
                 model_path = train_dir / EXPORT_FILE
-                write_model_file(Path(d) / EXPORT_FILE, model_path, cfg, corpus, info)
+                write_model_file(Path(d) / EXPORT_FILE, model_path, corpus, plan)
     best = None
     if cfg.train.keep_best_by:
         best = _best_checkpoint(result, cfg.train.keep_best_by, storage)
         if best is not None:
             with best["checkpoint"].as_directory() as d:
-                write_model_file(Path(d) / EXPORT_FILE, train_dir / "best_model.pt", cfg, corpus, info)
+                write_model_file(Path(d) / EXPORT_FILE, train_dir / "best_model.pt", corpus, plan)
             log.info(
                 "best checkpoint by %s: step %d (%s = %.4f) -> %s",
                 cfg.train.keep_best_by,
@@ -510,25 +458,33 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
                 best["value"],
                 train_dir / "best_model.pt",
             )
+    return model_path, best
+
+
+def _finish(cfg: Config, plan: RunPlan, corpus, result, intelligibility_report: dict, seconds: float) -> dict:
+    """Export the models, write report.json and valid_loss.png, log the per-language table; the report."""
+    train_dir, storage = cfg.train_dir, plan.storage_path
+    records = read_metrics(train_dir / "metrics.jsonl")
+    model_path, best = _export_models(cfg, plan, corpus, result)
     report = build_report(
         records,
         {
-            "weights": info["weights"],
-            "train_counts": info["counts"],
+            "weights": plan.weights,
+            "train_counts": plan.counts,
             "model": {
-                "size": info["size"],
-                "languages": info["model_languages"],
-                "num_symbols": info["num_symbols"],
+                "size": plan.size,
+                "languages": list(plan.model_languages),
+                "num_symbols": plan.num_symbols,
             },
             "checkpoint": _location(result.checkpoint.path, storage) if result.checkpoint else None,
             "best_checkpoint": {k: v for k, v in best.items() if k != "checkpoint"} if best else None,
             "model_file": str(model_path) if model_path else None,
-            "wall_seconds": time.time() - t0,
+            "wall_seconds": seconds,
             "num_workers": cfg.train.num_workers,
             "zero_stage": cfg.train.zero_stage,
-            "init_from": cfg.train.init_from or None,
-            **({"init_bridge": info["init_bridge"]} if "init_bridge" in info else {}),
-            "trained_languages": info["languages"],
+            "init_from": plan.init_from or None,
+            **({"init_bridge": plan.init_bridge} if plan.init_bridge is not None else {}),
+            "trained_languages": list(plan.languages),
             "intelligibility": intelligibility_report,
             "guard": guard_summary(records, cfg),
             # DeepSpeed skips a step on a loss-scale overflow (fp16): such steps did not train.
@@ -546,8 +502,4 @@ def train(cfg: Config, *, callbacks=(), objective: dict | None = None) -> dict:
         train_dir / "report.json",
         train_dir / "valid_loss.png",
     )
-    if report["stopped_nonfinite"]:
-        raise NonFiniteLossError(
-            f"training stopped at {report['stopped_nonfinite']}; report: {train_dir / 'report.json'}"
-        )
     return report

@@ -23,8 +23,8 @@ Outputs in ``<run.output_dir>/tune/``: ``best_weights.json`` (what ``data.weight
 
 from __future__ import annotations
 
-import copy
 import csv
+import functools
 import io
 import json
 import logging
@@ -39,7 +39,7 @@ from typing import Any
 from ray.tune import Callback
 
 from vallex.config import Config
-from vallex.files import write_text_atomic
+from vallex.files import save_figure, write_text_atomic
 from vallex.tune import space as spaces
 from vallex.tune.objective import pick_best, score
 from vallex.tune.state_check import check_experiment_state
@@ -56,30 +56,23 @@ BEST_FILE, TRIALS_FILE, PLOT_FILE = "best_weights.json", "trials.csv", "tune_los
 
 
 def make_setup(cfg: Config) -> dict[str, Any]:
-    """Resolve languages, counts, baselines and budgets on the driver, before any trial starts."""
-    from vallex.data.corpus import PreparedCorpus
+    """Resolve languages, counts, baselines and budgets on the driver, before any trial starts.
+
+    ``setup["plan"]`` is the trials' base :class:`~vallex.train.plan.RunPlan` (sized for
+    ``tune.max_steps_per_trial``); a trial is that plan with its own weights."""
     from vallex.data.weights import resolve_weights
+    from vallex.train.plan import plan_run
 
     t = cfg.tune
-    corpus = PreparedCorpus.open(cfg.prepare_dir)
-    languages = sorted(cfg.data.languages or corpus.languages)
-    unknown = sorted(set(languages) - set(corpus.languages))
-    if unknown:
-        raise ValueError(
-            f"data.languages: {unknown} have no prepared shards in {cfg.prepare_dir} "
-            f"(prepared: {sorted(corpus.languages)})"
-        )
+    plan = plan_run(cfg, max_steps=t.max_steps_per_trial)
+    languages, counts, budget = list(plan.languages), dict(plan.counts), plan.budget_rows
     if len(languages) < 2:
         raise ValueError(f"data.languages: a weight search needs at least 2 languages, got {languages}")
-    train_counts = corpus.counts("train")
-    counts = {lang: int(train_counts[lang]) for lang in languages}
     empty = sorted(lang for lang, n in counts.items() if n == 0)
     if empty:
-        raise ValueError(f"data.languages: {empty} have no train rows in {cfg.prepare_dir}")
+        raise ValueError(f"data.languages: {empty} have no train rows in {cfg.prepared_dir}")
     spaces.param_names(t.space, languages)  # checks tune.space
     spaces.check_min_weight(languages, t.min_weight)
-    tr = cfg.train
-    budget = t.max_steps_per_trial * tr.grad_accum * tr.batch_size * tr.num_workers
 
     fixed: dict[str, dict[str, float]] = {}
     for name in t.baselines:
@@ -95,6 +88,7 @@ def make_setup(cfg: Config) -> dict[str, Any]:
     storage = cfg.storage_path
     return {
         "base": cfg.to_dict(),
+        "plan": plan,
         "languages": languages,
         "counts": counts,
         "budget_rows": budget,
@@ -105,7 +99,7 @@ def make_setup(cfg: Config) -> dict[str, Any]:
         "min_weight": t.min_weight,
         "max_steps": t.max_steps_per_trial,
         "eval_every": t.eval_every,
-        "prepared_dir": cfg.prepare_dir,
+        "prepared_dir": cfg.prepared_dir,
         "out_dir": str(out_dir),
         "train_storage": storage.rstrip("/") + f"/{cfg.run.name}-tune-train",
     }
@@ -155,24 +149,24 @@ def trial_objective(config: Mapping[str, Any], setup: Mapping[str, Any]) -> dict
 
 def trial_config(setup: Mapping[str, Any], weights: Mapping[str, float], trial_id: str) -> Config:
     """The training config of one trial: its own output dir and Ray Train run, the shared corpus."""
-    from vallex.config import config_from_dict
+    from vallex.config import config_from_dict, derive_config
 
-    d = copy.deepcopy(setup["base"])
-    d["run"].update(
-        output_dir=str(Path(setup["out_dir"]) / "trials" / trial_id),
-        prepared_dir=setup["prepared_dir"],
-        name=f"trial-{trial_id}",
+    return derive_config(
+        config_from_dict(setup["base"]),
+        {
+            "run.output_dir": str(Path(setup["out_dir"]) / "trials" / trial_id),
+            "run.prepared_dir": setup["prepared_dir"],
+            "run.name": f"trial-{trial_id}",
+            "train.max_steps": setup["max_steps"],
+            "train.eval_every": setup["eval_every"],
+            "train.checkpoint_every": setup["max_steps"],  # one checkpoint, at the end: trials are short
+            "train.storage_path": setup["train_storage"],
+            "train.keep_best_by": "",  # a trial keeps its one checkpoint; fixed runs report no objective
+            "train.guard.action": "warn",  # the guard must not end a trial early: Tune compares trials
+            "data.languages": list(setup["languages"]),
+            "data.weights": dict(weights),
+        },
     )
-    d["train"].update(
-        max_steps=setup["max_steps"],
-        eval_every=setup["eval_every"],
-        checkpoint_every=setup["max_steps"],  # one checkpoint, at the end: trials are short
-        storage_path=setup["train_storage"],
-        keep_best_by="",  # a trial keeps its one checkpoint; fixed runs report no objective to rank by
-    )
-    d["train"]["guard"]["action"] = "warn"  # the guard must not end a trial early: Tune compares trials
-    d["data"].update(languages=list(setup["languages"]), weights=dict(weights))
-    return config_from_dict(d)
 
 
 def train_trial(config: dict, setup: dict) -> None:
@@ -187,7 +181,11 @@ def train_trial(config: dict, setup: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     weights = trial_weights(config, setup)
     cfg = trial_config(setup, weights, trial_id)
-    train(cfg, callbacks=[TuneReportCallback()], objective=trial_objective(config, setup))
+    # The search's base plan with this trial's weights and its own checkpoint storage: nothing resolved again.
+    plan = setup["plan"].with_weights(weights, storage_path=cfg.storage_path)
+    kwargs = trial_objective(config, setup)
+    objective = functools.partial(score, **kwargs) if kwargs is not None else None
+    train(cfg, plan=plan, callbacks=[TuneReportCallback()], objective=objective)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,7 +238,7 @@ class Progress(Callback):
     def __init__(self, phase: str, total: int, setup: Mapping[str, Any]):
         # Pickled with the experiment's state: keep what the lines need, never the run's config ("base").
         self.phase, self.total = phase, total
-        self.trial_setup = {k: v for k, v in setup.items() if k != "base"}
+        self.trial_setup = {k: v for k, v in setup.items() if k not in ("base", "plan")}
         self.max_steps = setup["max_steps"]
         self.started: dict[str, float] = {}
         # Concluded trials: those already concluded when a resumed experiment starts, plus those that
@@ -778,7 +776,4 @@ def plot_trials(
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
