@@ -191,6 +191,7 @@ def two_nodes():
         _stop_cluster(temp_dir, gcs)
 
 
+@pytest.mark.ray
 def test_two_node_job_spreads_training_over_both_nodes(two_nodes, tmp_path, capsys):
     """ray_jobs/submit.py -> ray_jobs/train.py on a head + worker node, one Train worker on each."""
     from ray.util.state import list_actors, list_nodes
@@ -498,6 +499,7 @@ def _node_processes(temp_dir: str, node_manager_port: int):
     return list(found.values())
 
 
+@pytest.mark.ray
 def test_elastic_training_survives_losing_a_node(tmp_path):
     """Two nodes advertising one training slot each (train.worker_resources), train.min_workers=1. The
     worker node is killed (its raylet and workers, SIGKILL) mid-run: the run carries on with the one
