@@ -326,6 +326,8 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
         "train.guard.action=stop",
         "train.offload=all",
         "model.activation_checkpointing=true",
+        "train.intelligibility.samples=false",  # the guard judges the loss: no listening samples
+        "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
     )
     report = train(cfg)
 
@@ -387,11 +389,12 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
     cfg = _cfg(
         corpus_cfg,
         "run.name=faulty",
-        "train.max_steps=60",
+        "train.max_steps=30",  # the kill comes at step 15: 15 steps on after it
         "train.eval_every=5",
         "train.checkpoint_every=10",
         "train.max_failures=2",
-        "train.intelligibility.samples=false",  # 12 evaluations: no listening samples needed here
+        "train.intelligibility.samples=false",  # 6 evaluations: no listening samples needed here
+        "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
     )
     killed: list[int] = []
 
@@ -412,7 +415,7 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
 
     assert killed, "the run ended before a worker could be killed"
     steps = [r["step"] for r in read_metrics(cfg.train_dir / "metrics.jsonl")]
-    assert steps[-1] == 60 and report["steps"] == 60
+    assert steps[-1] == 30 and report["steps"] == 30
     # The restart resumed from a checkpoint (step 10 or later) and cut the records written after it
     # (at least step 15's), so metrics.jsonl holds one timeline: each step once, in order.
     assert steps == sorted(set(steps)) and steps[:4] == [1, 5, 10, 15]
