@@ -297,6 +297,8 @@ def test_training_checkpoints_to_s3_and_resumes_from_them(s3, tmp_path, one_thre
         f"run.prepared_dir={s3}/synthetic",
         f"train.storage_path={storage}",
         "train.keep_best_by=loss_mean",
+        "train.intelligibility.samples=false",  # storage is what this test is about: no listening samples,
+        "train.intelligibility.text_gain=false",  # no text gain (a second validation pass)
     )
 
     cfg = _cfg(tmp_path / "run", *run, "train.max_steps=3")
