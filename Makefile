@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 ARGS ?=
 
-.PHONY: venv demo add-language-demo test lint format bench clean
+.PHONY: venv demo add-language-demo test test-fast lint format bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ add-language-demo: venv  ## base model on en/fr/zh, then add ar naively and with
 
 test: venv lint  ## lint, format check, then the test suite
 	$(PY) -m pytest -q $(ARGS)
+
+test-fast: venv lint  ## lint, then the tests that start no Ray (under 2 minutes)
+	$(PY) -m pytest -q -m "not ray" $(ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

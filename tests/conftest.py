@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -10,6 +11,33 @@ import pytest
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that asks for the shared cluster is a ``ray`` test (``make test-fast`` leaves them
+    out); tests that start Ray another way carry ``@pytest.mark.ray`` themselves."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _ray_tests_carry_the_ray_marker(request):
+    """A test without the ``ray`` marker that leaves Ray running in this process fails, naming the
+    marker: ``make test-fast`` (``-m "not ray"``) must never start Ray."""
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if (
+        request.node.get_closest_marker("ray") is None
+        and not before
+        and ray is not None
+        and ray.is_initialized()
+    ):
+        pytest.fail(
+            f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray (or use the ray_cluster fixture)"
+        )
 
 
 def start_local_ray() -> None:

@@ -52,6 +52,7 @@ def _cfg(out: Path, prepared: Path, *overrides: str):
             "train.lr=3.0e-3",
             "data.window_rows=32",
             "train.intelligibility.samples=false",  # no listening samples: not what this test is about
+            "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
             *overrides,
         ],
     )
@@ -316,6 +317,7 @@ def runs(base, corpora):
             "train.checkpoint_every=4",
             "data.window_rows=32",
             "train.intelligibility.samples=false",  # no listening samples: not what this test is about
+            "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
         ]
         rc = main(args)
         verdict = json.loads((out[mode] / "forgetting_report.json").read_text())["verdict"]

@@ -311,6 +311,7 @@ def test_training_with_a_token_budget_and_resume(ray_cluster, tmp_path):
                 "data.weights=uniform",
                 "data.window_rows=64",
                 "train.intelligibility.samples=false",  # no listening samples: not what this test is about
+                "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
                 "data.max_tokens=600",
                 "data.bucket_rows=128",
                 *extra,

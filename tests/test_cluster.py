@@ -27,7 +27,7 @@ import yaml
 
 from vallex.config import Config, load_config, load_yaml
 from vallex.data.synthetic import write_synthetic_corpus
-from vallex.storage import StorageError, check_shared, check_storage, check_uri, nodes_missing
+from vallex.storage import StorageError, check_shared, check_storage, check_uri
 from vallex.train.engine import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,9 +94,15 @@ def _kill_cluster(temp_dir: str, gcs_port: int) -> None:
     psutil.wait_procs(alive, timeout=5)
 
 
-def _ray_start(args: list[str], env: dict) -> None:
+def _ray_start(args: list[str], env: dict, hide: str | None = None) -> None:
+    """``ray start``; with ``hide``, in a private mount namespace where an empty tmpfs covers that
+    folder: the node's raylet and workers (its children) cannot see what the others write there."""
+    cmd = [os.path.join(VENV_BIN, "ray"), "start", *args, "--disable-usage-stats"]
+    if hide:
+        mount = 'mount -t tmpfs -o size=1m vallex-hidden "$0" && exec "$@"'
+        cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount, hide, *cmd]
     out = subprocess.run(
-        [os.path.join(VENV_BIN, "ray"), "start", *args, "--disable-usage-stats"],
+        cmd,
         env=env,
         capture_output=True,
         text=True,
@@ -119,11 +125,27 @@ def _node_ports(ports: list[int]) -> list[str]:
     ]
 
 
-def _start_cluster(node_cpus: list[int], resources: list[dict] | None = None, env_extra: dict | None = None):
+def can_hide_folders() -> bool:
+    """Whether this machine lets a process mount over a folder in a namespace of its own (root, or
+    the capability): what _start_cluster's ``hide_on_workers`` needs."""
+    if not shutil.which("unshare"):
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        probe = ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "none", d]
+        return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+def _start_cluster(
+    node_cpus: list[int],
+    resources: list[dict] | None = None,
+    env_extra: dict | None = None,
+    hide_on_workers: str | None = None,
+):
     """A head and len(node_cpus) - 1 worker nodes on loopback, on free ports with a private temp dir;
     ``resources``: each node's custom resources. Returns (dashboard URL, GCS address, temp_dir, [each
-    node's port block]); ``env_extra``: environment for the Ray processes (e.g. RAY_* config). Stop it
-    with _stop_cluster."""
+    node's port block]); ``env_extra``: environment for the Ray processes (e.g. RAY_* config);
+    ``hide_on_workers``: a folder the worker nodes do not see (as a node without the shared mount).
+    Stop it with _stop_cluster."""
     extra = [[f"--resources={json.dumps(r)}"] if r else [] for r in (resources or [{}] * len(node_cpus))]
     temp_dir = tempfile.mkdtemp(prefix="vxc", dir="/tmp")  # short: Ray's unix socket paths must fit
     ports = _port_block(3 + 40 * len(node_cpus))
@@ -162,6 +184,7 @@ def _start_cluster(node_cpus: list[int], resources: list[dict] | None = None, en
                     *more,
                 ],
                 env,
+                hide=hide_on_workers,
             )
     except BaseException:
         _kill_cluster(temp_dir, gcs)
@@ -177,70 +200,123 @@ def _stop_cluster(temp_dir: str, gcs_address: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def two_nodes():
-    """A head (2 CPUs) and a worker node (2 CPUs) joined to it, on loopback; yields the dashboard URL.
+@pytest.fixture(scope="class")
+def two_nodes(tmp_path_factory):
+    """A head (2 CPUs) and a worker node (2 CPUs) joined to it, on loopback, shared by the tests of
+    TestTwoNodes (one `ray start` pair for all); yields (dashboard URL, GCS address, the folder only
+    the head sees, or None where this machine cannot hide one).
 
     2 logical CPUs per node, not 1: each node hosts one Train worker (0.5 CPU) and Ray Data's read
     tasks need a whole free CPU on some node; with 1 CPU each, 0.5 + 0.5 free never fits one and the
     run waits forever (train.check_cluster_fits refuses that layout up front)."""
-    dashboard, gcs, temp_dir, _ = _start_cluster([2, 2])
+    hidden = str(tmp_path_factory.mktemp("head-only")) if can_hide_folders() else None
+    dashboard, gcs, temp_dir, _ = _start_cluster([2, 2], hide_on_workers=hidden)
     try:
-        yield dashboard
+        yield dashboard, gcs, hidden
     finally:
         _stop_cluster(temp_dir, gcs)
 
 
-def test_two_node_job_spreads_training_over_both_nodes(two_nodes, tmp_path, capsys):
-    """ray_jobs/submit.py -> ray_jobs/train.py on a head + worker node, one Train worker on each."""
-    from ray.util.state import list_actors, list_nodes
+@pytest.mark.ray
+class TestTwoNodes:
+    def test_two_node_job_spreads_training_over_both_nodes(self, two_nodes, tmp_path, capsys):
+        """ray_jobs/submit.py -> ray_jobs/train.py on a head + worker node, one Train worker on each."""
+        from ray.util.state import list_actors, list_nodes
 
-    t0 = time.time()
-    out = tmp_path / "run"
-    write_synthetic_corpus(out / "prepare", {"fr": 48, "ar": 16}, valid_per_language=4)
-    config = tmp_path / "job.yaml"
-    job = load_yaml(ROOT / "job.yaml")
-    # The plain entry point: init_ray() imports torch before joining the cluster (importing it after
-    # was seen to abort the job driver in dlopen, "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so").
-    job["job"]["entrypoint"] = f"python ray_jobs/train.py --config {ROOT / 'job.yaml'}"
-    job["job"]["runtime_env"]["working_dir"] = str(ROOT)
-    config.write_text(yaml.safe_dump(job))
-    rc = _submit_main()(
-        [
-            "--config",
-            str(config),
-            "--address",
-            two_nodes,
-            f"run.output_dir={out}",
-            "run.name=two-nodes",
-            "train.placement_strategy=STRICT_SPREAD",
-            "train.num_workers=2",
-            "train.cpus_per_worker=0.5",
-            "train.max_steps=4",
-            "train.warmup_steps=1",
-            "train.eval_every=2",
-            "train.checkpoint_every=4",
-            "train.batch_size=2",
-            "data.window_rows=64",
-            "train.intelligibility.samples=false",  # no listening samples: not what this test is about
-        ]
-    )
-    logs = capsys.readouterr().out
-    assert rc == 0, logs[-4000:]
-    # Per-language validation lines, as the driver prints them.
-    steps = [line for line in logs.splitlines() if "valid ar/nar" in line and "step" in line]
-    assert len(steps) >= 2 and all(" ar " in s and " fr " in s for s in steps), logs[-4000:]
-    # Ray's state API: the two Train workers ran on two different nodes.
-    nodes = {n.node_id for n in list_nodes(address=two_nodes)}
-    assert len(nodes) == 2
-    workers = list_actors(address=two_nodes, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
-    assert len(workers) == 2, workers
-    assert len({w.node_id for w in workers}) == 2 and {w.node_id for w in workers} <= nodes
-    # Checkpoints went to the local storage both nodes see (one machine), after the storage check.
-    report = json.loads((out / "train" / "report.json").read_text())
-    assert report["steps"] == 4 and report["num_workers"] == 2
-    assert report["checkpoint"].startswith(str(out / "ray_results" / "two-nodes"))
-    print(f"two-node job: {time.time() - t0:.1f} s")
+        t0 = time.time()
+        dashboard = two_nodes[0]
+        out = tmp_path / "run"
+        write_synthetic_corpus(out / "prepare", {"fr": 48, "ar": 16}, valid_per_language=4)
+        config = tmp_path / "job.yaml"
+        job = load_yaml(ROOT / "job.yaml")
+        # The plain entry point: init_ray() imports torch before joining the cluster (importing it after
+        # was seen to abort the job driver in dlopen, "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so").
+        job["job"]["entrypoint"] = f"python ray_jobs/train.py --config {ROOT / 'job.yaml'}"
+        job["job"]["runtime_env"]["working_dir"] = str(ROOT)
+        config.write_text(yaml.safe_dump(job))
+        rc = _submit_main()(
+            [
+                "--config",
+                str(config),
+                "--address",
+                dashboard,
+                f"run.output_dir={out}",
+                "run.name=two-nodes",
+                "train.placement_strategy=STRICT_SPREAD",
+                "train.num_workers=2",
+                "train.cpus_per_worker=0.5",
+                "train.max_steps=4",
+                "train.warmup_steps=1",
+                "train.eval_every=2",
+                "train.checkpoint_every=4",
+                "train.batch_size=2",
+                "data.window_rows=64",
+                "train.intelligibility.samples=false",  # no listening samples: not what this test is about
+                "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
+            ]
+        )
+        logs = capsys.readouterr().out
+        assert rc == 0, logs[-4000:]
+        # Per-language validation lines, as the driver prints them.
+        steps = [line for line in logs.splitlines() if "valid ar/nar" in line and "step" in line]
+        assert len(steps) >= 2 and all(" ar " in s and " fr " in s for s in steps), logs[-4000:]
+        # Ray's state API: the two Train workers ran on two different nodes.
+        nodes = {n.node_id for n in list_nodes(address=dashboard)}
+        assert len(nodes) == 2
+        workers = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+        assert len(workers) == 2, workers
+        assert len({w.node_id for w in workers}) == 2 and {w.node_id for w in workers} <= nodes
+        # Checkpoints went to the local storage both nodes see (one machine), after the storage check.
+        report = json.loads((out / "train" / "report.json").read_text())
+        assert report["steps"] == 4 and report["num_workers"] == 2
+        assert report["checkpoint"].startswith(str(out / "ray_results" / "two-nodes"))
+        print(f"two-node job: {time.time() - t0:.1f} s")
+
+    def test_storage_probe_fails_on_a_node_that_cannot_see_the_folder(self, two_nodes, tmp_path):
+        """vallex.storage's real probe, from a driver joined to the two-node cluster: a folder both
+        nodes see passes (and its marker is cleaned up); the folder the worker node cannot see (its
+        mount namespace covers it) stops the run, naming that node, the key and the fix."""
+        dashboard, gcs, hidden = two_nodes
+        if hidden is None:
+            pytest.skip("this machine cannot hide a folder from one node (no mount namespace)")
+        script = """
+import json, sys
+import ray
+from vallex.config import load_config
+from vallex.storage import StorageError, check_storage, nodes_missing
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+nodes = [n for n in ray.nodes() if n["Alive"]]
+out = {"nodes": {n["NodeID"][:12]: n["NodeManagerPort"] for n in nodes}}
+out["visible"] = nodes_missing(sys.argv[2], nodes)
+out["hidden"] = nodes_missing(sys.argv[3], nodes)
+try:
+    check_storage(load_config(None, [f"run.output_dir={sys.argv[2]}", f"train.storage_path={sys.argv[3]}"]))
+    out["error"] = None
+except StorageError as e:
+    out["error"] = str(e)
+print("PROBE " + json.dumps(out))
+"""
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        proc = subprocess.run(
+            [sys.executable, "-c", script, gcs, str(tmp_path), hidden],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+        assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+        out = json.loads(lines[-1][len("PROBE ") :])
+        assert len(out["nodes"]) == 2
+        head = min(out["nodes"], key=lambda n: out["nodes"][n])  # the head's ports come first
+        (worker,) = set(out["nodes"]) - {head}
+        assert out["visible"] == [] and not list(tmp_path.glob(".vallex-shared-check-*"))
+        assert [name.split(" ")[0] for name in out["hidden"]] == [worker]
+        assert not list(Path(hidden).glob(".vallex-shared-check-*"))  # cleaned up here too
+        error = out["error"] or ""
+        assert f"train.storage_path={hidden!r} is a local folder" in error, error
+        assert f"2 nodes and 1 of them cannot see files written there: {worker}" in error, error
+        assert "s3://" in error and "shared filesystem" in error, error
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,23 +366,6 @@ def test_storage_uri_schemes():
 
 def test_one_node_needs_no_shared_storage(tmp_path):
     check_shared(tmp_path, "train.storage_path", nodes=[{"NodeID": "a" * 56}])  # returns without probing
-
-
-def test_storage_probe_and_its_message(ray_cluster, tmp_path, monkeypatch):
-    """The probe really runs on the node (and finds the folder); a node that cannot see it (only
-    simulable on one machine) stops the run with a message naming the node and the fix."""
-    import ray
-
-    import vallex.storage as storage
-
-    node = [n for n in ray.nodes() if n["Alive"]][0]
-    assert nodes_missing(tmp_path, [node]) == []
-    assert not list(tmp_path.glob(".vallex-shared-check-*"))  # the marker is cleaned up
-    two = [node, dict(node, NodeManagerAddress="10.0.0.9")]
-    assert nodes_missing(tmp_path, two) == []  # both probes land on this machine: visible
-    monkeypatch.setattr(storage, "nodes_missing", lambda folder, nodes, timeout_s=30.0: ["abc (10.0.0.9)"])
-    with pytest.raises(StorageError, match=r"2 nodes and 1 of them cannot see .*abc \(10.0.0.9\).*s3://"):
-        check_shared(tmp_path, "train.storage_path", nodes=two)
 
 
 def test_check_storage_accepts_cloud_uri_and_checks_local(ray_cluster, tmp_path):
@@ -498,6 +557,7 @@ def _node_processes(temp_dir: str, node_manager_port: int):
     return list(found.values())
 
 
+@pytest.mark.ray
 def test_elastic_training_survives_losing_a_node(tmp_path):
     """Two nodes advertising one training slot each (train.worker_resources), train.min_workers=1. The
     worker node is killed (its raylet and workers, SIGKILL) mid-run: the run carries on with the one
@@ -536,13 +596,14 @@ def test_elastic_training_survives_losing_a_node(tmp_path):
         "train.cpus_per_worker=1",
         "train.worker_resources={vallex_trainer: 1}",
         "train.max_failures=3",
-        "train.max_steps=30",
+        "train.max_steps=16",  # the node dies at step 8: 8 steps on after the restart, from step 4 or 8
         "train.warmup_steps=1",
         "train.eval_every=2",
         "train.checkpoint_every=4",
         "train.batch_size=2",
         "data.window_rows=64",
         "train.intelligibility.samples=false",  # no listening samples: not what this test is about
+        "train.intelligibility.text_gain=false",  # nor a second validation pass per evaluation
     ]
     metrics = out / "train" / "metrics.jsonl"
     try:
@@ -582,11 +643,11 @@ def test_elastic_training_survives_losing_a_node(tmp_path):
         # The first record of each (re)start says how many workers DeepSpeed ran with: 2, then 1.
         sizes = [r["engine"]["world_size"] for r in records if "engine" in r]
         assert sizes[0] == 2 and sizes[-1] == 1, (sizes, tail)
-        assert records[-1]["step"] == 30
+        assert records[-1]["step"] == 16
         restart = next(r for r in records if r.get("engine", {}).get("world_size") == 1)
         assert restart["step"] >= 4  # resumed from a checkpoint, not from the start
         report = json.loads((out / "train" / "report.json").read_text())
-        assert report["steps"] == 30
+        assert report["steps"] == 16
     finally:
         _stop_cluster(temp_dir, gcs)
 

@@ -118,6 +118,7 @@ class FailingUploads:
                 real.close()  # what pyarrow's own `with` block does on the error: the half is committed
 
 
+@pytest.mark.ray
 def test_a_write_that_fails_leaves_no_partial_object(s3, monkeypatch):
     """manifest.json, symbols.json, shards and the phoneme cache appear whole or not at all, also when
     the payload cannot be built (the error comes before any upload) or the upload itself fails."""
@@ -184,6 +185,7 @@ def small_manifest(tmp_path_factory):
     return out
 
 
+@pytest.mark.ray
 def test_prepare_to_s3_reruns_and_reads_back(s3, small_manifest, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a URI taken for a local path would show up here as ./s3:/...
     uri = f"{s3}/prep"
@@ -253,6 +255,7 @@ def test_prepare_to_s3_reruns_and_reads_back(s3, small_manifest, tmp_path, monke
     assert loaded.meta == rec.meta and loaded.transcribe(codes) == rec.transcribe(codes)
 
 
+@pytest.mark.ray
 def test_a_missing_or_unreachable_corpus_is_named(s3, monkeypatch):
     with pytest.raises(
         CorpusError, match=rf"{s3}/nothing/manifest.json not found; is {s3}/nothing a prepared"
@@ -277,6 +280,7 @@ def test_config_takes_a_prepared_uri_and_refuses_a_remote_output_dir(tmp_path):
     assert load_config(None, [f"run.output_dir={tmp_path}"]).prepared_dir == str(tmp_path / "prepare")
 
 
+@pytest.mark.ray
 def test_training_checkpoints_to_s3_and_resumes_from_them(s3, tmp_path, one_thread):
     from test_train import SIZES, _cfg
 
@@ -293,6 +297,8 @@ def test_training_checkpoints_to_s3_and_resumes_from_them(s3, tmp_path, one_thre
         f"run.prepared_dir={s3}/synthetic",
         f"train.storage_path={storage}",
         "train.keep_best_by=loss_mean",
+        "train.intelligibility.samples=false",  # storage is what this test is about: no listening samples,
+        "train.intelligibility.text_gain=false",  # no text gain (a second validation pass)
     )
 
     cfg = _cfg(tmp_path / "run", *run, "train.max_steps=3")

@@ -273,6 +273,7 @@ def test_submit_finds_the_token_in_rays_order(tmp_path, monkeypatch):
         auth_token(str(tmp_path / "empty"))
 
 
+@pytest.mark.ray
 def test_token_auth_cluster_refuses_jobs_without_the_token_and_runs_submit_pys(tmp_path, monkeypatch, capsys):
     """`ray start --head` with RAY_AUTH_MODE=token (the cluster configs' setting): the job API answers
     401 without the token and 403 with a wrong one, each a clear submit.py error (exit 4); with the token

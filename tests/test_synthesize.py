@@ -110,6 +110,16 @@ def test_greedy_cross_lingual_prompt_is_deterministic(setup, tmp_path):
         assert np.array_equal(w, wb)
     assert side["prompt"]["language"] == "fr" and side["prompt"]["frames"] == 38  # ceil(0.5 s * 75)
     assert side["sampling"]["top_k"] == 1
+    # The prompt is heard: another voice of the same length (a 330 Hz tone, not 220 Hz) gives other
+    # speech for the same texts, greedy and seeded alike. Dropping the prompt would make them equal.
+    t = np.arange(24000 // 2) / 24000
+    sf.write(tmp_path / "other.wav", 0.3 * np.sin(2 * np.pi * 330 * t), 24000)
+    other = [*prompt[:1], str(tmp_path / "other.wav"), *prompt[2:]]
+    side_o, wavs_o = synthesize(setup, tmp_path / "o", "--top-k", "1", "--seed", "1", *other)
+    assert side_o["prompt"]["frames"] == 38
+    assert all(
+        len(w) != len(wo) or not np.array_equal(w, wo) for (w, _), (wo, _) in zip(wavs, wavs_o, strict=True)
+    )
 
 
 def test_unknown_language_is_a_clear_error(setup, tmp_path):

@@ -38,6 +38,7 @@ def _cfg(tmp_path: Path, *overrides: str):
             "data.weights=uniform",
             "data.window_rows=32",
             "train.intelligibility.samples=false",  # no listening samples: not what this test is about
+            "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
             "train.tracking=[mlflow, wandb]",
             "train.tracking_project=vallex-test",
             *overrides,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -132,8 +133,12 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     assert [r["step"] for r in read_metrics(metrics)] == [1, 3, 6, 7]
 
     # Same run again with more steps: resumes from the step-6 checkpoint instead of starting over.
+    # Each worker writes what its engine holds right after the load (see _probe_resumed_state).
+    probe = corpus_cfg / "resumed"
     cfg2 = _cfg(corpus_cfg, "train.max_steps=9")
-    report2 = train(cfg2)
+    with _probe_resumed_state(probe):
+        report2 = train(cfg2)
+    _check_restored_bit_for_bit(probe, ckpt_dir, world=2)
     records = read_metrics(cfg2.train_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 3, 6, 9]
     assert records[-1]["samples_seen"] == 2 * 4 * 9  # mix counts were restored with the checkpoint
@@ -145,12 +150,114 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     # Elastic: the same run continues on 1 worker. ZeRO-2 shards the optimizer per worker, so the
     # weights come back and the optimizer moments restart.
     cfg3 = _cfg(corpus_cfg, "train.max_steps=12", "train.num_workers=1")
-    train(cfg3)
+    with _probe_resumed_state(probe / "elastic"):
+        train(cfg3)
+    (step9,) = [
+        d
+        for d in (corpus_cfg / "ray_results" / "t").glob("checkpoint_*")
+        if d.is_dir() and json.loads((d / "vallex_state.json").read_text())["step"] == 9
+    ]
+    (held,) = _load_probe(probe / "elastic")
+    saved = load_weights_only(step9 / "ckpt" / "mp_rank_00_model_states.pt")["module"]
+    _assert_same(held["module"], saved, "weights after the elastic resume")
+    assert _adam_states(held["optimizer"]) == [], "moments restart at another world size"
     records = read_metrics(cfg3.train_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 3, 6, 9, 12]
     assert records[-1]["samples_seen"] == 2 * 4 * 9 + 1 * 4 * 3
     # the weights were restored, not re-initialized: validation loss continues from where it was
     assert records[-1]["valid"]["en"]["loss"] < records[0]["valid"]["en"]["loss"]
+
+
+@contextlib.contextmanager
+def _probe_resumed_state(folder):
+    """Run the Train workers through a wrapper that, right after ``vallex.train.loop.resume`` loads a
+    checkpoint, saves what the engine holds (module weights, the ZeRO optimizer's state dict) to
+    ``folder/rank<r>.pt``, then trains on unchanged. The wrapper is a local function, so Ray pickles it
+    by value into the workers; the real loop runs in them."""
+    import vallex.train.loop as loop
+
+    folder.mkdir(parents=True, exist_ok=True)
+    real = loop.train_loop_per_worker
+    out = str(folder)
+
+    def probed_loop(loop_config):
+        import os
+
+        import torch
+
+        import vallex.train.loop as worker_loop
+
+        load = worker_loop.resume
+
+        def resume_and_save(model_engine, ckpt_dir, saved_world, world, zero_stage, rank):
+            load(model_engine, ckpt_dir, saved_world, world, zero_stage, rank)
+            held = {
+                "module": {k: v.detach().clone() for k, v in model_engine.module.state_dict().items()},
+                "optimizer": model_engine.optimizer.state_dict(),
+                "ckpt_dir": str(ckpt_dir),
+            }
+            torch.save(held, os.path.join(out, f"rank{rank}.pt"))
+
+        worker_loop.resume = resume_and_save
+        try:
+            worker_loop.train_loop_per_worker(loop_config)
+        finally:
+            worker_loop.resume = load
+
+    loop.train_loop_per_worker = probed_loop
+    try:
+        yield
+    finally:
+        loop.train_loop_per_worker = real
+
+
+def _load_probe(folder):
+    return [torch.load(p, weights_only=False) for p in sorted(folder.glob("rank*.pt"))]
+
+
+def _assert_same(held, saved, what, path="") -> None:
+    """Bit-for-bit equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(saved, torch.Tensor):
+        assert isinstance(held, torch.Tensor) and held.dtype == saved.dtype, (what, path)
+        assert torch.equal(held, saved), f"{what}: {path} differs from the checkpoint"
+    elif isinstance(saved, dict):
+        assert set(held) == set(saved), (what, path, sorted(held), sorted(saved))
+        for k in saved:
+            _assert_same(held[k], saved[k], what, f"{path}/{k}")
+    elif isinstance(saved, list | tuple):
+        assert len(held) == len(saved), (what, path)
+        for i, (h, v) in enumerate(zip(held, saved, strict=True)):
+            _assert_same(h, v, what, f"{path}[{i}]")
+    elif type(saved).__eq__ is object.__eq__ and hasattr(saved, "__dict__"):  # e.g. DeepSpeed's LossScaler
+        assert type(held) is type(saved), (what, path)
+        _assert_same(vars(held), vars(saved), what, path)
+    else:
+        assert held == saved, (what, path, held, saved)
+
+
+def _adam_states(optimizer_state: dict) -> list[dict]:
+    """The per-parameter Adam states in a ZeRO-1/2 optimizer state dict (either of DeepSpeed's layouts)."""
+    base = optimizer_state["base_optimizer_state"]
+    return list(base["state"].values()) if isinstance(base, dict) else [s for s in base if s]
+
+
+def _check_restored_bit_for_bit(probe, ckpt_dir, world: int) -> None:
+    """Each rank's engine, right after the resume, holds exactly the checkpoint's weights and its own
+    ZeRO partition of the optimizer: fp32 master weights and both Adam moments."""
+    from vallex.train.engine import load_weights_only
+
+    held = _load_probe(probe)
+    assert len(held) == world
+    saved_module = load_weights_only(ckpt_dir / "ckpt" / "mp_rank_00_model_states.pt")["module"]
+    for rank, state in enumerate(held):
+        _assert_same(state["module"], saved_module, f"rank {rank} weights")
+        part = ckpt_dir / "ckpt" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        saved_optim = load_weights_only(part)["optimizer_state_dict"]
+        moments = _adam_states(saved_optim)
+        assert moments and all(
+            set(m) >= {"exp_avg", "exp_avg_sq"} and m["exp_avg_sq"].abs().sum() > 0 for m in moments
+        ), "the checkpoint holds Adam moments that training filled"
+        _assert_same(state["optimizer"], saved_optim, f"rank {rank} optimizer state")
 
 
 def _check_intelligibility(cfg, records, report, model, recognizer):
@@ -277,11 +384,12 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
     cfg = _cfg(
         corpus_cfg,
         "run.name=faulty",
-        "train.max_steps=60",
+        "train.max_steps=30",  # the kill comes at step 15: 15 steps on after it
         "train.eval_every=5",
         "train.checkpoint_every=10",
         "train.max_failures=2",
-        "train.intelligibility.samples=false",  # 12 evaluations: no listening samples needed here
+        "train.intelligibility.samples=false",  # 6 evaluations: no listening samples needed here
+        "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
     )
     killed: list[int] = []
 
@@ -302,14 +410,14 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(ray_cluster, corpus
 
     assert killed, "the run ended before a worker could be killed"
     steps = [r["step"] for r in read_metrics(cfg.train_dir / "metrics.jsonl")]
-    assert steps[-1] == 60 and report["steps"] == 60
+    assert steps[-1] == 30 and report["steps"] == 30
     # The restart resumed from a checkpoint (step 10 or later) and cut the records written after it
     # (at least step 15's), so metrics.jsonl holds one timeline: each step once, in order.
     assert steps == sorted(set(steps)) and steps[:4] == [1, 5, 10, 15]
     cuts = [m for m in caplog.messages if "restarting from the checkpoint of step" in m]
     assert cuts and "removed" in cuts[0]
     # The mix counts came back with the checkpoint: every optimizer step counted exactly once.
-    assert read_metrics(cfg.train_dir / "metrics.jsonl")[-1]["samples_seen"] == 2 * 4 * 60
+    assert read_metrics(cfg.train_dir / "metrics.jsonl")[-1]["samples_seen"] == 2 * 4 * 30
 
 
 def test_ar_only_stage_reports_no_nar_figures_and_a_nan_loss_stops_the_run(ray_cluster, corpus_cfg):

@@ -433,6 +433,8 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
                     "batch_size": 4,
                     "warmup_steps": 1,
                     "tracking_uri": f"https://vallex:{SECRET}-pw@mlflow.example:5000",
+                    # the search scores losses: no listening samples, no text gain (a second validation pass)
+                    "intelligibility": {"samples": False, "text_gain": False},
                 },
                 "tune": {
                     "num_samples": 3,
