@@ -144,7 +144,9 @@ def main() -> None:
         trained_s += time.perf_counter() - t0
         window.append(float(out["loss"].detach()))
         if step % 50 == 0:
-            print(f"step {step:5d}  {trained_s:6.0f} s training, {time.process_time():6.0f} CPU-s", flush=True)
+            print(
+                f"step {step:5d}  {trained_s:6.0f} s training, {time.process_time():6.0f} CPU-s", flush=True
+            )
         if step % a.eval_every == 0 or step == a.steps:
             te = time.perf_counter()
             model.eval()
