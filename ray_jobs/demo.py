@@ -6,7 +6,8 @@
 2. prepare it: phonemes + codes -> per-language Parquet shards (Ray Data); job.yaml's codec is fitted to
    the corpus (prepare.codec.kind: mel_rvq) since EnCodec's weights cannot be downloaded offline;
    then a code-level phoneme recognizer beside the shards (trained once; it scores synthesized speech),
-3. train a tiny AR + NAR VALL-E X on all languages mixed by weights (Ray Train, 2 workers, DeepSpeed ZeRO-2),
+3. train a small AR + NAR VALL-E X (job.yaml: 128 wide, 4 layers, on 25 Hz codes) on all languages mixed
+   by weights (Ray Train, 2 workers, DeepSpeed ZeRO-2),
 4. print each language's validation loss, text gain and synthesized PER at the first and last evaluation.
 
 Files: <run.output_dir>/prepare/manifest.json, <run.output_dir>/train/{metrics.jsonl, report.json, valid_loss.png}.

@@ -164,3 +164,25 @@ def test_open_tokenizer_builds_encodec_from_its_manifest_dict():
 def test_too_little_audio_to_fit_is_a_clear_error(speech):
     with pytest.raises(CodecError, match="too few to fit 1024 codes"):
         fit_tables([speech["held"][0][:24000]], SETTINGS)
+
+
+def test_a_lower_frame_rate_codes_and_decodes_at_its_own_hop(tables, speech):
+    """frame_rate 25 (the demo's): 960 samples per frame, codes that still rebuild the clip's own 25 Hz
+    log-mel frames, audio of frames x 960 samples; the manifest says 25 and 75 stays 75 (old files)."""
+    from vallex.codec.mel_rvq import log_mel
+
+    slow = MelRVQSettings(seed=0, fit_frames=4096, fit_iterations=4, frame_rate=25)
+    assert slow.hop_length == 960 and slow.to_dict()["frame_rate"] == 25
+    assert SETTINGS.to_dict()["frame_rate"] == 75 and MelRVQSettings(frame_rate=37.5).hop_length == 640
+    tok = MelRVQTokenizer(slow, tables)  # the 80-bin tables quantize frames of any hop
+    wav = speech["held"][0]
+    codes = tok.encode([wav[:1], wav[:960], wav[:961], wav])
+    assert [c.shape for c in codes[:3]] == [(8, 1), (8, 1), (8, 2)]
+    assert codes[3].shape == (8, -(-len(wav) // 960))
+    assert abs(codes[3].shape[1] - len(wav) * 25 / SAMPLE_RATE) < 1  # 3x fewer frames than at 75 Hz
+    target = (log_mel(wav, 80, 960) - tok.mean.numpy()) / tok.std.numpy()
+    err = float(np.mean((tok.features(codes[3]).numpy() - target) ** 2))
+    assert err < 0.35 * float(np.mean((target - target.mean(0)) ** 2))
+    assert tok.decode(codes[3:])[0].shape == (codes[3].shape[1] * 960,)
+    with pytest.raises(ValueError, match="frame_rate must be one of"):
+        MelRVQSettings(frame_rate=30)

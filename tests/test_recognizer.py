@@ -210,3 +210,12 @@ def test_ensure_recognizer_finds_the_saved_one_without_training(phonetic, tmp_pa
     rec.save(str(root))
     monkeypatch.setattr(module, "train_recognizer_on_ray", lambda cfg: pytest.fail("trained again"))
     assert module.ensure_recognizer(load_config(None, [f"run.prepared_dir={root}"])) == rec.meta
+
+
+def test_the_convolution_keeps_every_frame_of_slow_codes():
+    """CTC needs a time step per phone: 75 Hz codes are halved (37.5 Hz), 25 Hz ones are not (a phone
+    lasts ~2 frames there)."""
+    from vallex.eval.recognizer import conv_stride
+
+    assert conv_stride({"frame_rate": 75}) == 2 and conv_stride({}) == 2  # EnCodec / older manifests
+    assert conv_stride({"frame_rate": 37.5}) == 1 and conv_stride({"frame_rate": 25}) == 1

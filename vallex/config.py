@@ -146,6 +146,10 @@ class CodecSection:
     bounds the fit's time (~fit_frames x 1024 x mel_bins x 2 FLOPs per iteration and stage) and memory."""
     fit_iterations: int = 10
     """mel_rvq only: Lloyd iterations per k-means stage."""
+    frame_rate: float = 75.0
+    """mel_rvq only: code frames per second, 75 (EnCodec's rate, hop 320) or 50, 37.5, 25: sequences 1.5-3x
+    shorter, each frame a longer slice of a phone. The demo uses 25 so its model learns to read in minutes
+    on 2 cores; losses and text gains per frame are then not comparable with 75 Hz figures."""
 
     def __post_init__(self):
         _require(
@@ -158,6 +162,9 @@ class CodecSection:
         _require(self.fit_utterances >= 1, "fit_utterances", "must be >= 1")
         _require(self.fit_frames >= 1024, "fit_frames", "must be >= 1024 (one frame per code)")
         _require(self.fit_iterations >= 1, "fit_iterations", "must be >= 1")
+        _require(
+            self.frame_rate in (75.0, 50.0, 37.5, 25.0), "frame_rate", "must be 75, 50, 37.5 or 25 (frames/s)"
+        )
 
 
 @dataclass

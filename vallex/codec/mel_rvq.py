@@ -7,6 +7,12 @@ budget these codes give ~23% (numbers and command in the project's report). It h
 EnCodec's codes at 6 kbps, so nothing downstream changes: ``num_codebooks`` (8) residual codebooks of
 1024 entries at 75 frames/s, int16 ``[Q, T]`` with ``T = ceil(samples * 75 / 24000)``.
 
+Frame rate. 75 Hz (hop 320) is EnCodec's shape and the default. ``frame_rate`` 50, 37.5 or 25 (hop
+480, 640, 960) makes every sequence 1.5-3x shorter: the AR then sees each phone in fewer, richer frames,
+which is what lets the 2-core demo's model learn to read in minutes (docs/BENCHMARKS.md "Demo"). Losses
+and text gains per frame at another rate are not comparable with 75 Hz figures (a frame is another
+length of speech); the manifest's ``codec.frame_rate`` says which.
+
 Encode: 24 kHz audio -> 80-bin log-mel power spectrogram (1024-point FFT, hop 320) -> per-bin
 normalization (mean and std fitted on the corpus) -> stage k picks the centroid nearest to what
 stages < k left unexplained (residual vector quantization, as EnCodec's RVQ does with learned vectors).
@@ -36,13 +42,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from vallex.codec.encodec import CODEBOOK_SIZE, FRAME_RATE, HOP_LENGTH, SAMPLE_RATE, CodecError, num_frames
+from vallex.codec.encodec import CODEBOOK_SIZE, FRAME_RATE, SAMPLE_RATE, CodecError
 
 log = logging.getLogger("vallex.codec")
 
 KIND = "mel_rvq"
 FITTED_NAME = "codec_mel_rvq.npz"  # beside manifest.json in the prepared corpus
 TABLES_VERSION = 1
+FRAME_RATES = (75.0, 50.0, 37.5, 25.0)  # whole hops at 24 kHz: 320, 480, 640, 960 samples
 N_FFT = 1024
 LOG_FLOOR = 1e-5  # log(mel + floor): keeps digital silence finite
 GRIFFIN_LIM_ITERS = 32
@@ -58,8 +65,16 @@ class MelRVQSettings:
     fit_frames: int = 40_000  # frames the k-means sees (a seeded sample of the training split)
     fit_iterations: int = 10  # Lloyd iterations per stage
     fit_utterances: int = 400  # training utterances read for the fit (a seeded sample)
+    frame_rate: float = (
+        FRAME_RATE  # code frames per second: 75 (EnCodec's) or 50, 37.5, 25 (shorter sequences)
+    )
 
     def __post_init__(self):
+        if float(self.frame_rate) not in FRAME_RATES:
+            raise ValueError(
+                f"mel_rvq frame_rate must be one of {FRAME_RATES} (a whole hop of 24 kHz samples), "
+                f"got {self.frame_rate}"
+            )
         for key in ("num_codebooks", "n_mels", "fit_iterations", "fit_utterances"):
             if getattr(self, key) < 1:
                 raise ValueError(f"mel_rvq {key} must be >= 1, got {getattr(self, key)}")
@@ -68,15 +83,22 @@ class MelRVQSettings:
                 f"mel_rvq fit_frames must be >= {CODEBOOK_SIZE} (one frame per centroid), got {self.fit_frames}"
             )
 
+    @property
+    def hop_length(self) -> int:
+        """Samples per code frame at 24 kHz."""
+        return round(SAMPLE_RATE / self.frame_rate)
+
     def to_dict(self) -> dict:
         """The manifest's description (``fitted``/``sha256`` are added once the tables exist)."""
+        rate = float(self.frame_rate)
         return {
             "kind": KIND,
             "name": KIND,
             "sample_rate": SAMPLE_RATE,
-            "frame_rate": FRAME_RATE,
             "codebook_size": CODEBOOK_SIZE,
             **asdict(self),
+            # 75, not 75.0: the same JSON (and table bytes) as files written before the rate was a setting
+            "frame_rate": int(rate) if rate.is_integer() else rate,
         }
 
     @classmethod
@@ -92,16 +114,16 @@ class MelRVQSettings:
 class _Mel:
     """torchaudio's mel front end and its pseudo-inverse, built once per process and size."""
 
-    _cache: dict[int, _Mel] = {}
+    _cache: dict[tuple[int, int], _Mel] = {}
 
-    def __init__(self, n_mels: int):
+    def __init__(self, n_mels: int, hop_length: int):
         import torch
         import torchaudio
 
         self.transform = torchaudio.transforms.MelSpectrogram(
             sample_rate=SAMPLE_RATE,
             n_fft=N_FFT,
-            hop_length=HOP_LENGTH,
+            hop_length=hop_length,
             n_mels=n_mels,
             power=2.0,
             center=True,
@@ -111,22 +133,22 @@ class _Mel:
         self.inverse = torch.linalg.pinv(fb.double()).float()  # [n_mels, n_freqs]
 
     @classmethod
-    def get(cls, n_mels: int) -> _Mel:
-        if n_mels not in cls._cache:
-            cls._cache[n_mels] = cls(n_mels)
-        return cls._cache[n_mels]
+    def get(cls, n_mels: int, hop_length: int) -> _Mel:
+        if (n_mels, hop_length) not in cls._cache:
+            cls._cache[n_mels, hop_length] = cls(n_mels, hop_length)
+        return cls._cache[n_mels, hop_length]
 
 
-def log_mel(wav: np.ndarray, n_mels: int) -> np.ndarray:
-    """float32 ``[num_frames(len(wav)), n_mels]``: frame t is centred on sample t * 320 of the clip
-    zero-padded to whole frames (one clip at a time, so a clip's frames never depend on its batch)."""
+def log_mel(wav: np.ndarray, n_mels: int, hop_length: int = SAMPLE_RATE // FRAME_RATE) -> np.ndarray:
+    """float32 ``[ceil(len(wav) / hop_length), n_mels]``: frame t is centred on sample t * hop_length of
+    the clip zero-padded to whole frames (one clip at a time, so a clip's frames never depend on its batch)."""
     import torch
 
-    t = num_frames(len(wav))
-    x = torch.zeros(t * HOP_LENGTH)
+    t = -(-len(wav) // hop_length)
+    x = torch.zeros(t * hop_length)
     x[: len(wav)] = torch.from_numpy(np.asarray(wav, dtype=np.float32))
     with torch.inference_mode():
-        mel = _Mel.get(n_mels).transform(x)  # [n_mels, t + 1] (centred frames)
+        mel = _Mel.get(n_mels, hop_length).transform(x)  # [n_mels, t + 1] (centred frames)
     return torch.log(mel[:, :t].T + LOG_FLOOR).numpy()
 
 
@@ -178,14 +200,15 @@ def fit_tables(wavs: Iterable[np.ndarray], settings: MelRVQSettings, progress: b
     import torch
 
     t0, cpu0 = time.perf_counter(), time.process_time()
-    frames = [log_mel(_check_wav(i, w), settings.n_mels) for i, w in enumerate(wavs)]
+    frames = [log_mel(_check_wav(i, w), settings.n_mels, settings.hop_length) for i, w in enumerate(wavs)]
     if not frames:
         raise CodecError("mel_rvq fit: no audio to fit on (the training split is empty)")
     x = torch.from_numpy(np.concatenate(frames))
     if x.shape[0] < CODEBOOK_SIZE:
         raise CodecError(
-            f"mel_rvq fit: {x.shape[0]} frames of audio ({x.shape[0] / FRAME_RATE:.1f} s) are too few to fit "
-            f"{CODEBOOK_SIZE} codes per stage; give the corpus at least {CODEBOOK_SIZE / FRAME_RATE:.0f} s "
+            f"mel_rvq fit: {x.shape[0]} frames of audio ({x.shape[0] / settings.frame_rate:.1f} s) are too few "
+            f"to fit {CODEBOOK_SIZE} codes per stage; give the corpus at least "
+            f"{CODEBOOK_SIZE / settings.frame_rate:.0f} s "
             "of training audio"
         )
     gen = torch.Generator().manual_seed(settings.seed)
@@ -209,7 +232,7 @@ def fit_tables(wavs: Iterable[np.ndarray], settings: MelRVQSettings, progress: b
     log.info(
         "mel_rvq fit: %d frames (%.1f min of audio sampled from %d clips) in %.1f s (%.1f CPU-s)",
         x.shape[0],
-        sum(len(f) for f in frames) / FRAME_RATE / 60,
+        sum(len(f) for f in frames) / settings.frame_rate / 60,
         len(frames),
         time.perf_counter() - t0,
         time.process_time() - cpu0,
@@ -289,12 +312,15 @@ class MelRVQTokenizer:
         return self.settings.num_codebooks
 
     def encode(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
-        """Mono float32 at 24 kHz -> int16 ``[num_codebooks, ceil(len * 75 / 24000)]`` each."""
+        """Mono float32 at 24 kHz -> int16 ``[num_codebooks, ceil(len / hop_length)]`` each (75 Hz: hop 320)."""
         import torch
 
         out = []
         for i, w in enumerate(wavs):
-            x = (torch.from_numpy(log_mel(_check_wav(i, w), self.settings.n_mels)) - self.mean) / self.std
+            wav = _check_wav(i, w)
+            x = (
+                torch.from_numpy(log_mel(wav, self.settings.n_mels, self.settings.hop_length)) - self.mean
+            ) / self.std
             codes = torch.empty(self.num_codebooks, x.shape[0], dtype=torch.int16)
             with torch.inference_mode():
                 for k in range(self.num_codebooks):
@@ -312,14 +338,15 @@ class MelRVQTokenizer:
         return sum(self.codebooks[k][c[k]] for k in range(self.num_codebooks))
 
     def decode(self, codes: list[np.ndarray]) -> list[np.ndarray]:
-        """int16 ``[num_codebooks, frames]`` -> float32 mono at 24 kHz, ``frames * 320`` samples each
+        """int16 ``[num_codebooks, frames]`` -> float32 mono at 24 kHz, ``frames * hop_length`` samples each
         (mel inversion + Griffin-Lim with a fixed seed: the same codes give the same samples)."""
         import torch
         import torchaudio
 
         q = self.num_codebooks
         out = []
-        mel = _Mel.get(self.settings.n_mels)
+        hop = self.settings.hop_length
+        mel = _Mel.get(self.settings.n_mels, hop)
         for i, c in enumerate(codes):
             c = np.asarray(c)
             if c.ndim != 2 or c.shape[0] != q or c.shape[1] == 0:
@@ -333,15 +360,15 @@ class MelRVQTokenizer:
                 logmel = self.features(c) * self.std + self.mean  # [T, n_mels]
                 power_mel = (logmel.exp() - LOG_FLOOR).clamp_min(0.0)
                 linear = (power_mel @ mel.inverse).clamp_min(0.0).T  # [n_freqs, T]
-                linear = torch.cat([linear, linear[:, -1:]], dim=1)  # T + 1 centred frames cover T * 320
+                linear = torch.cat([linear, linear[:, -1:]], dim=1)  # T + 1 centred frames cover T * hop
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)  # Griffin-Lim starts from random phases
                     wav = torchaudio.transforms.GriffinLim(
                         n_fft=N_FFT,
-                        hop_length=HOP_LENGTH,
+                        hop_length=hop,
                         power=2.0,
                         n_iter=GRIFFIN_LIM_ITERS,
-                        length=t * HOP_LENGTH,
+                        length=t * hop,
                     )(linear)
             peak = float(wav.abs().max())
             wav = wav * (0.9 / peak) if peak > 0.9 else wav

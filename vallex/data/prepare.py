@@ -602,6 +602,7 @@ def codec_description(settings: PrepareSection, seed: int) -> dict:
             fit_frames=c.fit_frames,
             fit_iterations=c.fit_iterations,
             fit_utterances=c.fit_utterances,
+            frame_rate=c.frame_rate,
         ).to_dict()
     from vallex.codec.encodec import CodecSettings
 

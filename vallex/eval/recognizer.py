@@ -16,7 +16,8 @@ punctuation marks and stress marks ``ˈ`` ``ˌ`` (prosody, which a reading of th
 differently). The recognizer is trained on exactly these targets and can emit nothing else.
 
 Model (``RecognizerNet``): the Q codebooks' embeddings summed per frame, a strided 1-D convolution
-(75 Hz -> 37.5 Hz: phones last several frames, and half the frames halve the encoder's cost), a small
+(75 Hz -> 37.5 Hz: phones last several frames, and half the frames halve the encoder's cost; codes at
+37.5 Hz or less keep every frame, stride 1, so CTC still has a step per phone and blank), a small
 transformer encoder (4 layers, 4 heads, pre-norm, sinusoidal positions; a 2-layer bidirectional LSTM is
 the alternative, ~5x dearer per step on CPU), and a linear layer over the symbol table whose ``<pad>``
 slot (id 0, never a target) is the CTC blank.
@@ -142,6 +143,11 @@ class RecognizerShape:
     kernel: int = 5
     stride: int = 2
     dropout: float = 0.1
+
+
+def conv_stride(codec: dict) -> int:
+    """2 for codes at >= 50 frames/s (EnCodec's 75 Hz -> 37.5 Hz), 1 below (a 25 Hz frame is ~half a phone)."""
+    return 2 if float(codec.get("frame_rate", 75)) >= 50 else 1
 
 
 def output_frames(frames, shape: RecognizerShape):
@@ -508,6 +514,7 @@ def train_recognizer(
                 layers=layers,
                 encoder=encoder,
                 dropout=dropout,
+                stride=conv_stride(corpus.codec),
             ),
             max_utterances,
             alpha,
