@@ -250,6 +250,8 @@ class TestTwoNodes:
                 "train.eval_every=2",
                 "train.checkpoint_every=4",
                 "train.batch_size=2",
+                "model.size=tiny",  # not job.yaml's demo model
+                "model.d_model=0",
                 "data.window_rows=64",
                 "train.intelligibility.samples=false",  # no listening samples: not what this test is about
                 "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
