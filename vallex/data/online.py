@@ -19,8 +19,8 @@ loss they settle near the mix that balances the languages' remaining progress, t
 ``normalized_max`` Tune objective searches for. Without smoothing the weights collapse to one
 language; the floor keeps every language in every stretch of the run, so none is forgotten while
 another catches up. Without a reference there is no reachable loss to measure progress against (a
-loss relative to the language's first one rewards, again, what cannot be learned: on the mixture of
-tests/test_online.py it ends worse than uniform weights), so ``forgetting`` leaves the prior alone until a language's loss rises above its best, then
+loss relative to the language's first one rewards, again, what cannot be learned: tried on a
+known-answer mixture while choosing these signals, it ended worse than uniform weights), so ``forgetting`` leaves the prior alone until a language's loss rises above its best, then
 moves rows to it: the online form of the forgetting guard.
 
 The state is plain data (:meth:`OnlineWeights.to_dict`): a checkpoint holds it, and a resumed run
