@@ -20,8 +20,9 @@ loss they settle near the mix that balances the languages' remaining progress, t
 language; the floor keeps every language in every stretch of the run, so none is forgotten while
 another catches up. Without a reference there is no reachable loss to measure progress against (a
 loss relative to the language's first one rewards, again, what cannot be learned: tried on a
-known-answer mixture while choosing these signals, it ended worse than uniform weights), so ``forgetting`` leaves the prior alone until a language's loss rises above its best, then
-moves rows to it: the online form of the forgetting guard.
+known-answer mixture while choosing these signals, it ended worse than uniform weights), so
+``forgetting`` leaves the prior alone until a language's loss rises above its best, then moves rows
+to it: the online form of the forgetting guard.
 
 The state is plain data (:meth:`OnlineWeights.to_dict`): a checkpoint holds it, and a resumed run
 continues with the same weights. Every rank updates from the same all-reduced losses, so every rank
