@@ -673,12 +673,6 @@ class Config:
         return os.path.abspath(self.run.prepared_dir or self.output_dir / "prepare")
 
     @property
-    def prepare_dir(self) -> str:
-        """Old name of :attr:`prepared_dir` (it named the folder after the stage, not the key it
-        resolves); kept while code written against it is merged, then removed."""
-        return self.prepared_dir
-
-    @property
     def train_dir(self) -> Path:
         return self.output_dir / "train"
 
