@@ -152,7 +152,12 @@ def _start_cluster(
     gcs, dash, client = ports[:3]
     blocks = [ports[3 + 40 * n : 3 + 40 * (n + 1)] for n in range(len(node_cpus))]
     env = dict(
-        os.environ, PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""), RAY_USAGE_STATS_ENABLED="0"
+        os.environ,
+        PATH=VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+        RAY_USAGE_STATS_ENABLED="0",
+        # The dashboard starts 9 module processes and gives each 30 s by default: too short on a busy
+        # 2-core machine (seen failing at load 15), and `ray start` then fails.
+        RAY_DASHBOARD_SUBPROCESS_MODULE_WAIT_READY_TIMEOUT="180",
     )
     env.pop("RAY_ADDRESS", None)
     env.update(env_extra or {})
@@ -200,19 +205,35 @@ def _stop_cluster(temp_dir: str, gcs_address: str) -> None:
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+# One training slot per node (train.worker_resources): what lets the elastic test size down to the
+# node left. Ray Train's elastic policy counts free resources across the cluster without regard to the
+# placement strategy, so with CPUs alone it would see room for two workers on the head (where Ray Data
+# needs the other CPU) and retry a 2-worker group forever.
+SLOT = {"vallex_trainer": 1}
+# Notice a dead node in ~2 s instead of ~15 s (the elastic test kills one).
+FAST_DEATH = {
+    "RAY_health_check_period_ms": "500",
+    "RAY_health_check_timeout_ms": "500",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
 @pytest.fixture(scope="class")
 def two_nodes(tmp_path_factory):
     """A head (2 CPUs) and a worker node (2 CPUs) joined to it, on loopback, shared by the tests of
-    TestTwoNodes (one `ray start` pair for all); yields (dashboard URL, GCS address, the folder only
-    the head sees, or None where this machine cannot hide one).
+    TestTwoNodes (one `ray start` pair for all; the last test kills the worker node); yields (dashboard
+    URL, GCS address, the folder only the head sees or None where this machine cannot hide one, the
+    cluster's temp dir, each node's port block).
 
     2 logical CPUs per node, not 1: each node hosts one Train worker (0.5 CPU) and Ray Data's read
     tasks need a whole free CPU on some node; with 1 CPU each, 0.5 + 0.5 free never fits one and the
     run waits forever (train.check_cluster_fits refuses that layout up front)."""
     hidden = str(tmp_path_factory.mktemp("head-only")) if can_hide_folders() else None
-    dashboard, gcs, temp_dir, _ = _start_cluster([2, 2], hide_on_workers=hidden)
+    dashboard, gcs, temp_dir, blocks = _start_cluster(
+        [2, 2], [SLOT, SLOT], FAST_DEATH, hide_on_workers=hidden
+    )
     try:
-        yield dashboard, gcs, hidden
+        yield dashboard, gcs, hidden, temp_dir, blocks
     finally:
         _stop_cluster(temp_dir, gcs)
 
@@ -270,7 +291,7 @@ class TestTwoNodes:
         assert len({w.node_id for w in workers}) == 2 and {w.node_id for w in workers} <= nodes
         # Checkpoints went to the local storage both nodes see (one machine), after the storage check.
         report = json.loads((out / "train" / "report.json").read_text())
-        assert report["steps"] == 4 and report["num_workers"] == 2
+        assert report["steps"] == 4 and report["num_workers"] == 2 and report["zero_stage"] == 2
         assert report["checkpoint"].startswith(str(out / "ray_results" / "two-nodes"))
         print(f"two-node job: {time.time() - t0:.1f} s")
 
@@ -278,7 +299,7 @@ class TestTwoNodes:
         """vallex.storage's real probe, from a driver joined to the two-node cluster: a folder both
         nodes see passes (and its marker is cleaned up); the folder the worker node cannot see (its
         mount namespace covers it) stops the run, naming that node, the key and the fix."""
-        dashboard, gcs, hidden = two_nodes
+        dashboard, gcs, hidden, _, _ = two_nodes
         if hidden is None:
             pytest.skip("this machine cannot hide a folder from one node (no mount namespace)")
         script = """
@@ -319,6 +340,92 @@ print("PROBE " + json.dumps(out))
         assert f"train.storage_path={hidden!r} is a local folder" in error, error
         assert f"2 nodes and 1 of them cannot see files written there: {worker}" in error, error
         assert "s3://" in error and "shared filesystem" in error, error
+
+    def test_elastic_training_survives_losing_a_node(self, two_nodes, tmp_path):
+        """Two nodes advertising one training slot each (train.worker_resources), train.min_workers=1. The
+        worker node is killed (its raylet and workers, SIGKILL) mid-run: the run carries on with the one
+        worker left, from the latest checkpoint, and finishes every step. The class's last test: the
+        cluster has one node after it (see SLOT for why the slot resource is needed)."""
+        import psutil
+
+        # Ray Train retries at once, before Ray has marked the node dead, so its first restart asks for 2
+        # workers and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) before sizing down:
+        # shorten that wait (the cluster notices a dead node in ~2 s: FAST_DEATH).
+        _, gcs, _, temp_dir, blocks = two_nodes
+        out = tmp_path / "run"
+        write_synthetic_corpus(out / "prepare", {"fr": 48, "ar": 16}, valid_per_language=4)
+        log_path = tmp_path / "driver.log"
+        env = dict(
+            os.environ,
+            RAY_ADDRESS=gcs,
+            PYTHONUNBUFFERED="1",
+            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1",
+            RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+        )
+        args = [
+            f"run.output_dir={out}",
+            "run.name=elastic",
+            "train.num_workers=2",
+            "train.min_workers=1",
+            "train.cpus_per_worker=1",
+            "train.worker_resources={vallex_trainer: 1}",
+            "train.max_failures=3",
+            "train.max_steps=16",  # the node dies at step 8: 8 steps on after the restart, from step 4 or 8
+            "train.warmup_steps=1",
+            "train.eval_every=2",
+            "train.checkpoint_every=4",
+            "train.batch_size=2",
+            "data.window_rows=64",
+            "train.intelligibility.samples=false",  # no listening samples: not what this test is about
+            "train.intelligibility.text_gain=false",  # nor a second validation pass per evaluation
+        ]
+        metrics = out / "train" / "metrics.jsonl"
+        proc = None
+        try:
+            with log_path.open("w") as log:
+                proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(ROOT / "ray_jobs" / "train.py"),
+                        "--config",
+                        str(ROOT / "job.yaml"),
+                        *args,
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                deadline = time.monotonic() + 240
+                killed = []
+                while proc.poll() is None and time.monotonic() < deadline:
+                    steps = [r["step"] for r in _read_jsonl(metrics)]
+                    if not killed and steps and max(steps) >= 8:
+                        victims = _node_processes(temp_dir, int(blocks[1][0]))
+                        assert victims, "the worker node's raylet was not found"
+                        for p in victims:
+                            with suppress(psutil.NoSuchProcess):
+                                p.kill()
+                        killed = victims
+                    time.sleep(0.2)
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=30)
+            tail = log_path.read_text()[-4000:]
+            assert killed, f"the run ended before the node could be removed:\n{tail}"
+            assert proc.returncode == 0, tail
+            records = _read_jsonl(metrics)
+            # The first record of each (re)start says how many workers DeepSpeed ran with: 2, then 1.
+            sizes = [r["engine"]["world_size"] for r in records if "engine" in r]
+            assert sizes[0] == 2 and sizes[-1] == 1, (sizes, tail)
+            assert records[-1]["step"] == 16
+            restart = next(r for r in records if r.get("engine", {}).get("world_size") == 1)
+            assert restart["step"] >= 4  # resumed from a checkpoint, not from the start
+            report = json.loads((out / "train" / "report.json").read_text())
+            assert report["steps"] == 16
+        finally:  # the class fixture stops the cluster; a failed check leaves no driver behind
+            if proc is not None and proc.poll() is None:
+                proc.kill()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -557,101 +664,6 @@ def _node_processes(temp_dir: str, node_manager_port: int):
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return list(found.values())
-
-
-@pytest.mark.ray
-def test_elastic_training_survives_losing_a_node(tmp_path):
-    """Two nodes advertising one training slot each (train.worker_resources), train.min_workers=1. The
-    worker node is killed (its raylet and workers, SIGKILL) mid-run: the run carries on with the one
-    worker left, from the latest checkpoint, and finishes every step.
-
-    The slot resource is what makes this work: Ray Train's elastic policy counts free resources across
-    the cluster without regard to the placement strategy, so with CPUs alone it would see room for two
-    workers on the head (where Ray Data needs the other CPU) and retry a 2-worker group forever."""
-    import psutil
-
-    slot = {"vallex_trainer": 1}
-    # Ray Train retries at once, before Ray has marked the node dead, so its first restart asks for 2
-    # workers and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) before sizing down:
-    # shorten that wait, and notice a dead node in ~2 s instead of ~15 s.
-    fast_death = {
-        "RAY_health_check_period_ms": "500",
-        "RAY_health_check_timeout_ms": "500",
-        "RAY_health_check_failure_threshold": "3",
-    }
-    dashboard, gcs, temp_dir, blocks = _start_cluster([2, 1], [slot, slot], fast_death)
-    out = tmp_path / "run"
-    write_synthetic_corpus(out / "prepare", {"fr": 48, "ar": 16}, valid_per_language=4)
-    log_path = tmp_path / "driver.log"
-    env = dict(
-        os.environ,
-        RAY_ADDRESS=gcs,
-        PYTHONUNBUFFERED="1",
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1",
-        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
-    )
-    args = [
-        f"run.output_dir={out}",
-        "run.name=elastic",
-        "train.num_workers=2",
-        "train.min_workers=1",
-        "train.cpus_per_worker=1",
-        "train.worker_resources={vallex_trainer: 1}",
-        "train.max_failures=3",
-        "train.max_steps=16",  # the node dies at step 8: 8 steps on after the restart, from step 4 or 8
-        "train.warmup_steps=1",
-        "train.eval_every=2",
-        "train.checkpoint_every=4",
-        "train.batch_size=2",
-        "data.window_rows=64",
-        "train.intelligibility.samples=false",  # no listening samples: not what this test is about
-        "train.intelligibility.text_gain=false",  # nor a second validation pass per evaluation
-    ]
-    metrics = out / "train" / "metrics.jsonl"
-    try:
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    str(ROOT / "ray_jobs" / "train.py"),
-                    "--config",
-                    str(ROOT / "job.yaml"),
-                    *args,
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-            deadline = time.monotonic() + 240
-            killed = []
-            while proc.poll() is None and time.monotonic() < deadline:
-                steps = [r["step"] for r in _read_jsonl(metrics)]
-                if not killed and steps and max(steps) >= 8:
-                    victims = _node_processes(temp_dir, int(blocks[1][0]))
-                    assert victims, "the worker node's raylet was not found"
-                    for p in victims:
-                        with suppress(psutil.NoSuchProcess):
-                            p.kill()
-                    killed = victims
-                time.sleep(0.2)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=30)
-        tail = log_path.read_text()[-4000:]
-        assert killed, f"the run ended before the node could be removed:\n{tail}"
-        assert proc.returncode == 0, tail
-        records = _read_jsonl(metrics)
-        # The first record of each (re)start says how many workers DeepSpeed ran with: 2, then 1.
-        sizes = [r["engine"]["world_size"] for r in records if "engine" in r]
-        assert sizes[0] == 2 and sizes[-1] == 1, (sizes, tail)
-        assert records[-1]["step"] == 16
-        restart = next(r for r in records if r.get("engine", {}).get("world_size") == 1)
-        assert restart["step"] >= 4  # resumed from a checkpoint, not from the start
-        report = json.loads((out / "train" / "report.json").read_text())
-        assert report["steps"] == 16
-    finally:
-        _stop_cluster(temp_dir, gcs)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

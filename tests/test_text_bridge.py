@@ -289,6 +289,7 @@ def test_add_language_to_a_public_checkpoint(ray_cluster, public, tmp_path):
             f"run.output_dir={tmp_path / 'unused'}",
             f"run.prepared_dir={prep}",
             "model.dropout=0.0",
+            "train.num_workers=1",  # one start of one process: the bridge is what this test is about
             "train.cpus_per_worker=0.5",
             "train.batch_size=4",
             "train.max_steps=2",

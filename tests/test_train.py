@@ -529,3 +529,56 @@ def test_keep_best_by_must_be_a_metric_this_run_reports():
     with pytest.raises(ValueError, match=r"'objective' is not a reported metric"):
         check_keep_best_by("objective", ["en"], False, "both")  # only Tune trials report it
     check_keep_best_by("objective", ["en"], True, "both")
+
+
+_LEAN_START = """
+import json, os, sys
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", rank=0, world_size=1)
+from vallex.config import load_config
+from vallex.model.vallex import VallexConfig, VallexModel
+from vallex.train import engine
+cfg = load_config(None, ["train.zero_stage=2", "train.batch_size=2"])
+
+def start():
+    model = VallexModel(VallexConfig(d_model=16, nhead=2, num_layers=1, num_phonemes=20, num_languages=2))
+    ds, _, _ = engine.initialize(model, cfg.train)
+    return {
+        "zero": ds.zero_optimization_stage(),
+        "inductor": "torch._inductor.compile_fx" in sys.modules,
+        "mlflow": sys.modules.get("mlflow") is not None,
+        "dynamo_env": os.environ.get("TORCHDYNAMO_DISABLE"),
+    }
+
+out = {"first": start()}
+import mlflow  # importable afterwards: train.tracking still works in this process
+os.environ["TORCHDYNAMO_DISABLE"] = "0"
+out["second"] = start()  # a worker whose tracker loaded mlflow first keeps it
+out["mlflow_kept"] = sys.modules["mlflow"] is mlflow and hasattr(mlflow, "start_run")
+print("LEAN " + json.dumps(out))
+"""
+
+
+def test_deepspeed_starts_without_loading_mlflow_or_inductor():
+    """engine.initialize keeps DeepSpeed's autotuner from importing mlflow and its Muon module from
+    loading TorchInductor (seconds per worker start), and leaves mlflow importable and the environment
+    as it was. In a fresh process: this one has imported both long ago."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", _LEAN_START, str(29000 + os.getpid() % 1000)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LEAN ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = json.loads(lines[-1][5:])
+    assert out == {
+        "first": {"zero": 2, "inductor": False, "mlflow": False, "dynamo_env": None},
+        "second": {"zero": 2, "inductor": False, "mlflow": True, "dynamo_env": "0"},
+        "mlflow_kept": True,
+    }

@@ -427,8 +427,10 @@ def test_end_to_end_search_records_a_failed_trial_and_resumes(ray_cluster, tmp_p
                 "model": {"size": "tiny"},
                 "data": {"window_rows": 32},
                 "train": {
-                    "num_workers": 2,
-                    "cpus_per_worker": 0.45,  # 2 x 0.45 + 1 (Ray Data) + 0.01 (driver): 2 trials on 4 CPUs
+                    # One worker a trial (two start twice the processes; test_train covers two):
+                    # 0.9 + 1 (Ray Data) + 0.01 (driver) = 1.91 CPUs, 2 trials on 4 CPUs.
+                    "num_workers": 1,
+                    "cpus_per_worker": 0.9,
                     "zero_stage": 2,
                     "batch_size": 4,
                     "warmup_steps": 1,

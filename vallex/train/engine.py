@@ -6,8 +6,11 @@ The only CPU/GPU difference is the device and the communication backend, both de
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
+import sys
 from typing import Any
 
 import torch
@@ -61,8 +64,41 @@ def device_for(train: TrainSection) -> torch.device:
     return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def _lean_deepspeed_start():
+    """Keep two imports that vallex never uses out of a worker's start (seconds per process).
+
+    - ``import deepspeed`` imports its autotuner, which imports mlflow whenever it is installed (it is:
+      ``train.tracking``); mlflow is hidden from that one import (the autotuner then runs without it),
+      unless this process already loaded it for tracking.
+    - With ZeRO on, ``deepspeed.initialize`` imports its Muon optimizer to list it, and that module
+      compiles kernels with ``torch.compile`` as it is imported, which loads TorchInductor. Dynamo is
+      switched off (``TORCHDYNAMO_DISABLE``) for the call: those kernels stay plain Python functions.
+      vallex compiles nothing, and the variable is put back as it was afterwards.
+    """
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this is set
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    os.environ["TORCHDYNAMO_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if hide and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+        if before is None:
+            os.environ.pop("TORCHDYNAMO_DISABLE", None)
+        else:
+            os.environ["TORCHDYNAMO_DISABLE"] = before
+
+
 def initialize(model: torch.nn.Module, train: TrainSection):
     """Wrap ``model`` in a DeepSpeed engine (process group already created by Ray Train)."""
+    with _lean_deepspeed_start():
+        return _initialize(model, train)
+
+
+def _initialize(model: torch.nn.Module, train: TrainSection):
     import deepspeed
 
     decay, no_decay = [], []
