@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 
@@ -114,3 +115,104 @@ def test_bad_settings_and_losses_name_the_key():
         ow.update(1, {"a": 2.0})
     with pytest.raises(ValueError, match="not finite"):
         ow.update(1, {"a": 2.0, "b": math.nan})
+
+
+# --------------------------------------------------------------------------------------------------
+# stretches: the rows an online run draws (vallex.data.mixing.Stretches), in-process, no Ray
+# --------------------------------------------------------------------------------------------------
+
+STRETCH_SIZES = {"en": 300, "zh": 120, "ar": 40}
+# Three stretches with other weights each (as three evaluations would set them), rows per stretch.
+SCHEDULE = [
+    ({"en": 0.5, "zh": 0.3, "ar": 0.2}, 96),
+    ({"en": 0.2, "zh": 0.3, "ar": 0.5}, 64),
+    ({"en": 0.1, "zh": 0.6, "ar": 0.3}, 80),
+]
+
+
+@pytest.fixture(scope="module")
+def stretch_corpus(tmp_path_factory):
+    from vallex.data.corpus import PreparedCorpus
+    from vallex.data.synthetic import write_synthetic_corpus
+
+    root = write_synthetic_corpus(
+        tmp_path_factory.mktemp("stretch"), STRETCH_SIZES, rows_per_shard=70, row_group_rows=16, seed=3
+    )
+    return PreparedCorpus.open(root)
+
+
+def _base(corpus, seed=0):
+    from vallex.data.mixing import MixPlan, normalize_weights
+
+    prior = normalize_weights(corpus, dict.fromkeys(STRETCH_SIZES, 1.0))
+    return MixPlan.build(corpus, prior, num_rows=0, seed=seed, window_rows=24)
+
+
+def _draw(stretches, weights, rows, world=2, batch=4):
+    """Every rank's batches of one stretch (as the Train workers read them); then the stretch is drawn."""
+    from vallex.data.mixing import numpy_batches, rank_rows
+
+    plan = stretches.plan(weights, rows)
+    per_rank = [list(numpy_batches(rank_rows(plan, r, world, batch), batch)) for r in range(world)]
+    stretches.advance(plan)
+    return plan, per_rank
+
+
+def _ids(batches):
+    return [u for b in batches for u in b["utt_id"].tolist()]
+
+
+def test_each_stretch_holds_its_weights_exactly_and_ranks_share_no_row(stretch_corpus):
+    from vallex.data.mixing import Stretches
+
+    stretches = Stretches(_base(stretch_corpus))
+    drawn = {lang: [] for lang in STRETCH_SIZES}
+    for weights, rows in SCHEDULE:
+        plan, per_rank = _draw(stretches, weights, rows)
+        # Every rank gets whole batches, the same number, and several languages per batch.
+        assert [len(b) for b in per_rank] == [rows // 8, rows // 8]
+        mixed = [len(set(b["language"].tolist())) for batches in per_rank for b in batches]
+        assert sum(mixed) / len(mixed) > 1.8, mixed  # rows interleaved: batches of 4 mix the languages
+        ids = [_ids(b) for b in per_rank]
+        assert not set(ids[0]) & set(ids[1])  # rank-disjoint
+        langs = Counter(lang for b in per_rank for x in b for lang in x["language"].tolist())
+        # Exact: each language's rows are its weight x the stretch's rows, rounded (largest remainder).
+        expected = {lang: weights[lang] * rows for lang in weights}
+        assert all(abs(langs[lang] - expected[lang]) < 1 for lang in weights), (langs, expected)
+        assert sum(langs.values()) == rows and dict(langs) == plan.totals()
+        for b in per_rank:
+            for x in b:
+                for lang, u in zip(x["language"].tolist(), x["utt_id"].tolist(), strict=True):
+                    drawn[lang].append(u)
+    # Across the stretches no row of a language is repeated before every row of it was drawn once
+    # (positions carry over): each row is drawn floor(D/n) or ceil(D/n) times for D rows drawn of n.
+    assert stretches.offsets == {lang: len(v) for lang, v in drawn.items()}
+    assert len(drawn["ar"]) > STRETCH_SIZES["ar"]  # ar wraps into a second pass, en and zh do not
+    for lang, ids in drawn.items():
+        n, times = STRETCH_SIZES[lang], Counter(ids)
+        assert len(times) == min(len(ids), n), lang
+        assert max(times.values()) - min(times.values()) <= (1 if len(ids) % n else 0), lang
+
+
+def test_resume_mid_run_across_a_weight_change_draws_the_same_rows(stretch_corpus):
+    from vallex.data.mixing import Stretches
+
+    whole = Stretches(_base(stretch_corpus))
+    rows_whole = [_draw(whole, w, n)[1] for w, n in SCHEDULE]
+    # A run stopped after stretch 1 (its state goes through a JSON checkpoint), resumed with a fresh
+    # base plan: stretch 2 and 3, at their new weights, are the uninterrupted run's, row for row.
+    first = Stretches(_base(stretch_corpus))
+    _draw(first, *SCHEDULE[0])
+    saved = json.loads(json.dumps(first.state()))
+    resumed = Stretches.restore(_base(stretch_corpus), saved)
+    for (w, n), expected in zip(SCHEDULE[1:], rows_whole[1:], strict=True):
+        got = _draw(resumed, w, n)[1]
+        assert [_ids(b) for b in got] == [_ids(b) for b in expected]
+    assert resumed.state() == whole.state()
+    # Without the carried positions the stretch would start each language's stream over: other rows.
+    fresh = Stretches(_base(stretch_corpus))
+    fresh.index = saved["index"]
+    assert [_ids(b) for b in _draw(fresh, *SCHEDULE[1])[1]] != [_ids(b) for b in rows_whole[1]]
+    # Another seed draws other rows (the seed fixes them).
+    other = Stretches(_base(stretch_corpus, seed=1))
+    assert [_ids(b) for b in _draw(other, *SCHEDULE[0])[1]] != [_ids(b) for b in rows_whole[0]]
