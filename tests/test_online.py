@@ -216,3 +216,74 @@ def test_resume_mid_run_across_a_weight_change_draws_the_same_rows(stretch_corpu
     # Another seed draws other rows (the seed fixes them).
     other = Stretches(_base(stretch_corpus, seed=1))
     assert [_ids(b) for b in _draw(other, *SCHEDULE[0])[1]] != [_ids(b) for b in rows_whole[0]]
+
+
+def test_online_config_plan_and_reference_errors_name_the_key(tmp_path):
+    from vallex.config import ConfigError, load_config
+    from vallex.data.synthetic import write_synthetic_corpus
+    from vallex.train.plan import plan_run
+
+    write_synthetic_corpus(tmp_path / "prepare", {"en": 30, "zh": 10})
+
+    def cfg(*extra):
+        return load_config(None, [f"run.output_dir={tmp_path}", "data.weights=online", *extra])
+
+    # The prior is a policy like data.weights; the settings and the reference reach every worker.
+    plan = plan_run(cfg("data.online.prior=proportional", "data.online.reference={en: 3, zh: 4.5}"))
+    assert plan.weights == pytest.approx({"en": 0.75, "zh": 0.25})
+    assert plan.online == {
+        "settings": {"signal": "excess", "step_size": 1.0, "smoothing": 0.1, "floor": 0.2},
+        "reference": {"en": 3.0, "zh": 4.5},
+    }
+    # A reference run's report.json: each language's best loss.
+    report = tmp_path / "report.json"
+    report.write_text(
+        json.dumps({"languages": {"en": {"best": {"loss": 5.5}}, "zh": {"best": {"loss": 6.0}}}})
+    )
+    assert plan_run(cfg(f"data.online.reference={report}")).online["reference"] == {"en": 5.5, "zh": 6.0}
+    assert plan_run(cfg("data.online.signal=forgetting")).online["reference"] is None
+    with pytest.raises(ValueError, match=r"signal=excess needs data.online.reference"):
+        plan_run(cfg())
+    with pytest.raises(ValueError, match=r"data.online.reference: no reference loss for \['zh'\]"):
+        plan_run(cfg("data.online.reference={en: 3}"))
+    report.write_text(json.dumps({"languages": {"en": {"best": {"loss": 5.5}}}}))
+    with pytest.raises(ValueError, match=rf"{report}: no reference loss for \['zh'\] \(it has \['en'\]\)"):
+        plan_run(cfg(f"data.online.reference={report}"))
+    with pytest.raises(ValueError, match=r"data.online.step_size must be a finite number > 0"):
+        plan_run(cfg("data.online.reference={en: 3, zh: 4}", "data.online.step_size=0"))
+    with pytest.raises(ValueError, match=r"data.online.prior: unknown weights policy 'unifrom'"):
+        plan_run(cfg("data.online.prior=unifrom", "data.online.reference={en: 3, zh: 4}"))
+    with pytest.raises(ConfigError, match=r"data.max_tokens: data.weights=online draws each stretch"):
+        cfg("data.max_tokens=500")
+    with pytest.raises(ConfigError, match=r"data.online.signal: must be one of excess, forgetting"):
+        cfg("data.online.signal=loss")
+    with pytest.raises(ConfigError, match=r"Did you mean 'online'"):
+        load_config(None, ["data.weights=onlin"])
+
+
+def test_the_record_line_tensorboard_keys_and_figure_show_the_weights(tmp_path):
+    from vallex.train.metrics import flat_metrics, format_record, online_history, plot_online_weights
+
+    def record(step, drawn, weights, signal):
+        valid = {lang: {"loss": 5.0, "ar_loss": 2.5, "nar_loss": 2.5} for lang in weights}
+        stretch = {"index": step // 3, "weights": drawn, "rows": {"en": 8, "zh": 4}}
+        online = {"weights": weights, "signal": signal, "stretch": stretch}
+        return {
+            "step": step,
+            "train_loss": 5.0,
+            "valid": valid,
+            "online": online,
+            "realized_fractions": drawn,
+        }
+
+    records = [
+        record(1, {"en": 0.5, "zh": 0.5}, {"en": 0.4, "zh": 0.6}, {"en": 0.1, "zh": 0.5}),
+        record(3, {"en": 0.4, "zh": 0.6}, {"en": 0.31, "zh": 0.69}, {"en": 0.1, "zh": 0.4}),
+    ]
+    line = format_record(records[-1], 6)
+    assert "next weights en:0.31 zh:0.69" in line and "mix en:0.40 zh:0.60" in line
+    assert flat_metrics(records[-1])["online_weight/zh"] == 0.69
+    assert [h["step"] for h in online_history(records)] == [1, 3]
+    assert online_history(records)[1]["stretch"]["weights"] == {"en": 0.4, "zh": 0.6}
+    assert plot_online_weights(records, tmp_path / "w.png") and (tmp_path / "w.png").stat().st_size > 1000
+    assert not plot_online_weights([{**records[0], "online": None}], tmp_path / "none.png")
