@@ -167,7 +167,9 @@ def test_each_stretch_holds_its_weights_exactly_and_ranks_share_no_row(stretch_c
 
     stretches = Stretches(_base(stretch_corpus))
     drawn = {lang: [] for lang in STRETCH_SIZES}
+    target = dict.fromkeys(STRETCH_SIZES, 0.0)  # sum of weight x rows over the stretches so far
     for weights, rows in SCHEDULE:
+        owed = dict(stretches.carry)
         plan, per_rank = _draw(stretches, weights, rows)
         # Every rank gets whole batches, the same number, and several languages per batch.
         assert [len(b) for b in per_rank] == [rows // 8, rows // 8]
@@ -176,17 +178,28 @@ def test_each_stretch_holds_its_weights_exactly_and_ranks_share_no_row(stretch_c
         ids = [_ids(b) for b in per_rank]
         assert not set(ids[0]) & set(ids[1])  # rank-disjoint
         langs = Counter(lang for b in per_rank for x in b for lang in x["language"].tolist())
-        # Exact: each language's rows are its weight x the stretch's rows, rounded (largest remainder).
-        expected = {lang: weights[lang] * rows for lang in weights}
+        # Exact: each language's rows are its weight x the stretch's rows plus what earlier stretches'
+        # rounding owes it, rounded (largest remainder); over the stretches, within one row of the sum.
+        expected = {lang: weights[lang] * rows + owed.get(lang, 0.0) for lang in weights}
         assert all(abs(langs[lang] - expected[lang]) < 1 for lang in weights), (langs, expected)
         assert sum(langs.values()) == rows and dict(langs) == plan.totals()
+        for lang in weights:
+            target[lang] += weights[lang] * rows
+            assert abs(stretches.offsets[lang] - target[lang]) < 1, (lang, stretches.offsets, target)
         for b in per_rank:
             for x in b:
                 for lang, u in zip(x["language"].tolist(), x["utt_id"].tolist(), strict=True):
                     drawn[lang].append(u)
+    # Rounding is carried too: six short stretches at 1/3 each (8 rows: 2.67 per language) give each
+    # language 16 rows, not 18/18/12 as rounding each stretch alone would.
+    before = dict(stretches.offsets)
+    for _ in range(6):
+        plan = stretches.plan(dict.fromkeys(STRETCH_SIZES, 1 / 3), 8)
+        stretches.advance(plan)
+    assert {lang: stretches.offsets[lang] - before[lang] for lang in before} == dict.fromkeys(before, 16)
     # Across the stretches no row of a language is repeated before every row of it was drawn once
     # (positions carry over): each row is drawn floor(D/n) or ceil(D/n) times for D rows drawn of n.
-    assert stretches.offsets == {lang: len(v) for lang, v in drawn.items()}
+    assert before == {lang: len(v) for lang, v in drawn.items()}
     assert len(drawn["ar"]) > STRETCH_SIZES["ar"]  # ar wraps into a second pass, en and zh do not
     for lang, ids in drawn.items():
         n, times = STRETCH_SIZES[lang], Counter(ids)
@@ -241,6 +254,9 @@ def test_online_config_plan_and_reference_errors_name_the_key(tmp_path):
         json.dumps({"languages": {"en": {"best": {"loss": 5.5}}, "zh": {"best": {"loss": 6.0}}}})
     )
     assert plan_run(cfg(f"data.online.reference={report}")).online["reference"] == {"en": 5.5, "zh": 6.0}
+    tuned = tmp_path / "best_weights.json"  # Tune's solo references
+    tuned.write_text(json.dumps({"weights": {"en": 1}, "objective": {"reference": {"en": 4.0, "zh": 5}}}))
+    assert plan_run(cfg(f"data.online.reference={tuned}")).online["reference"] == {"en": 4.0, "zh": 5.0}
     assert plan_run(cfg("data.online.signal=forgetting")).online["reference"] is None
     with pytest.raises(ValueError, match=r"signal=excess needs data.online.reference"):
         plan_run(cfg())

@@ -229,6 +229,8 @@ def _check_online_stretches(cfg, records, report) -> None:
         ]
         assert report["online"]["reference"] == {"en": 2.0, "zh": 2.5, "ar": 1.0}
         assert (cfg.train_dir / "online_weights.png").stat().st_size > 1000
+        final = json.loads((cfg.train_dir / "online_weights.json").read_text())
+        assert final["weights"] == records[-1]["online"]["weights"] == report["online"]["final_weights"]
 
 
 @contextlib.contextmanager

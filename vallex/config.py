@@ -214,9 +214,10 @@ class OnlineSection:
     rows; needs data.online.reference. forgetting: no reference; a language whose validation loss rose
     above its own best gets more rows, the others keep the prior."""
     reference: str | dict[str, float] = ""
-    """signal=excess: each language's reachable validation loss (AR+NAR), as a map {en: 5.1, ar: 6.0}
-    or the path of a reference run's report.json (each language's best loss is taken). A run's own
-    first evaluation is no reference: its excess would reward the languages that cannot learn more."""
+    """signal=excess: each language's reachable validation loss (AR+NAR), as a map {en: 5.1, ar: 6.0},
+    the path of a reference run's report.json (each language's best loss), or a Tune best_weights.json
+    (its solo runs' losses, tune.reference=solo). A run's own first evaluation is no reference: its
+    excess would reward the languages that cannot learn more."""
     step_size: float = 1.0
     """How far one evaluation moves the log-weights per nat of signal."""
     smoothing: float = 0.1

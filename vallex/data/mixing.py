@@ -181,15 +181,16 @@ def window_counts(weights: Mapping[str, float], num_rows: int, window_rows: int)
     return np.asarray(plan_rows, dtype=np.int64).reshape(-1, len(w))
 
 
-def _count_walk(w: np.ndarray, num_rows: int, window_rows: int, first: int, last: int):
+def _count_walk(w: np.ndarray, num_rows: int, window_rows: int, first: int, last: int, carry=0.0):
     """``(start, end, taken before)`` of windows ``first..last-1``, walking the counts from window 0
-    (O(languages) memory; the caller computes the window's counts from ``taken``)."""
+    (O(languages) memory; the caller computes the window's counts from ``taken``). ``carry``: rows
+    per language owed from earlier stretches (see :attr:`MixPlan.carry`)."""
     taken = np.zeros(len(w), dtype=np.int64)
     for k in range(last):
         start, end = k * window_rows, min((k + 1) * window_rows, num_rows)
         if k >= first:
             yield start, end, taken.copy()
-        taken += _next_counts(w, taken, start, end)
+        taken += _next_counts(w, taken - carry, start, end)
 
 
 class _LanguageStream:
@@ -254,10 +255,16 @@ class MixPlan:
     num_rows: int
     window_rows: int
     seed: int
-    offsets: tuple[
-        int, ...
-    ] = ()  # each stream's position at the plan's row 0 (a later stretch: see Stretches)
-    salt: tuple[int, ...] = ()  # mixed into the window seeds, so stretches do not repeat interleave orders
+    # A later stretch of an online run (see Stretches): each stream's position at the plan's row 0,
+    # a salt for the window seeds (stretches do not repeat interleave orders), and the rows each
+    # language is owed by earlier stretches' rounding (target - drawn, summing to 0), added to the
+    # cumulative target so that rounding never drifts the same way stretch after stretch.
+    offsets: tuple[int, ...] = ()
+    salt: tuple[int, ...] = ()
+    carry: tuple[float, ...] = ()
+
+    def _carry(self):
+        return np.asarray(self.carry, dtype=np.float64) if self.carry else 0.0
 
     @classmethod
     def build(cls, corpus: PreparedCorpus, weights: Mapping[str, float], *, num_rows, seed, window_rows):
@@ -280,7 +287,7 @@ class MixPlan:
         last = self.num_windows if last is None else last
         w = np.asarray(self.weights, dtype=np.float64)
         for k, (start, end, taken) in enumerate(
-            _count_walk(w, self.num_rows, self.window_rows, first, last), start=first
+            _count_walk(w, self.num_rows, self.window_rows, first, last, self._carry()), start=first
         ):
             yield k, start, end, taken
 
@@ -292,7 +299,7 @@ class MixPlan:
         offsets = np.asarray(self.offsets or [0] * len(self.streams), dtype=np.int64)
         for k in range(first, last):
             start, end = k * self.window_rows, min((k + 1) * self.window_rows, self.num_rows)
-            n = _next_counts(w, taken, start, end)
+            n = _next_counts(w, taken - self._carry(), start, end)
             pieces = []
             for i, s in enumerate(self.streams):
                 begin = int(offsets[i] + taken[i])
@@ -305,13 +312,22 @@ class MixPlan:
         if self.num_rows <= 0:
             return {s.lang: 0 for s in self.streams}
         k, start, end, taken = next(self.walk(self.num_windows - 1))
-        n = taken + _next_counts(np.asarray(self.weights, dtype=np.float64), taken, start, end)
+        n = taken + _next_counts(
+            np.asarray(self.weights, dtype=np.float64), taken - self._carry(), start, end
+        )
         return {s.lang: int(c) for s, c in zip(self.streams, n, strict=True)}
 
-    def stretch(self, weights: Mapping[str, float], num_rows: int, offsets: Mapping[str, int], index: int):
+    def stretch(
+        self,
+        weights: Mapping[str, float],
+        num_rows: int,
+        offsets: Mapping[str, int],
+        index: int,
+        carry: Mapping[str, float] | None = None,
+    ):
         """The plan of one stretch of an online run: the same language streams, ``num_rows`` rows at
         ``weights`` (a language of this plan missing from them gets none), each stream continuing at
-        ``offsets``, window seeds salted with ``index``."""
+        ``offsets``, window seeds salted with ``index``, earlier stretches' rounding owed (``carry``)."""
         langs = [s.lang for s in self.streams]
         raw = [max(float(weights.get(lang, 0.0)), 0.0) for lang in langs]
         total = math.fsum(raw)
@@ -323,6 +339,7 @@ class MixPlan:
             num_rows=int(num_rows),
             offsets=tuple(int(offsets.get(lang, 0)) for lang in langs),
             salt=(int(index),),
+            carry=tuple(float((carry or {}).get(lang, 0.0)) for lang in langs),
         )
 
 
@@ -517,34 +534,41 @@ class Stretches:
     run walks each language's reshuffled passes exactly as a static run does: no row is repeated
     before its pass ends and none is skipped, whatever the weights; only how many rows each language
     gives per stretch changes. A stretch's per-language counts are exact (cumulative largest
-    remainder, as in a static plan). The state (``offsets``, ``index``) is plain data for a
-    checkpoint: a resumed run plans the next stretch exactly as the uninterrupted run did.
+    remainder, as in a static plan), and the rounding is carried too (``carry``): over any number of
+    stretches each language's rows stay within one of the sum of its weight x rows. The state
+    (``offsets``, ``index``, ``carry``) is plain data for a checkpoint: a resumed run plans the next
+    stretch exactly as the uninterrupted run did.
     """
 
     base: MixPlan  # the language streams (every language that may get rows), seed and window size
     offsets: dict[str, int] = dataclasses.field(default_factory=dict)
     index: int = 0  # stretches finished
+    carry: dict[str, float] = dataclasses.field(default_factory=dict)  # rows owed: targets - drawn
 
     def plan(self, weights: Mapping[str, float], num_rows: int) -> MixPlan:
         """The next stretch: ``num_rows`` rows at ``weights``, continuing every stream."""
-        return self.base.stretch(weights, num_rows, self.offsets, self.index)
+        return self.base.stretch(weights, num_rows, self.offsets, self.index, self.carry)
 
     def advance(self, stretch: MixPlan) -> dict[str, int]:
         """Mark ``stretch`` (from :meth:`plan`) as drawn; the rows it gave per language."""
         rows = stretch.totals()
-        for lang, n in rows.items():
+        for (lang, n), w, owed in zip(
+            rows.items(), stretch.weights, stretch.carry or [0.0] * len(rows), strict=True
+        ):
             self.offsets[lang] = self.offsets.get(lang, 0) + n
+            self.carry[lang] = owed + w * stretch.num_rows - n  # within one row: rounding only
         self.index += 1
         return rows
 
     def state(self) -> dict:
-        return {"offsets": dict(self.offsets), "index": self.index}
+        return {"offsets": dict(self.offsets), "index": self.index, "carry": dict(self.carry)}
 
     @classmethod
     def restore(cls, base: MixPlan, state: Mapping | None) -> Stretches:
         if not state:
             return cls(base)
-        return cls(base, {k: int(v) for k, v in state["offsets"].items()}, int(state["index"]))
+        offsets = {k: int(v) for k, v in state["offsets"].items()}
+        return cls(base, offsets, int(state["index"]), {k: float(v) for k, v in state["carry"].items()})
 
 
 TASK_WINDOWS = 16  # windows per read task: a language's row group is read once per task, not per window

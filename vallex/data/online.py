@@ -157,8 +157,9 @@ class OnlineWeights:
 
 def resolve_reference(spec: str | Mapping[str, float], languages, signal: str) -> dict[str, float] | None:
     """``data.online.reference`` as ``{language: reachable loss}`` for ``languages`` (None for
-    ``signal=forgetting``, which uses none): a map, or a reference run's ``report.json`` whose
-    ``languages.<lang>.best.loss`` (the run's best validation loss, AR+NAR) is taken."""
+    ``signal=forgetting``, which uses none): a map; a reference run's ``report.json``, whose
+    ``languages.<lang>.best.loss`` (the lowest validation loss it reached, AR+NAR) is taken; or a Tune
+    ``best_weights.json`` whose ``objective.reference`` holds each language's solo run's loss."""
     if signal != "excess":
         return None
     if not spec:
@@ -180,14 +181,21 @@ def resolve_reference(spec: str | Mapping[str, float], languages, signal: str) -
                 f"data.online.reference: {path} is not JSON ({e.msg}, line {e.lineno})"
             ) from None
         per_lang = report.get("languages") if isinstance(report, dict) else None
-        if not isinstance(per_lang, dict):
-            raise ValueError(
-                f"data.online.reference: {path} has no 'languages' map; expected a training run's report.json"
-            )
+        solo = (
+            ((report.get("objective") or {}).get("reference") or None) if isinstance(report, dict) else None
+        )
         source = str(path)
-        found = {
-            lang: (v.get("best") or {}).get("loss") for lang, v in per_lang.items() if isinstance(v, dict)
-        }
+        if isinstance(per_lang, dict):
+            found = {
+                lang: (v.get("best") or {}).get("loss") for lang, v in per_lang.items() if isinstance(v, dict)
+            }
+        elif isinstance(solo, dict):  # a Tune best_weights.json: its solo runs' losses
+            found = dict(solo)
+        else:
+            raise ValueError(
+                f"data.online.reference: {path} is neither a training run's report.json (languages.<lang>."
+                "best.loss) nor a Tune best_weights.json with objective.reference (tune.reference=solo)"
+            )
     missing = sorted(lang for lang in languages if found.get(lang) is None)
     if missing:
         raise ValueError(

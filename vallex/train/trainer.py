@@ -527,8 +527,16 @@ def _finish(cfg: Config, plan: RunPlan, corpus, result, intelligibility_report: 
     )
     write_text_atomic(train_dir / "report.json", strict_json(report, indent=2))
     plot_losses(records, train_dir / "valid_loss.png")
-    if plan.online is not None and plot_online_weights(records, train_dir / "online_weights.png"):
-        log.info("online weights by stretch: %s", train_dir / "online_weights.png")
+    if plan.online is not None:
+        # The weights the run ended with, readable by data.weights as fixed weights (a "weights" key).
+        final = {"weights": report["online"]["final_weights"], "history": report["online"]["history"]}
+        write_text_atomic(train_dir / "online_weights.json", strict_json(final, indent=2))
+        plot_online_weights(records, train_dir / "online_weights.png")
+        log.info(
+            "online weights: final %s; by stretch in %s",
+            " ".join(f"{lang}:{w:.3f}" for lang, w in final["weights"].items()),
+            train_dir / "online_weights.png",
+        )
     log.info("per language, first vs last evaluation:\n%s", loss_table(records))
     log.info(
         "wrote %s, %s, %s",
