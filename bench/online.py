@@ -1,7 +1,7 @@
 """Online language weights against static ones on the known-answer synthetic task, at equal compute.
 
-    /work/main/.venv/bin/python bench/online.py                 # 400 rows, 10 stretches, 8 seeds
-    /work/main/.venv/bin/python bench/online.py --budget 800 --stretches 20 --seeds 4
+    /work/main/.venv/bin/python bench/online.py                 # 400 rows, 50 stretches of 8, 8 seeds
+    /work/main/.venv/bin/python bench/online.py --stretches 10  # fewer evaluations: 10 stretches of 40
 
 The task is tests/test_tune.py's known answer: en / fr / zh whose codes are uniform over 16 / 64 / 256
 values (easy to hard), 3000 / 1200 / 500 train rows, 10 frames x 8 codebooks per row. The learner is
@@ -15,8 +15,9 @@ Every run draws its rows through the path training uses with data.weights=online
 static run is that path with weights that never change; an online run updates
 ``vallex.data.online.OnlineWeights`` at the end of each stretch from the learner's validation losses,
 with the solo losses as reference (what ``data.online.reference=<Tune best_weights.json>`` gives) and
-uniform as the prior. Every run draws exactly ``--budget`` rows (equal compute). Printed per weighting:
-the worst excess at the end (mean over seeds, and relative to the theory's static minimax weights), each
+uniform as the prior. Every run draws exactly ``--budget`` rows (equal compute). Each online run is followed
+by a static run at the weights it ended with (what ``online_weights.json`` hands to ``data.weights``: two
+runs in all). Printed per weighting: the worst excess at the end (mean over seeds, and relative to the theory's static minimax weights), each
 language's excess, and the rows each language got. The learner is counted, not trained: it says what the
 *weights* do, not what a transformer does with them.
 """
@@ -103,11 +104,9 @@ def run(base: MixPlan, learner: Learner, budget: int, stretches: int, weights=No
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=int, default=400, help="rows every run draws (equal compute)")
-    p.add_argument("--stretches", type=int, default=10, help="evaluations per run (online: weight updates)")
+    p.add_argument("--stretches", type=int, default=50, help="evaluations per run (online: weight updates)")
     p.add_argument("--seeds", type=int, default=8, help="data orders (mixing seeds) averaged over")
-    p.add_argument(
-        "--step-sizes", default="1,30,100,300,1000", help="online data.online.step_size values to try"
-    )
+    p.add_argument("--step-sizes", default="1,10,30,100", help="online data.online.step_size values to try")
     args = p.parse_args(argv)
     if args.budget % (args.stretches * BATCH):
         p.error(f"--budget must be a multiple of --stretches x {BATCH} (whole batches per stretch)")
@@ -133,7 +132,9 @@ def main(argv=None) -> None:
             "static minimax (theory)": minimax_weights(),
         }
         onlines = [(f"online step {float(s):g}", float(s)) for s in args.step_sizes.split(",")]
-        results: dict[str, list[dict]] = {name: [] for name in [*weightings, *(n for n, _ in onlines)]}
+        results: dict[str, list[dict]] = {name: [] for name in weightings}
+        for name, _ in onlines:
+            results[name], results[f"{name}: final, static"] = [], []
         for seed in range(args.seeds):
             base = MixPlan.build(corpus, uniform, num_rows=0, seed=seed, window_rows=64)
             solo = {
@@ -149,6 +150,9 @@ def main(argv=None) -> None:
                 ow = OnlineWeights(uniform, OnlineSettings(signal="excess", step_size=step), solo)
                 out = run(base, Learner(alphabet, valid), args.budget, args.stretches, online=ow)
                 results[name].append({**out, "solo": solo, "final": ow.weights})
+                # A second run at the weights the online run ended with (its online_weights.json).
+                again = run(base, Learner(alphabet, valid), args.budget, args.stretches, ow.weights)
+                results[f"{name}: final, static"].append({**again, "solo": solo})
             print(f"seed {seed} done ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     summary = {}
     for name, runs in results.items():
