@@ -244,6 +244,7 @@ def test_online_config_plan_and_reference_errors_name_the_key(tmp_path):
     # The prior is a policy like data.weights; the settings and the reference reach every worker.
     plan = plan_run(cfg("data.online.prior=proportional", "data.online.reference={en: 3, zh: 4.5}"))
     assert plan.weights == pytest.approx({"en": 0.75, "zh": 0.25})
+    assert "online sampling weights, starting at en=0.750, zh=0.250" in plan.summary()
     assert plan.online == {
         "settings": {"signal": "excess", "step_size": 1.0, "smoothing": 0.1, "floor": 0.2},
         "reference": {"en": 3.0, "zh": 4.5},

@@ -97,7 +97,8 @@ class RunPlan:
         """One log line: languages with their rows, and the weights."""
         return (
             f"languages {', '.join(f'{lang} ({self.counts[lang]} utt)' for lang in self.languages)}; "
-            f"sampling weights {', '.join(f'{lang}={w:.3f}' for lang, w in self.weights.items())}"
+            + ("online sampling weights, starting at " if self.online is not None else "sampling weights ")
+            + ", ".join(f"{lang}={w:.3f}" for lang, w in self.weights.items())
         )
 
 

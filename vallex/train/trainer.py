@@ -292,8 +292,11 @@ def _start_run_files(cfg: Config, plan: RunPlan, objective) -> None:
     train_dir = cfg.train_dir
     train_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, train_dir / "config.yaml")
+    # With data.weights=online these are the prior; the weights each stretch drew are in metrics.jsonl.
+    online = {"online": plan.online} if plan.online is not None else {}
     write_text_atomic(
-        train_dir / "weights.json", json.dumps({"weights": plan.weights, "counts": plan.counts}, indent=2)
+        train_dir / "weights.json",
+        json.dumps({"weights": plan.weights, "counts": plan.counts, **online}, indent=2),
     )
     log.info("%s", plan.summary())
 
