@@ -15,9 +15,9 @@ weights are not known before the evaluation that sets them, so each worker reads
 - the checkpoint holds the weights' state and history and the streams' positions (:meth:`OnlineMix.state`),
   so a resumed run plans the next stretch exactly as the uninterrupted run would have.
 
-Reads happen in the training process, one window at a time (no prefetch yet): at the tiny sizes of
-the tests and the CPU demo this costs less than starting a Ray Data stream; on GPUs a prefetch thread
-would hide it.
+Reads happen in the training process, one window at a time, with no read-ahead: a step waits for
+its window's row groups, and every rank reads every window's groups (it keeps its own rows). Not yet
+measured against the Ray Data stream of static weights; a read-ahead thread would hide the reads on GPUs.
 """
 
 from __future__ import annotations
