@@ -66,7 +66,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     small = {"dim": 16, "hidden": 16, "threads": 1, "log_every": 0}
     recognizer = train_recognizer(PreparedCorpus.open(corpus_cfg / "prepare"), steps=2, batch_size=8, **small)
     recognizer.save(str(corpus_cfg / "prepare"))
-    cfg = _cfg(corpus_cfg)
+    cfg = _cfg(corpus_cfg, *ONLINE)
     report = train(cfg)
 
     records = read_metrics(cfg.train_dir / "metrics.jsonl")
@@ -87,6 +87,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     assert saved == json.loads(json.dumps(report))
     assert saved["steps"] == 6 and set(saved["languages"]) == set(SIZES)
     assert (cfg.train_dir / "valid_loss.png").stat().st_size > 1000
+    _check_online_stretches(cfg, records, saved)
     # model.pt is a self-describing vallex checkpoint: synthesis rebuilds the model from it alone
     from vallex.model.checkpoint import load_checkpoint
 
@@ -120,7 +121,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
         TrainingFailedError,
         match=rf"{victim.name} holds posix.system, which a weights-only load does not allow",
     ):
-        train(_cfg(corpus_cfg, "train.max_steps=9"))
+        train(_cfg(corpus_cfg, *ONLINE, "train.max_steps=9"))
     assert not marker.exists()
     victim.write_bytes(original)
 
@@ -135,12 +136,26 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     # Same run again with more steps: resumes from the step-6 checkpoint instead of starting over.
     # Each worker writes what its engine holds right after the load (see _probe_resumed_state).
     probe = corpus_cfg / "resumed"
-    cfg2 = _cfg(corpus_cfg, "train.max_steps=9")
+    cfg2 = _cfg(corpus_cfg, *ONLINE, "train.max_steps=9")
     with _probe_resumed_state(probe):
         report2 = train(cfg2)
     _check_restored_bit_for_bit(probe, ckpt_dir, world=2)
     records = read_metrics(cfg2.train_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 3, 6, 9]
+    _check_online_stretches(cfg2, records, report2)
+    # The online weights' history and the streams' positions came back with the checkpoint: the
+    # step-9 state continues the step-6 one exactly, and the stretch after step 6 drew step 6's weights.
+    (step9,) = [
+        d
+        for d in (corpus_cfg / "ray_results" / "t").glob("checkpoint_*")
+        if d.is_dir() and json.loads((d / "vallex_state.json").read_text())["step"] == 9
+    ]
+    before = json.loads((ckpt_dir / "vallex_state.json").read_text())["online"]
+    after = json.loads((step9 / "vallex_state.json").read_text())["online"]
+    assert after["weights"]["history"][:3] == before["weights"]["history"]
+    assert [h["step"] for h in after["weights"]["history"]] == [1, 3, 6, 9]
+    assert after["stretches"]["index"] == before["stretches"]["index"] + 1 == 4
+    assert records[3]["online"]["stretch"]["weights"] == before["weights"]["history"][-1]["weights"]
     assert records[-1]["samples_seen"] == 2 * 4 * 9  # mix counts were restored with the checkpoint
     assert metrics.read_text().endswith("}\n") and report2["guard"]["trips"] == []
     assert report2["skipped_steps"] == 0 and report2["trained_steps"] == 9  # fp32: DeepSpeed skips none
@@ -149,7 +164,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
 
     # Elastic: the same run continues on 1 worker. ZeRO-2 shards the optimizer per worker, so the
     # weights come back and the optimizer moments restart.
-    cfg3 = _cfg(corpus_cfg, "train.max_steps=12", "train.num_workers=1")
+    cfg3 = _cfg(corpus_cfg, *ONLINE, "train.max_steps=12", "train.num_workers=1")
     with _probe_resumed_state(probe / "elastic"):
         train(cfg3)
     (step9,) = [
@@ -163,9 +178,59 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
     assert _adam_states(held["optimizer"]) == [], "moments restart at another world size"
     records = read_metrics(cfg3.train_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 3, 6, 9, 12]
+    _check_online_stretches(cfg3, records, None)
     assert records[-1]["samples_seen"] == 2 * 4 * 9 + 1 * 4 * 3
     # the weights were restored, not re-initialized: validation loss continues from where it was
     assert records[-1]["valid"]["en"]["loss"] < records[0]["valid"]["en"]["loss"]
+
+
+# data.weights=online in the test above: the weights move at each evaluation (ar's reference loss is the
+# lowest, so its excess is the largest and it gains rows), each stretch read by the workers themselves.
+ONLINE = [
+    "data.weights=online",
+    "data.online.prior=uniform",
+    "data.online.reference={en: 2.0, zh: 2.5, ar: 1.0}",
+    "data.online.step_size=1.0",
+]
+
+
+def _check_online_stretches(cfg, records, report) -> None:
+    """Every evaluation updated the weights for the next stretch; every rank drew the same weights;
+    each stretch's rows per language, as trained (the realized counts' differences between
+    evaluations), are exactly what an in-process plan of the same weights and carried positions gives."""
+    from vallex.data.corpus import PreparedCorpus
+    from vallex.data.mixing import MixPlan, Stretches, normalize_weights
+
+    corpus = PreparedCorpus.open(cfg.prepared_dir)
+    base = MixPlan.build(
+        corpus, normalize_weights(corpus, dict.fromkeys(SIZES, 1.0)), num_rows=0, seed=0, window_rows=32
+    )
+    stretches, drawn, before = Stretches(base), dict.fromkeys(SIZES, 1 / 3), dict.fromkeys(SIZES, 0)
+    for r in records:
+        online = r["online"]
+        assert online["stretch"]["index"] == stretches.index
+        assert online["stretch"]["weights"] == pytest.approx(drawn, abs=1e-12)
+        ranks = online["drawn_by_rank"]
+        assert len(ranks) == (1 if r["step"] > 9 else 2)  # the elastic resume runs on 1 worker
+        assert all(w == ranks[0] for w in ranks) and ranks[0] == pytest.approx(drawn, abs=1e-12)
+        seen = {lang: round(f * r["samples_seen"]) for lang, f in r["realized_fractions"].items()}
+        trained = {lang: seen[lang] - before[lang] for lang in SIZES}
+        # The stretch's rows: the same world size as the run had then (the elastic resume has 1).
+        expected = stretches.advance(stretches.plan(drawn, r["samples_seen"] - sum(before.values())))
+        assert online["stretch"]["rows"] == expected == trained, (r["step"], trained, expected)
+        assert set(online["signal"]) == set(SIZES) and online["weights"] != drawn  # the weights moved
+        drawn, before = online["weights"], seen
+    last = records[-1]["online"]["weights"]
+    assert last["ar"] == max(last.values()) and last["ar"] > 1 / 3
+    if report is not None:
+        assert report["online"]["history"] == [
+            {"step": r["step"], **{k: r["online"][k] for k in ("weights", "signal", "stretch")}}
+            for r in records
+        ]
+        assert report["online"]["reference"] == {"en": 2.0, "zh": 2.5, "ar": 1.0}
+        assert (cfg.train_dir / "online_weights.png").stat().st_size > 1000
+        final = json.loads((cfg.train_dir / "online_weights.json").read_text())
+        assert final["weights"] == records[-1]["online"]["weights"] == report["online"]["final_weights"]
 
 
 @contextlib.contextmanager

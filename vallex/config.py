@@ -197,6 +197,34 @@ class PrepareSection:
 
 
 WEIGHT_POLICIES = ("uniform", "proportional", "temperature", "unimax")
+ONLINE_WEIGHTS = "online"  # data.weights: weights that move at every evaluation (data.online.*)
+
+
+@dataclass
+class OnlineSection:
+    """``data.weights=online``: the weights move at every evaluation, towards the languages furthest
+    from what they can reach (vallex.data.online; exponentiated-gradient, as DoReMi's update). Each
+    stretch of rows between two evaluations is drawn at the weights the last evaluation set."""
+
+    prior: str | dict[str, float] = "temperature"
+    """Where the weights start and what smoothing pulls them back to: a policy (uniform, proportional,
+    temperature with data.alpha, unimax), a map {en: 0.5, ar: 0.5}, or a best_weights.json."""
+    signal: Literal["excess", "forgetting"] = "excess"
+    """excess: a language's validation loss above its reference loss (its reachable loss) gets it more
+    rows; needs data.online.reference. forgetting: no reference; a language whose validation loss rose
+    above its own best gets more rows, the others keep the prior."""
+    reference: str | dict[str, float] = ""
+    """signal=excess: each language's reachable validation loss (AR+NAR), as a map {en: 5.1, ar: 6.0},
+    the path of a reference run's report.json (each language's best loss), or a Tune best_weights.json
+    (its solo runs' losses, tune.reference=solo). A run's own first evaluation is no reference: its
+    excess would reward the languages that cannot learn more."""
+    step_size: float = 1.0
+    """How far one evaluation moves the log-weights per nat of signal."""
+    smoothing: float = 0.1
+    """Share of the prior mixed into the weights at every update (0 = none; 1 = the prior, fixed)."""
+    floor: float = 0.2
+    """Share of the rows spread evenly over the languages whatever the signal (each gets at least
+    floor / languages): none is starved while another catches up."""
 
 
 @dataclass
@@ -207,7 +235,10 @@ class DataSection:
     """Languages to train on; empty means every language in the prepared corpus."""
     weights: str | dict[str, float] = "temperature"
     """Sampling weights: a policy (uniform, proportional, temperature, unimax), an explicit map
-    ``{en: 0.5, ar: 0.5}``, or the path of a Tune ``best_weights.json``."""
+    ``{en: 0.5, ar: 0.5}``, the path of a Tune ``best_weights.json``, or ``online`` (weights updated at
+    every evaluation from the per-language validation losses: see data.online)."""
+    online: OnlineSection = field(default_factory=OnlineSection)
+    """With data.weights=online: how the weights move."""
     alpha: float = 0.5
     """Temperature policy exponent: p(lang) ~ n_lang ** alpha (0 = uniform, 1 = proportional)."""
     window_rows: int = 2048
@@ -235,13 +266,14 @@ class DataSection:
         if isinstance(self.weights, str):
             _require(bool(self.weights), "weights", f"must be one of {WEIGHT_POLICIES}, a map or a file")
             w = self.weights
-            if w not in WEIGHT_POLICIES and not (w.endswith(".json") or "/" in w or os.sep in w):
-                close = difflib.get_close_matches(w, WEIGHT_POLICIES, n=1)
+            names = (*WEIGHT_POLICIES, ONLINE_WEIGHTS)
+            if w not in names and not (w.endswith(".json") or "/" in w or os.sep in w):
+                close = difflib.get_close_matches(w, names, n=1)
                 hint = f"Did you mean {close[0]!r}? " if close else ""
                 _require(
                     False,
                     "weights",
-                    f"unknown policy {w!r}. {hint}Use one of {', '.join(WEIGHT_POLICIES)}, a map "
+                    f"unknown policy {w!r}. {hint}Use one of {', '.join(names)}, a map "
                     "{en: 0.5, ar: 0.5}, or the path of a best_weights.json",
                 )
         else:
@@ -792,6 +824,14 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
 
 
 def _check_cross_section(cfg: Config) -> None:
+    if cfg.data.weights == ONLINE_WEIGHTS:
+        _require(
+            cfg.data.max_tokens == 0,
+            "data.max_tokens",
+            "data.weights=online draws each stretch between evaluations in whole batches of "
+            "train.batch_size rows; token-budget batches (data.max_tokens > 0) are not supported with it "
+            "yet: set data.max_tokens=0 or use static weights",
+        )
     if isinstance(cfg.data.weights, dict) and cfg.data.languages:
         extra = sorted(set(cfg.data.weights) - set(cfg.data.languages))
         _require(
@@ -818,8 +858,12 @@ def check_local_paths(cfg: Config) -> None:
         "train.init_from": cfg.train.init_from,
         "train.init_vocab": cfg.train.init_vocab,
     }
-    if named["data.weights"] in WEIGHT_POLICIES:
+    if named["data.weights"] in (*WEIGHT_POLICIES, ONLINE_WEIGHTS):
         named["data.weights"] = ""
+    if cfg.data.weights == ONLINE_WEIGHTS:
+        prior, reference = cfg.data.online.prior, cfg.data.online.reference
+        named["data.online.prior"] = prior if isinstance(prior, str) and prior not in WEIGHT_POLICIES else ""
+        named["data.online.reference"] = reference if isinstance(reference, str) else ""
     for key, path in named.items():
         _require(not path or is_uri(path) or Path(path).is_file(), key, f"no such file: {path!r}")
 

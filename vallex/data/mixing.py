@@ -39,6 +39,7 @@ Two strategies, both streaming (a few shards in memory per read task, never the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import zlib
@@ -180,15 +181,16 @@ def window_counts(weights: Mapping[str, float], num_rows: int, window_rows: int)
     return np.asarray(plan_rows, dtype=np.int64).reshape(-1, len(w))
 
 
-def _count_walk(w: np.ndarray, num_rows: int, window_rows: int, first: int, last: int):
+def _count_walk(w: np.ndarray, num_rows: int, window_rows: int, first: int, last: int, carry=0.0):
     """``(start, end, taken before)`` of windows ``first..last-1``, walking the counts from window 0
-    (O(languages) memory; the caller computes the window's counts from ``taken``)."""
+    (O(languages) memory; the caller computes the window's counts from ``taken``). ``carry``: rows
+    per language owed from earlier stretches (see :attr:`MixPlan.carry`)."""
     taken = np.zeros(len(w), dtype=np.int64)
     for k in range(last):
         start, end = k * window_rows, min((k + 1) * window_rows, num_rows)
         if k >= first:
             yield start, end, taken.copy()
-        taken += _next_counts(w, taken, start, end)
+        taken += _next_counts(w, taken - carry, start, end)
 
 
 class _LanguageStream:
@@ -253,6 +255,16 @@ class MixPlan:
     num_rows: int
     window_rows: int
     seed: int
+    # A later stretch of an online run (see Stretches): each stream's position at the plan's row 0,
+    # a salt for the window seeds (stretches do not repeat interleave orders), and the rows each
+    # language is owed by earlier stretches' rounding (target - drawn, summing to 0), added to the
+    # cumulative target so that rounding never drifts the same way stretch after stretch.
+    offsets: tuple[int, ...] = ()
+    salt: tuple[int, ...] = ()
+    carry: tuple[float, ...] = ()
+
+    def _carry(self):
+        return np.asarray(self.carry, dtype=np.float64) if self.carry else 0.0
 
     @classmethod
     def build(cls, corpus: PreparedCorpus, weights: Mapping[str, float], *, num_rows, seed, window_rows):
@@ -275,7 +287,7 @@ class MixPlan:
         last = self.num_windows if last is None else last
         w = np.asarray(self.weights, dtype=np.float64)
         for k, (start, end, taken) in enumerate(
-            _count_walk(w, self.num_rows, self.window_rows, first, last), start=first
+            _count_walk(w, self.num_rows, self.window_rows, first, last, self._carry()), start=first
         ):
             yield k, start, end, taken
 
@@ -284,14 +296,51 @@ class MixPlan:
         :meth:`walk`); ``skip`` leading rows of the first one are left out (resume)."""
         w = np.asarray(self.weights, dtype=np.float64)
         taken = np.array(taken, dtype=np.int64)
+        offsets = np.asarray(self.offsets or [0] * len(self.streams), dtype=np.int64)
         for k in range(first, last):
             start, end = k * self.window_rows, min((k + 1) * self.window_rows, self.num_rows)
-            n = _next_counts(w, taken, start, end)
+            n = _next_counts(w, taken - self._carry(), start, end)
             pieces = []
             for i, s in enumerate(self.streams):
-                pieces += s.pieces(int(taken[i]), int(taken[i] + n[i]))
+                begin = int(offsets[i] + taken[i])
+                pieces += s.pieces(begin, begin + int(n[i]))
             taken += n
-            yield Window(k, tuple(pieces), (self.seed, k), skip if k == first else 0)
+            yield Window(k, tuple(pieces), (self.seed, *self.salt, k), skip if k == first else 0)
+
+    def totals(self) -> dict[str, int]:
+        """Rows per language in the whole plan (walks the counts: O(windows x languages))."""
+        if self.num_rows <= 0:
+            return {s.lang: 0 for s in self.streams}
+        k, start, end, taken = next(self.walk(self.num_windows - 1))
+        n = taken + _next_counts(
+            np.asarray(self.weights, dtype=np.float64), taken - self._carry(), start, end
+        )
+        return {s.lang: int(c) for s, c in zip(self.streams, n, strict=True)}
+
+    def stretch(
+        self,
+        weights: Mapping[str, float],
+        num_rows: int,
+        offsets: Mapping[str, int],
+        index: int,
+        carry: Mapping[str, float] | None = None,
+    ):
+        """The plan of one stretch of an online run: the same language streams, ``num_rows`` rows at
+        ``weights`` (a language of this plan missing from them gets none), each stream continuing at
+        ``offsets``, window seeds salted with ``index``, earlier stretches' rounding owed (``carry``)."""
+        langs = [s.lang for s in self.streams]
+        raw = [max(float(weights.get(lang, 0.0)), 0.0) for lang in langs]
+        total = math.fsum(raw)
+        if total <= 0:
+            raise ValueError(f"stretch {index}: weights {dict(weights)} give none of {langs} a row")
+        return dataclasses.replace(
+            self,
+            weights=tuple(w / total for w in raw),
+            num_rows=int(num_rows),
+            offsets=tuple(int(offsets.get(lang, 0)) for lang in langs),
+            salt=(int(index),),
+            carry=tuple(float((carry or {}).get(lang, 0.0)) for lang in langs),
+        )
 
 
 def plan_mix(
@@ -401,7 +450,9 @@ class _GroupReader:
                 break
 
 
-def _window_table(window: Window, reader: _GroupReader, columns: list[str] | None) -> pa.Table:
+def _window_table(
+    window: Window, reader: _GroupReader, columns: list[str] | None, select: np.ndarray | None = None
+) -> pa.Table:
     # One take over the groups the window touches (a take per piece costs more than the reads at
     # 100+ languages): each group once, the rows as indices into their concatenation.
     first_row: dict[tuple[str, int], int] = {}  # group -> its first row in the concatenation
@@ -419,7 +470,8 @@ def _window_table(window: Window, reader: _GroupReader, columns: list[str] | Non
     table = pa.concat_tables(
         [_project(t, columns) for t in tables]
     ).combine_chunks()  # take is slow on many chunks
-    return table.take(rows[order[window.skip :]])
+    picked = rows[order[window.skip :]]
+    return table.take(picked if select is None else picked[select])  # select: a rank's rows (stretches)
 
 
 def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, columns) -> Iterable[pa.Table]:
@@ -429,6 +481,94 @@ def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, col
     reader = _GroupReader(columns)
     for window in plan.windows(first, last, taken, skip):
         yield _window_table(window, reader, columns)
+
+
+# ---------------------------------------------------------------------------------------------------
+# stretches (data.weights=online): weights that change between evaluations
+# ---------------------------------------------------------------------------------------------------
+
+
+def rank_rows(plan: MixPlan, rank: int, world: int, unit: int, columns=None) -> Iterator[pa.Table]:
+    """Rank ``rank``'s rows of ``plan``, read in this process, window by window.
+
+    The plan's rows are dealt to the ranks in units of ``unit`` consecutive rows, round robin (row
+    ``p`` goes to rank ``(p // unit) % world``): with ``unit`` = the batch size each unit is one batch
+    of an exact slice of a window, whose rows are already interleaved across languages, so every
+    rank's batches mix the languages in the stretch's ratios and no two ranks share a row. Each rank
+    reads the row groups of every window (a group spans several windows' slices, so dealing whole
+    windows would save few reads) and keeps its own units.
+    """
+    if columns is not None and "language" not in columns:
+        columns = [*columns, "language"]
+    reader = _GroupReader(columns)
+    for window in plan.windows(0, plan.num_windows, np.zeros(len(plan.streams), dtype=np.int64)):
+        start = window.index * plan.window_rows
+        positions = np.arange(start, start + window.num_rows)
+        mine = np.flatnonzero((positions // unit) % world == rank)
+        if len(mine):
+            yield _window_table(window, reader, columns, mine)
+
+
+def numpy_batches(tables: Iterable[pa.Table], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Consecutive ``batch_size``-row batches of the tables' rows, as Ray's ``iter_batches(
+    batch_format="numpy")`` gives them (list columns as object arrays of numpy arrays); a short last
+    batch is dropped (the stretches are sized in whole batches, so there is none)."""
+    pending: list[pa.Table] = []
+    held = 0
+    for table in tables:
+        pending.append(table)
+        held += table.num_rows
+        while held >= batch_size:
+            joined = pa.concat_tables(pending).combine_chunks()
+            batch, rest = joined.slice(0, batch_size), joined.slice(batch_size)
+            yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in batch.column_names}
+            pending, held = [rest], rest.num_rows
+
+
+@dataclass
+class Stretches:
+    """A run's training rows as consecutive stretches, each its own :class:`MixPlan` with the weights
+    of that stretch (``data.weights=online``: the weights change at every evaluation).
+
+    Every language's stream position is carried from one stretch to the next (``offsets``), so the
+    run walks each language's reshuffled passes exactly as a static run does: no row is repeated
+    before its pass ends and none is skipped, whatever the weights; only how many rows each language
+    gives per stretch changes. A stretch's per-language counts are exact (cumulative largest
+    remainder, as in a static plan), and the rounding is carried too (``carry``): over any number of
+    stretches each language's rows stay within one of the sum of its weight x rows. The state
+    (``offsets``, ``index``, ``carry``) is plain data for a checkpoint: a resumed run plans the next
+    stretch exactly as the uninterrupted run did.
+    """
+
+    base: MixPlan  # the language streams (every language that may get rows), seed and window size
+    offsets: dict[str, int] = dataclasses.field(default_factory=dict)
+    index: int = 0  # stretches finished
+    carry: dict[str, float] = dataclasses.field(default_factory=dict)  # rows owed: targets - drawn
+
+    def plan(self, weights: Mapping[str, float], num_rows: int) -> MixPlan:
+        """The next stretch: ``num_rows`` rows at ``weights``, continuing every stream."""
+        return self.base.stretch(weights, num_rows, self.offsets, self.index, self.carry)
+
+    def advance(self, stretch: MixPlan) -> dict[str, int]:
+        """Mark ``stretch`` (from :meth:`plan`) as drawn; the rows it gave per language."""
+        rows = stretch.totals()
+        for (lang, n), w, owed in zip(
+            rows.items(), stretch.weights, stretch.carry or [0.0] * len(rows), strict=True
+        ):
+            self.offsets[lang] = self.offsets.get(lang, 0) + n
+            self.carry[lang] = owed + w * stretch.num_rows - n  # within one row: rounding only
+        self.index += 1
+        return rows
+
+    def state(self) -> dict:
+        return {"offsets": dict(self.offsets), "index": self.index, "carry": dict(self.carry)}
+
+    @classmethod
+    def restore(cls, base: MixPlan, state: Mapping | None) -> Stretches:
+        if not state:
+            return cls(base)
+        offsets = {k: int(v) for k, v in state["offsets"].items()}
+        return cls(base, offsets, int(state["index"]), {k: float(v) for k, v in state["carry"].items()})
 
 
 TASK_WINDOWS = 16  # windows per read task: a language's row group is read once per task, not per window

@@ -31,9 +31,11 @@ holds the same weights without communicating them.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 SIGNALS = ("excess", "forgetting")
 
@@ -151,3 +153,59 @@ class OnlineWeights:
             best=dict(data.get("best") or {}),
             history=list(data.get("history") or []),
         )
+
+
+def resolve_reference(spec: str | Mapping[str, float], languages, signal: str) -> dict[str, float] | None:
+    """``data.online.reference`` as ``{language: reachable loss}`` for ``languages`` (None for
+    ``signal=forgetting``, which uses none): a map; a reference run's ``report.json``, whose
+    ``languages.<lang>.best.loss`` (the lowest validation loss it reached, AR+NAR) is taken; or a Tune
+    ``best_weights.json`` whose ``objective.reference`` holds each language's solo run's loss."""
+    if signal != "excess":
+        return None
+    if not spec:
+        raise ValueError(
+            "data.online.signal=excess needs data.online.reference: each language's reachable validation "
+            "loss, as a map {en: 5.1, ar: 6.0} or the report.json of a reference run (e.g. one trained at "
+            "the prior weights); or use data.online.signal=forgetting, which needs none"
+        )
+    if isinstance(spec, Mapping):
+        source, found = "data.online.reference", {str(k): v for k, v in spec.items()}
+    else:
+        path = Path(spec)
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ValueError(f"data.online.reference: cannot read {path} ({e.strerror or e})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"data.online.reference: {path} is not JSON ({e.msg}, line {e.lineno})"
+            ) from None
+        per_lang = report.get("languages") if isinstance(report, dict) else None
+        solo = (
+            ((report.get("objective") or {}).get("reference") or None) if isinstance(report, dict) else None
+        )
+        source = str(path)
+        if isinstance(per_lang, dict):
+            found = {
+                lang: (v.get("best") or {}).get("loss") for lang, v in per_lang.items() if isinstance(v, dict)
+            }
+        elif isinstance(solo, dict):  # a Tune best_weights.json: its solo runs' losses
+            found = dict(solo)
+        else:
+            raise ValueError(
+                f"data.online.reference: {path} is neither a training run's report.json (languages.<lang>."
+                "best.loss) nor a Tune best_weights.json with objective.reference (tune.reference=solo)"
+            )
+    missing = sorted(lang for lang in languages if found.get(lang) is None)
+    if missing:
+        raise ValueError(
+            f"{source}: no reference loss for {missing} (it has {sorted(k for k, v in found.items() if v is not None)}); "
+            "every trained language needs one"
+        )
+    out = {}
+    for lang in languages:
+        v = found[lang]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{source}: the reference loss of {lang!r} must be a finite number, got {v!r}")
+        out[lang] = float(v)
+    return out

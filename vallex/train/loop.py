@@ -32,6 +32,7 @@ from vallex.model.vallex import VallexConfig, VallexModel
 from vallex.train import engine as ds_engine
 from vallex.train.guard import ForgettingGuard
 from vallex.train.metrics import flat_metrics
+from vallex.train.online_mix import OnlineMix
 from vallex.train.plan import RunPlan
 from vallex.train.tracking import Tracker
 
@@ -178,6 +179,17 @@ def nonfinite_losses(record: dict, train_nonfinite: bool, policy: str) -> str | 
     return f"step {step}: the validation loss of {', '.join(f'{lang} ({k})' for lang, k in bad.items())} is not a finite number (NaN/inf)"
 
 
+def evaluates_at(step: int, train) -> bool:
+    """Whether the loop evaluates after ``step``: the first step, every ``eval_every``, every checkpoint
+    (``checkpoint_every``) and the last step. Online weights change only there."""
+    return (
+        step == 1
+        or step % train.eval_every == 0
+        or step % train.checkpoint_every == 0
+        or step == train.max_steps
+    )
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """What Ray Train runs on every rank: set up, (step 0 evaluation), train, then finish."""
     with Tracker(loop_config.get("tracking")) as tracker:  # ends the MLflow / W&B runs, failed or not
@@ -227,6 +239,7 @@ class WorkerRun:
     valid_batches: dict = field(default_factory=dict)
     filler: dict = field(default_factory=dict)
     intelligibility: Intelligibility | None = None
+    online: OnlineMix | None = None  # data.weights=online: the weights and rows of each stretch
     mix: MixStats = field(default_factory=MixStats)
     padding: PaddingStats = field(default_factory=PaddingStats)  # since the last evaluation
     guard: ForgettingGuard | None = None
@@ -282,6 +295,9 @@ class WorkerRun:
         ):  # the checkpoint holds the all-ranks counts: one rank restores them, the sum stays right
             run.mix.counts.update(run.progress["mix"])
         run.guard = run._make_guard(run.progress.get("initial"))
+        if plan.online is not None:  # the checkpoint's weights and stream positions, or the prior's
+            base = ray.get(loop_config["online_base"])
+            run.online = OnlineMix(plan.weights, plan.online, base, run.progress.get("online"))
         return run
 
     def _restore(self, ckpt) -> None:
@@ -414,19 +430,22 @@ class WorkerRun:
         import ray.train
 
         cfg = self.cfg
-        # Ray Data has no mid-stream position: after a resume, skip the batches this rank already used
-        # (same count, not necessarily the same rows: see docs in vallex.data.mixing). With data.max_tokens
-        # the batch sizes vary, but the batches are a function of the stream, so the same count is skipped.
-        stream = train_batches(
-            ray.train.get_dataset_shard("train"),
-            batch_size=cfg.train.batch_size,
-            max_tokens=cfg.data.max_tokens,
-            bucket_rows=cfg.data.bucket_rows,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            seed=cfg.run.seed,
-            rank=self.rank,
-            skip=self.progress["consumed_batches"],
-        )
+        if self.online is not None:
+            stream = self._online_batches()
+        else:
+            # Ray Data has no mid-stream position: after a resume, skip the batches this rank already used
+            # (same count, not necessarily the same rows: see docs in vallex.data.mixing). With data.max_tokens
+            # the batch sizes vary, but the batches are a function of the stream, so the same count is skipped.
+            stream = train_batches(
+                ray.train.get_dataset_shard("train"),
+                batch_size=cfg.train.batch_size,
+                max_tokens=cfg.data.max_tokens,
+                bucket_rows=cfg.data.bucket_rows,
+                shuffle_buffer=cfg.data.shuffle_buffer,
+                seed=cfg.run.seed,
+                rank=self.rank,
+                skip=self.progress["consumed_batches"],
+            )
         window = Window()
         self.model_engine.train()
         while self.progress["step"] < cfg.train.max_steps:
@@ -435,10 +454,28 @@ class WorkerRun:
             last = step == cfg.train.max_steps
             checkpoint = step % cfg.train.checkpoint_every == 0 or last
             # Every checkpoint is evaluated too, so each one carries its metrics (keep-best, Tune).
-            if not (step == 1 or step % cfg.train.eval_every == 0 or checkpoint):
+            if not evaluates_at(step, cfg.train):
                 continue
             if self.evaluate_and_checkpoint(step, window, checkpoint=checkpoint, last=last):
                 return
+
+    def _online_batches(self):
+        """This rank's batches with data.weights=online: one stretch per span between evaluations,
+        each drawn at the weights the evaluation before it set (vallex.train.online_mix). A resumed run
+        starts the next stretch where the checkpoint's stretch ended: nothing to skip."""
+        t = self.cfg.train
+
+        def stretch_end(start: int) -> int:
+            return next(s for s in range(start + 1, t.max_steps + 1) if evaluates_at(s, t))
+
+        return self.online.batches(
+            self.progress,
+            stretch_end,
+            rank=self.rank,
+            world=self.world,
+            batch_size=t.batch_size,
+            grad_accum=t.grad_accum,
+        )
 
     def train_step(self, stream, window: Window) -> None:
         """One optimizer step: ``train.grad_accum`` micro-batches through DeepSpeed."""
@@ -476,6 +513,8 @@ class WorkerRun:
             record["stopped_nonfinite"] = nonfinite
             ray.train.report(self.publish(record))
             return True
+        if self.online is not None:  # this evaluation sets the next stretch's weights
+            record["online"] = self.online.update(step, record["valid"], self.device)
         metrics = self.publish(record)
         window.reset()
         self.padding.reset()
@@ -493,6 +532,8 @@ class WorkerRun:
         """Store the all-ranks counts and the guard's state in ``progress``, then checkpoint and report."""
         self.progress["mix"] = global_counts(self.mix, list(self.plan.languages), self.device)
         self.progress["guard_best"] = self.guard.best
+        if self.online is not None:
+            self.progress["online"] = self.online.state()
         _save_checkpoint(
             self.model_engine, self.progress, metrics, self.rank, self.cfg.train.zero_stage, export=export
         )

@@ -70,6 +70,11 @@ class MetricsSink:
                         self.tb.add_scalar(f"valid_{key}/{lang}", v[key], step)
             for lang, f in record.get("realized_fractions", {}).items():
                 self.tb.add_scalar(f"mix_fraction/{lang}", f, step)
+            online = record.get("online") or {}
+            for lang, w in online.get("weights", {}).items():  # data.weights=online: the next stretch's
+                self.tb.add_scalar(f"online_weight/{lang}", w, step)
+            for lang, x in (online.get("signal") or {}).items():
+                self.tb.add_scalar(f"online_signal/{lang}", x, step)
             self.tb.flush()
 
     def samples(self, step: int, payload: dict) -> list[str]:
@@ -132,6 +137,8 @@ def flat_metrics(record: dict) -> dict[str, float]:
     if pers:
         out["per_mean"] = sum(pers) / len(pers)
         out["per_max"] = max(pers)
+    for lang, w in (record.get("online") or {}).get("weights", {}).items():
+        out[f"online_weight/{lang}"] = w
     return out
 
 
@@ -234,6 +241,11 @@ def format_record(rec: dict, max_steps: int) -> str:
         )
     fr = " ".join(f"{lang}:{f:.2f}" for lang, f in sorted(rec.get("realized_fractions", {}).items()))
     pad = rec.get("padding_fraction")
+    online = rec.get("online") or {}
+    if online.get("weights"):  # data.weights=online: what the next stretch draws
+        parts.append(
+            "next weights " + " ".join(f"{lang}:{w:.2f}" for lang, w in sorted(online["weights"].items()))
+        )
     return (
         f"step {rec['step']:>5}/{max_steps} | train {_fmt(rec['train_loss'])} | {' | '.join(parts)} | "
         f"mix {fr} ({rec.get('languages_per_batch', 0):.1f} lang/batch, "
@@ -320,6 +332,51 @@ def plot_losses(records: list[dict], path: str | os.PathLike) -> None:
         ax.axis("off")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def online_history(records: list[dict]) -> list[dict]:
+    """data.weights=online: per evaluation, the weights it set for the next stretch, the signal that
+    moved them, and the stretch it closed (weights drawn, rows per language)."""
+    return [
+        {"step": r["step"], **{k: r["online"].get(k) for k in ("weights", "signal", "stretch")}}
+        for r in records
+        if r.get("online")
+    ]
+
+
+def plot_online_weights(records: list[dict], path: str | os.PathLike) -> bool:
+    """PNG of the online weights by language: each stretch's weights over the steps it covered, and
+    the signal at each evaluation. False (nothing written) without online records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = online_history(records)
+    if not history:
+        return False
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
+    langs = sorted(history[-1]["weights"])
+    steps = [0] + [h["step"] for h in history]
+    for lang in langs:
+        drawn = [h["stretch"]["weights"].get(lang, 0.0) for h in history] + [history[-1]["weights"][lang]]
+        top.step(steps, drawn, where="post", label=lang)
+        signal = [(h["step"], (h["signal"] or {}).get(lang)) for h in history if h["signal"]]
+        bottom.plot(
+            [s for s, _ in signal],
+            [float("nan") if x is None else x for _, x in signal],
+            marker=".",
+            label=lang,
+        )
+    top.set_title("online weights (each stretch's, from the step it starts)")
+    bottom.set_title("signal at each evaluation (larger = more rows next)")
+    bottom.set_xlabel("step")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+    return True
 
 
 def build_report(records: list[dict], extra: dict[str, Any]) -> dict:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vallex.config import Config
+from vallex.config import ONLINE_WEIGHTS, Config
 from vallex.data.weights import resolve_weights
 
 log = logging.getLogger("vallex.train")
@@ -80,6 +80,9 @@ class RunPlan:
     """How a public checkpoint's text embeddings were mapped (report.json), or None."""
     weights_spec: Any = field(default=None, compare=False)
     """What ``data.weights`` said (a policy, map or file), for messages only."""
+    online: dict | None = None
+    """``data.weights=online``: ``{"settings": data.online's update settings, "reference": the
+    reachable loss per language or None}``; ``weights`` are then the prior the run starts from."""
 
     @property
     def language_ids(self) -> dict[str, int]:
@@ -94,7 +97,8 @@ class RunPlan:
         """One log line: languages with their rows, and the weights."""
         return (
             f"languages {', '.join(f'{lang} ({self.counts[lang]} utt)' for lang in self.languages)}; "
-            f"sampling weights {', '.join(f'{lang}={w:.3f}' for lang, w in self.weights.items())}"
+            + ("online sampling weights, starting at " if self.online is not None else "sampling weights ")
+            + ", ".join(f"{lang}={w:.3f}" for lang, w in self.weights.items())
         )
 
 
@@ -128,10 +132,12 @@ def plan_and_initial_state(cfg: Config, *, corpus=None, max_steps: int | None = 
     counts = {lang: int(train_counts[lang]) for lang in asked}  # in data.languages' order, as weights.json
     languages = sorted(asked)
     budget = row_budget(cfg.train, max_steps)
+    online = _online_settings(cfg, languages) if cfg.data.weights == ONLINE_WEIGHTS else None
+    spec, key = (cfg.data.online.prior, "data.online.prior") if online else (cfg.data.weights, "data.weights")
     try:
-        weights = resolve_weights(cfg.data.weights, counts, alpha=cfg.data.alpha, budget=budget)
+        weights = resolve_weights(spec, counts, alpha=cfg.data.alpha, budget=budget)
     except (ValueError, OSError) as e:
-        raise ValueError(f"data.weights: {e}") from None
+        raise ValueError(f"{key}: {e}") from None
     init_state, init_languages, bridge = None, [], None
     if cfg.train.init_from:
         model, meta = _grown_initial_model(cfg, corpus, languages)
@@ -176,8 +182,19 @@ def plan_and_initial_state(cfg: Config, *, corpus=None, max_steps: int | None = 
         init_from=cfg.train.init_from,
         init_bridge=bridge,
         weights_spec=cfg.data.weights,
+        online=online,
     )
     return plan, init_state
+
+
+def _online_settings(cfg: Config, languages) -> dict:
+    """``data.online`` checked (the update settings, the reference losses): what every worker's
+    :class:`vallex.data.online.OnlineWeights` is built from."""
+    from vallex.data.online import OnlineSettings, resolve_reference
+
+    o = cfg.data.online
+    settings = OnlineSettings(signal=o.signal, step_size=o.step_size, smoothing=o.smoothing, floor=o.floor)
+    return {"settings": vars(settings), "reference": resolve_reference(o.reference, languages, o.signal)}
 
 
 def initial_state(cfg: Config, plan: RunPlan, corpus=None) -> dict | None:

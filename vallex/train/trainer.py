@@ -23,7 +23,9 @@ from vallex.train.metrics import (
     build_report,
     format_record,
     loss_table,
+    online_history,
     plot_losses,
+    plot_online_weights,
     read_metrics,
     sink_on_this_node,
     strict_json,
@@ -290,8 +292,11 @@ def _start_run_files(cfg: Config, plan: RunPlan, objective) -> None:
     train_dir = cfg.train_dir
     train_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, train_dir / "config.yaml")
+    # With data.weights=online these are the prior; the weights each stretch drew are in metrics.jsonl.
+    online = {"online": plan.online} if plan.online is not None else {}
     write_text_atomic(
-        train_dir / "weights.json", json.dumps({"weights": plan.weights, "counts": plan.counts}, indent=2)
+        train_dir / "weights.json",
+        json.dumps({"weights": plan.weights, "counts": plan.counts, **online}, indent=2),
     )
     log.info("%s", plan.summary())
 
@@ -327,6 +332,8 @@ def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, ob
         "tracking": tracking_settings(cfg),
         "intelligibility": intelligibility,
     }
+    if plan.online is not None:  # data.weights=online: each worker reads its own rows of every stretch
+        loop_config["online_base"] = ray.put(_online_base(cfg, plan, corpus))
     return _torch_trainer(cfg, plan, train_ds, loop_config, callbacks), sink, intelligibility_report
 
 
@@ -345,8 +352,12 @@ def _datasets(cfg: Config, plan: RunPlan, corpus):
         cfg.data.max_tokens,
         cfg.data.bucket_rows,
     )
-    train_ds = build_mixed_dataset(
-        corpus, plan.weights, num_rows=num_rows, seed=plan.seed, window_rows=cfg.data.window_rows
+    train_ds = (
+        None  # data.weights=online: no driver-built stream (see vallex.train.online_mix)
+        if plan.online is not None
+        else build_mixed_dataset(
+            corpus, plan.weights, num_rows=num_rows, seed=plan.seed, window_rows=cfg.data.window_rows
+        )
     )
     # Shard paths only: each worker reads the validation rows itself (vallex.data.corpus.read_split_rows).
     valid_ref = split_source(corpus, list(plan.eval_languages), "valid", plan.valid_max_rows)
@@ -357,6 +368,15 @@ def _datasets(cfg: Config, plan: RunPlan, corpus):
         for lang in plan.eval_languages
     }
     return train_ds, valid_ref, plan_tables
+
+
+def _online_base(cfg: Config, plan: RunPlan, corpus):
+    """The language streams every stretch of an online run continues (the languages the prior gives
+    rows; the seed and window size of a static run)."""
+    from vallex.data.mixing import MixPlan, normalize_weights
+
+    prior = normalize_weights(corpus, plan.weights)
+    return MixPlan.build(corpus, prior, num_rows=0, seed=plan.seed, window_rows=cfg.data.window_rows)
 
 
 def _metrics_sink(cfg: Config, plan: RunPlan, corpus):
@@ -399,8 +419,10 @@ def _torch_trainer(cfg: Config, plan: RunPlan, train_ds, loop_config: dict, call
             placement_strategy=cfg.train.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        datasets={"train": train_ds},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options()),
+        datasets={"train": train_ds} if train_ds is not None else {},
+        dataset_config=DataConfig(
+            datasets_to_split=["train"] if train_ds is not None else [], execution_options=_ingest_options()
+        ),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=plan.storage_path,
@@ -461,6 +483,18 @@ def _export_models(cfg: Config, plan: RunPlan, corpus, result) -> tuple[Path | N
     return model_path, best
 
 
+def _online_report(plan: RunPlan, records: list[dict]) -> dict:
+    """report.json's ``online``: the settings, the reference, and every evaluation's weights (the
+    ``weights`` key of the report is then the prior the run started from)."""
+    history = online_history(records)
+    return {
+        "prior": plan.weights,
+        **plan.online,
+        "history": history,
+        "final_weights": history[-1]["weights"] if history else plan.weights,
+    }
+
+
 def _finish(cfg: Config, plan: RunPlan, corpus, result, intelligibility_report: dict, seconds: float) -> dict:
     """Export the models, write report.json and valid_loss.png, log the per-language table; the report."""
     train_dir, storage = cfg.train_dir, plan.storage_path
@@ -491,10 +525,21 @@ def _finish(cfg: Config, plan: RunPlan, corpus, result, intelligibility_report: 
             "skipped_steps": records[-1].get("skipped_steps", 0) if records else 0,
             "trained_steps": (records[-1]["step"] - records[-1].get("skipped_steps", 0)) if records else 0,
             "stopped_nonfinite": records[-1].get("stopped_nonfinite") if records else None,
+            **({"online": _online_report(plan, records)} if plan.online is not None else {}),
         },
     )
     write_text_atomic(train_dir / "report.json", strict_json(report, indent=2))
     plot_losses(records, train_dir / "valid_loss.png")
+    if plan.online is not None:
+        # The weights the run ended with, readable by data.weights as fixed weights (a "weights" key).
+        final = {"weights": report["online"]["final_weights"], "history": report["online"]["history"]}
+        write_text_atomic(train_dir / "online_weights.json", strict_json(final, indent=2))
+        plot_online_weights(records, train_dir / "online_weights.png")
+        log.info(
+            "online weights: final %s; by stretch in %s",
+            " ".join(f"{lang}:{w:.3f}" for lang, w in final["weights"].items()),
+            train_dir / "online_weights.png",
+        )
     log.info("per language, first vs last evaluation:\n%s", loss_table(records))
     log.info(
         "wrote %s, %s, %s",
