@@ -280,57 +280,5 @@ def test_the_stream_is_long_enough_for_every_rank(ray_cluster, skewed):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_training_with_a_token_budget_and_resume(ray_cluster, tmp_path):
-    from vallex.train.metrics import read_metrics
-    from vallex.train.trainer import train
-
-    write_synthetic_corpus(
-        tmp_path / "prepare",
-        {"en": 200, "zh": 120, "ar": 20},
-        valid_per_language=5,
-        frames=(10, 80),
-        phonemes=(5, 10),
-    )
-
-    def cfg(*extra):
-        return load_config(
-            None,
-            [
-                f"run.output_dir={tmp_path}",
-                "run.name=tok",
-                "model.size=tiny",
-                "train.num_workers=2",
-                "train.cpus_per_worker=0.5",
-                "train.zero_stage=2",
-                "train.batch_size=32",  # the row cap; the budget binds first
-                "train.grad_accum=2",
-                "train.max_steps=4",
-                "train.warmup_steps=1",
-                "train.eval_every=2",
-                "train.checkpoint_every=2",
-                "data.weights=uniform",
-                "data.window_rows=64",
-                "train.intelligibility.samples=false",  # no listening samples: not what this test is about
-                "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
-                "data.max_tokens=600",
-                "data.bucket_rows=128",
-                *extra,
-            ],
-        )
-
-    first = cfg()
-    train(first)
-    records = read_metrics(first.train_dir / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 4]
-    for r in records:  # batches of ~10 rows drawn at random from this corpus are ~37% padding
-        assert r["padding_fraction"] is not None and r["padding_fraction"] < 0.2, r["padding_fraction"]
-        assert r["languages_per_batch"] > 1.5
-    # Variable batches: fewer rows than the 32-row cap would give (2 workers x 2 micro-steps x 4 steps).
-    seen = records[-1]["samples_seen"]
-    assert 2 * 2 * 4 * 3 < seen < 2 * 2 * 4 * 32
-
-    train(cfg("train.max_steps=6"))  # resumes from step 4, skipping the batches already trained on
-    records = read_metrics(first.train_dir / "metrics.jsonl")
-    assert [r["step"] for r in records] == [1, 2, 4, 6]
-    assert records[-1]["samples_seen"] > seen
-    assert records[-1]["padding_fraction"] < 0.2
+# A real two-worker training run with a token budget, and its resume, is the tracked run of
+# tests/test_tracking.py (one pair of Ray Train starts serves both).

@@ -1,5 +1,6 @@
 """Experiment tracking (train.tracking): MLflow and W&B, through Ray's integrations, get the same
-per-language metrics as metrics.jsonl from a real two-worker run, and continue the same runs on resume."""
+per-language metrics as metrics.jsonl from a real two-worker run, and continue the same runs on resume.
+That run also batches by a token budget (data.max_tokens): one pair of Ray Train starts for both."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from vallex.train.metrics import read_metrics
 from vallex.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZES = {"en": 24, "zh": 16}
+SIZES = {"en": 200, "zh": 120, "ar": 20}
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -30,13 +31,17 @@ def _cfg(tmp_path: Path, *overrides: str):
             "model.size=tiny",
             "train.num_workers=2",
             "train.cpus_per_worker=0.5",
-            "train.batch_size=4",
+            "train.zero_stage=2",
+            "train.batch_size=32",  # the row cap; the token budget binds first
+            "train.grad_accum=2",
             "train.max_steps=4",
             "train.warmup_steps=1",
             "train.eval_every=2",
             "train.checkpoint_every=4",
             "data.weights=uniform",
-            "data.window_rows=32",
+            "data.window_rows=64",
+            "data.max_tokens=600",
+            "data.bucket_rows=128",
             "train.intelligibility.samples=false",  # no listening samples: not what this test is about
             "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
             "train.tracking=[mlflow, wandb]",
@@ -85,12 +90,21 @@ def wandb_history(path: Path) -> list[dict]:
 def test_mlflow_and_wandb_get_the_runs_metrics_and_resume_into_the_same_runs(ray_cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    write_synthetic_corpus(tmp_path / "prepare", SIZES, valid_per_language=4, frames=(15, 30))
+    write_synthetic_corpus(
+        tmp_path / "prepare", SIZES, valid_per_language=4, frames=(10, 80), phonemes=(5, 10)
+    )
     cfg = _cfg(tmp_path)
     train(cfg)
 
     records = read_metrics(cfg.train_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 4]
+    # Token-budget batches: ~10 rows drawn at random from this corpus are ~37% padding; bucketed, < 20%.
+    for r in records:
+        assert r["padding_fraction"] is not None and r["padding_fraction"] < 0.2, r["padding_fraction"]
+        assert r["languages_per_batch"] > 1.5
+    # Variable batches: fewer rows than the 32-row cap would give (2 workers x 2 micro-steps x 4 steps).
+    seen = records[-1]["samples_seen"]
+    assert 2 * 2 * 4 * 3 < seen < 2 * 2 * 4 * 32
     expected = {lang: [(r["step"], r["valid"][lang]["loss"]) for r in records] for lang in SIZES}
 
     # MLflow: the default store is SQLite in the output dir; one run (rank 0's), finished.
@@ -123,9 +137,13 @@ def test_mlflow_and_wandb_get_the_runs_metrics_and_resume_into_the_same_runs(ray
     assert config["train"]["max_steps"] == 4 and config["train"]["tracking"] == ["mlflow", "wandb"]
     assert "job" not in config
 
-    # Running it again with more steps resumes the checkpoint and logs into the same runs.
+    # Running it again with more steps resumes the checkpoint (skipping the batches already trained on)
+    # and logs into the same runs.
     cfg2 = _cfg(tmp_path, "train.max_steps=6")
     train(cfg2)
+    records = read_metrics(cfg2.train_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 4, 6]
+    assert records[-1]["samples_seen"] > seen and records[-1]["padding_fraction"] < 0.2
     (run2,) = client.search_runs([experiment.experiment_id])
     assert run2.info.run_id == run.info.run_id and run2.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/en")]

@@ -112,7 +112,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
         assert unsafe_globals(f) == [] and isinstance(load_weights_only(f), dict), f
 
     # Someone who can write to the storage plants pickled code in a partition file: the resume refuses,
-    # naming the file, and the code never runs.
+    # naming the file, and the code never runs (one worker: it checks every file of the checkpoint).
     victim = ckpt_dir / "ckpt" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     original = victim.read_bytes()
     marker = corpus_cfg / "PWNED"
@@ -121,7 +121,7 @@ def test_two_workers_zero2_per_language_validation_and_resume(ray_cluster, corpu
         TrainingFailedError,
         match=rf"{victim.name} holds posix.system, which a weights-only load does not allow",
     ):
-        train(_cfg(corpus_cfg, *ONLINE, "train.max_steps=9"))
+        train(_cfg(corpus_cfg, *ONLINE, "train.max_steps=9", "train.num_workers=1"))
     assert not marker.exists()
     victim.write_bytes(original)
 
