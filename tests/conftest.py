@@ -19,6 +19,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+    # test_s3.py needs a Ray cluster of its own (its workers must inherit the S3 variables): it runs
+    # first, before the session's cluster exists, so that cluster is not stopped and started again.
+    items.sort(key=lambda item: item.path.name != "test_s3.py")
 
 
 @pytest.fixture(autouse=True)

@@ -52,7 +52,9 @@ def s3():
     server.start()
     host, port = server.get_host_and_port()  # the port the server is bound to
     endpoint = f"http://{host}:{port}"
-    shared = ray.is_initialized()  # the session's cluster, started by an earlier module
+    shared = (
+        ray.is_initialized()
+    )  # the session's cluster, if a test started it first (conftest runs this module first)
     try:
         with pytest.MonkeyPatch.context() as env:
             env.setenv("AWS_ENDPOINT_URL", endpoint)

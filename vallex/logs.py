@@ -12,8 +12,15 @@ from pathlib import Path
 NOISY_LOGGERS = ("ray", "ray.train", "ray.data", "ray.tune", "ray.air", "deepspeed", "DeepSpeed", "filelock")
 
 
+def _file_keeps(record: logging.LogRecord) -> bool:
+    """The log file keeps vallex's DEBUG records and every library's INFO and above (matplotlib alone
+    writes a few hundred font-matching lines per figure at DEBUG)."""
+    return record.levelno >= logging.INFO or record.name == "vallex" or record.name.startswith("vallex.")
+
+
 def setup_logging(log_file: str | os.PathLike | None = None, level: int = logging.INFO) -> logging.Logger:
-    """Console: vallex messages only, one line each. File (if given): everything at DEBUG."""
+    """Console: vallex messages only, one line each. File (if given): vallex's records at DEBUG, every
+    library's at INFO and above."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_vallex", False):
@@ -32,6 +39,7 @@ def setup_logging(log_file: str | os.PathLike | None = None, level: int = loggin
         fh = logging.FileHandler(log_file)
         fh.setLevel(logging.DEBUG)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        fh.addFilter(_file_keeps)
         fh._vallex = True  # type: ignore[attr-defined]
         root.addHandler(fh)
 
