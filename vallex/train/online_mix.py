@@ -7,8 +7,10 @@ weights are not known before the evaluation that sets them, so each worker reads
   at the weights the last evaluation set, of exactly ``steps x grad_accum x batch_size x workers``
   rows, every language's stream continuing where the previous stretch left it
   (:class:`vallex.data.mixing.Stretches`);
-- every rank computes the same plan and reads its own batches of it (:func:`vallex.data.mixing.rank_rows`:
-  batch-sized units dealt round robin), so the ranks draw disjoint rows of one mixed stream;
+- every rank computes the same plan and reads its own share of it (:func:`vallex.data.mixing.rank_share`:
+  a contiguous part of each language's stream, the plan's per-language rows split exactly between the
+  ranks), so the ranks draw disjoint rows of one stretch, each in the stretch's ratios, and a rank reads
+  only the row groups holding its own rows;
 - at the evaluation closing a stretch, the all-reduced per-language validation losses update the
   weights (:class:`vallex.data.online.OnlineWeights`) on every rank, and rank 0's log-weights are
   broadcast so that no rounding difference can ever split the ranks' plans;
@@ -16,8 +18,9 @@ weights are not known before the evaluation that sets them, so each worker reads
   so a resumed run plans the next stretch exactly as the uninterrupted run would have.
 
 Reads happen in the training process, one window at a time, with no read-ahead: a step waits for
-its window's row groups, and every rank reads every window's groups (it keeps its own rows). Not yet
-measured against the Ray Data stream of static weights; a read-ahead thread would hide the reads on GPUs.
+its window's row groups. Bytes read per row delivered do not grow with ranks (bench/online_reads.py,
+docs/BENCHMARKS.md). Not yet measured against the Ray Data stream of static
+weights; a read-ahead thread would hide the reads on GPUs.
 """
 
 from __future__ import annotations
