@@ -238,7 +238,7 @@ def test_each_rank_reads_only_the_row_groups_of_its_own_rows(stretch_corpus, mon
     import pyarrow.parquet as pq
 
     from vallex.data import mixing
-    from vallex.data.mixing import Stretches, numpy_batches, rank_rows
+    from vallex.data.mixing import Stretches, group_reader, numpy_batches, rank_rows
 
     group_of = {}  # utt_id -> (shard, row group)
     for lang in STRETCH_SIZES:
@@ -282,6 +282,16 @@ def test_each_rank_reads_only_the_row_groups_of_its_own_rows(stretch_corpus, mon
         total += len(opened)
     assert sorted(seen) == sorted(whole_ids)  # the ranks' rows together are the plan's rows
     assert total <= len(whole_reads) + len(STRETCH_SIZES) * (world - 1), (total, len(whole_reads))
+    # Training keeps one reader per rank across stretches: the group where a language's rows of one
+    # stretch end and those of the next begin is read once, where a reader per stretch reads it twice.
+    stretches.advance(plan)
+    after = stretches.plan({"en": 0.4, "zh": 0.3, "ar": 0.3}, 96)
+    for kept in (False, True):
+        reads.clear()
+        reader = group_reader() if kept else None
+        for p in (plan, after):
+            list(rank_rows(p, 0, 1, batch, reader=reader))
+        assert (len(reads) == len(set(reads))) == kept, (kept, reads)
 
 
 def test_online_config_plan_and_reference_errors_name_the_key(tmp_path):

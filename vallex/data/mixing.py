@@ -488,19 +488,31 @@ def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, col
 # ---------------------------------------------------------------------------------------------------
 
 
-def rank_rows(plan: MixPlan, rank: int, world: int, unit: int, columns=None) -> Iterator[pa.Table]:
+def rank_rows(
+    plan: MixPlan, rank: int, world: int, unit: int, columns=None, reader: _GroupReader | None = None
+) -> Iterator[pa.Table]:
     """Rank ``rank``'s rows of ``plan``, read in this process, window by window (:func:`rank_share`).
 
     Each rank reads only its own share: its rows lie in the row groups of its own stretch of each
     language's stream, so a rank reads about ``1 / world`` of the plan's groups (plus at most one
     group per language at each edge of its share, which the neighbouring rank reads too), not all of them.
+    ``reader`` (:func:`group_reader`, with the same ``columns``) keeps each language's last row groups
+    from one plan to the next: a tiny language held in one group is read once per run, not once per stretch.
     """
-    if columns is not None and "language" not in columns:
-        columns = [*columns, "language"]
+    columns = _with_language(columns)
     share = rank_share(plan, rank, world, unit)
-    reader = _GroupReader(columns)
+    reader = reader if reader is not None else _GroupReader(columns)
     for window in share.windows(0, share.num_windows, np.zeros(len(share.streams), dtype=np.int64)):
         yield _window_table(window, reader, columns)
+
+
+def _with_language(columns):
+    return columns if columns is None or "language" in columns else [*columns, "language"]
+
+
+def group_reader(columns=None) -> _GroupReader:
+    """A row-group reader for :func:`rank_rows` that lives across stretches (one per rank)."""
+    return _GroupReader(_with_language(columns))
 
 
 def rank_rows_count(num_rows: int, rank: int, world: int, unit: int) -> int:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vallex.data.mixing import MixPlan, Stretches, numpy_batches, rank_rows
+from vallex.data.mixing import MixPlan, Stretches, group_reader, numpy_batches, rank_rows
 from vallex.data.online import OnlineSettings, OnlineWeights
 
 
@@ -67,12 +67,15 @@ class OnlineMix:
     ) -> Iterator[dict[str, np.ndarray]]:
         """This rank's batches, stretch after stretch. A stretch is planned when its first batch is
         asked for, i.e. after the evaluation that ended the previous one updated the weights."""
+        reader = group_reader()  # a tiny language's group is read once, not once per stretch
         while True:
             start = progress["step"]
             steps = stretch_end(start) - start
             self.drawn = self.weights.weights
             self.current = self.stretches.plan(self.drawn, steps * grad_accum * batch_size * world)
-            yield from numpy_batches(rank_rows(self.current, rank, world, batch_size), batch_size)
+            yield from numpy_batches(
+                rank_rows(self.current, rank, world, batch_size, reader=reader), batch_size
+            )
 
     def update(self, step: int, valid: dict, device) -> dict:
         """At the evaluation that closes a stretch (a collective: every rank calls it): mark the
