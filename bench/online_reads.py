@@ -9,7 +9,7 @@ With online weights every rank reads its own rows of each stretch in its trainin
 Ray: each rank starts with an empty footer cache (a worker process has its own) and its bytes are
 ``rchar`` of /proc/self/io (every byte the process read) over the rows it delivered, as a multiple of
 a row's size on disk. The corpora are bench/scale.py's (skewed sizes, Zipf-like with a long tail,
-2,000 rows a shard, 64-row row groups, rows of 100-200 frames x 8 codebooks); the weights are
+2,000 rows a shard, 64-row row groups (``--row-group-rows``), rows of 100-200 frames x 8 codebooks); the weights are
 temperature sampling (size ** 0.3) for the first stretch, then uniform, then proportional (online
 weights move between stretches). A stretch is ``--stretch-rows`` rows for all ranks together.
 
@@ -73,17 +73,18 @@ def main() -> None:
     p.add_argument("--corpus-rows", type=int, default=40000, help="train rows per corpus (all L)")
     p.add_argument("--stretch-rows", type=int, default=8192, help="rows per stretch, all ranks together")
     p.add_argument("--stretches", type=int, default=3)
+    p.add_argument("--row-group-rows", type=int, default=64, help="shard row group size")
     p.add_argument("--fresh-reader", action="store_true", help="a new row-group reader every stretch")
     args = p.parse_args()
     print(
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
-        f"corpus {args.corpus_rows} train rows, {ROWS_PER_SHARD} rows/shard, 64-row groups; "
+        f"corpus {args.corpus_rows} train rows, {ROWS_PER_SHARD} rows/shard, {args.row_group_rows}-row groups; "
         f"{args.stretches} stretches of {args.stretch_rows} rows, batches of {BATCH}, window {WINDOW_ROWS}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         for L in args.langs:
             sizes = skewed_sizes(L, args.corpus_rows)
-            root = mixing_corpus(Path(tmp, f"L{L}"), sizes)
+            root = mixing_corpus(Path(tmp, f"L{L}"), sizes, args.row_group_rows)
             corpus = PreparedCorpus.open(root)
             nbytes, nrows = corpus_bytes(corpus)
             row_size = nbytes / nrows
@@ -108,11 +109,11 @@ def main() -> None:
                 )
 
 
-def mixing_corpus(out: Path, sizes: dict[str, int]) -> Path:
+def mixing_corpus(out: Path, sizes: dict[str, int], group_rows: int) -> Path:
     from vallex.data.synthetic import write_synthetic_corpus
 
     return write_synthetic_corpus(
-        out, sizes, frames=FRAMES, phonemes=PHONEMES, rows_per_shard=ROWS_PER_SHARD, row_group_rows=64
+        out, sizes, frames=FRAMES, phonemes=PHONEMES, rows_per_shard=ROWS_PER_SHARD, row_group_rows=group_rows
     )
 
 
