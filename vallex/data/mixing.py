@@ -450,9 +450,7 @@ class _GroupReader:
                 break
 
 
-def _window_table(
-    window: Window, reader: _GroupReader, columns: list[str] | None, select: np.ndarray | None = None
-) -> pa.Table:
+def _window_table(window: Window, reader: _GroupReader, columns: list[str] | None) -> pa.Table:
     # One take over the groups the window touches (a take per piece costs more than the reads at
     # 100+ languages): each group once, the rows as indices into their concatenation.
     first_row: dict[tuple[str, int], int] = {}  # group -> its first row in the concatenation
@@ -470,8 +468,7 @@ def _window_table(
     table = pa.concat_tables(
         [_project(t, columns) for t in tables]
     ).combine_chunks()  # take is slow on many chunks
-    picked = rows[order[window.skip :]]
-    return table.take(picked if select is None else picked[select])  # select: a rank's rows (stretches)
+    return table.take(rows[order[window.skip :]])
 
 
 def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, columns) -> Iterable[pa.Table]:
@@ -495,9 +492,10 @@ def rank_rows(
 
     Each rank reads only its own share: its rows lie in the row groups of its own stretch of each
     language's stream, so a rank reads about ``1 / world`` of the plan's groups (plus at most one
-    group per language at each edge of its share, which the neighbouring rank reads too), not all of them.
-    ``reader`` (:func:`group_reader`, with the same ``columns``) keeps each language's last row groups
-    from one plan to the next: a tiny language held in one group is read once per run, not once per stretch.
+    group per language at each edge of its share, which the neighbouring rank reads too), not all of
+    them. ``reader`` (:func:`group_reader`, with the same ``columns``) keeps each language's last row
+    groups from one plan to the next: a tiny language held in one group is read once per run, not once
+    per stretch.
     """
     columns = _with_language(columns)
     share = rank_share(plan, rank, world, unit)
@@ -529,8 +527,9 @@ def rank_share(plan: MixPlan, rank: int, world: int, unit: int) -> MixPlan:
     The plan's rows per language (:meth:`MixPlan.totals`) are split between the ranks in rank order
     by cumulative largest remainder (the windows' rule, with ranks as windows): the shares add up to
     the plan's totals exactly, the first ``r`` ranks' counts together are within one row per language
-    of their rows x the plan's ratios (one rank's, within two), and rank ``r`` continues each stream where rank ``r - 1``'s share ends, so no two
-    ranks share a row and a rank's rows lie in few row groups. Inside its share a rank's windows
+    of their rows x the plan's ratios (one rank's, within two), and rank ``r`` continues each stream
+    where rank ``r - 1``'s share ends, so no two ranks share a row and a rank's rows lie in few row
+    groups. Inside its share a rank's windows
     interleave the languages row by row (several languages per batch), with window seeds salted by
     the rank. ``world == 1``: the plan itself.
     """

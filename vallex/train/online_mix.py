@@ -19,8 +19,8 @@ weights are not known before the evaluation that sets them, so each worker reads
 
 Reads happen in the training process, one window at a time, with no read-ahead: a step waits for
 its window's row groups. Bytes read per row delivered do not grow with ranks (bench/online_reads.py,
-docs/BENCHMARKS.md). Not yet measured against the Ray Data stream of static
-weights; a read-ahead thread would hide the reads on GPUs.
+docs/BENCHMARKS.md). Not yet measured against the Ray Data stream of static weights; a read-ahead
+thread would hide the reads on GPUs.
 """
 
 from __future__ import annotations
