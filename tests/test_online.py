@@ -231,6 +231,69 @@ def test_resume_mid_run_across_a_weight_change_draws_the_same_rows(stretch_corpu
     assert [_ids(b) for b in _draw(other, *SCHEDULE[0])[1]] != [_ids(b) for b in rows_whole[0]]
 
 
+def test_each_rank_reads_only_the_row_groups_of_its_own_rows(stretch_corpus, monkeypatch):
+    """Reads do not grow with ranks: a rank opens only row groups holding rows it trains on, each once,
+    and the ranks together read the one-rank plan's groups plus at most one per language at each edge
+    between two ranks' shares (every rank reading every group would be ``world`` times the groups)."""
+    import pyarrow.parquet as pq
+
+    from vallex.data import mixing
+    from vallex.data.mixing import Stretches, group_reader, numpy_batches, rank_rows
+
+    group_of = {}  # utt_id -> (shard, row group)
+    for lang in STRETCH_SIZES:
+        for path in stretch_corpus.shards(lang):
+            file = pq.ParquetFile(path)
+            for g in range(file.metadata.num_row_groups):
+                for u in file.read_row_group(g, columns=["utt_id"])["utt_id"].to_pylist():
+                    group_of[u] = (path, g)
+    reads: list[tuple[str, int]] = []
+    real = mixing._open_shard
+
+    class Counted:  # the shard as the reader opens it, counting the row groups it reads
+        def __init__(self, path, file):
+            self.path, self.file = path, file
+
+        def read_row_group(self, g, columns=None):
+            reads.append((self.path, g))
+            return self.file.read_row_group(g, columns=columns)
+
+    monkeypatch.setattr(mixing, "_open_shard", lambda path, opened: Counted(path, real(path, opened)))
+    stretches = Stretches(_base(stretch_corpus))
+    stretches.advance(stretches.plan(SCHEDULE[0][0], 96))  # the stretch starts mid-stream, mid-group
+    plan = stretches.plan({"en": 0.6, "zh": 0.35, "ar": 0.05}, 192)  # no language wraps
+    world, batch = 4, 4
+
+    def read(rank, world):
+        reads.clear()
+        batches = list(numpy_batches(rank_rows(plan, rank, world, batch), batch))
+        return _ids(batches), list(reads), batches
+
+    whole_ids, whole_reads, _ = read(0, 1)
+    assert len(whole_reads) == len(set(whole_reads))
+    total, seen = 0, []
+    for rank in range(world):
+        ids, opened, batches = read(rank, world)
+        assert len(ids) == 48 and not set(ids) & set(seen)  # whole batches, rank-disjoint
+        seen += ids
+        assert sum(len(set(b["language"].tolist())) for b in batches) / len(batches) > 1.8  # mixed
+        assert len(opened) == len(set(opened)), rank  # no group read twice
+        assert set(opened) == {group_of[u] for u in ids}, rank  # only groups holding its rows
+        total += len(opened)
+    assert sorted(seen) == sorted(whole_ids)  # the ranks' rows together are the plan's rows
+    assert total <= len(whole_reads) + len(STRETCH_SIZES) * (world - 1), (total, len(whole_reads))
+    # Training keeps one reader per rank across stretches: the group where a language's rows of one
+    # stretch end and those of the next begin is read once, where a reader per stretch reads it twice.
+    stretches.advance(plan)
+    after = stretches.plan({"en": 0.4, "zh": 0.3, "ar": 0.3}, 96)
+    for kept in (False, True):
+        reads.clear()
+        reader = group_reader() if kept else None
+        for p in (plan, after):
+            list(rank_rows(p, 0, 1, batch, reader=reader))
+        assert (len(reads) == len(set(reads))) == kept, (kept, reads)
+
+
 def test_online_config_plan_and_reference_errors_name_the_key(tmp_path):
     from vallex.config import ConfigError, load_config
     from vallex.data.synthetic import write_synthetic_corpus

@@ -450,9 +450,7 @@ class _GroupReader:
                 break
 
 
-def _window_table(
-    window: Window, reader: _GroupReader, columns: list[str] | None, select: np.ndarray | None = None
-) -> pa.Table:
+def _window_table(window: Window, reader: _GroupReader, columns: list[str] | None) -> pa.Table:
     # One take over the groups the window touches (a take per piece costs more than the reads at
     # 100+ languages): each group once, the rows as indices into their concatenation.
     first_row: dict[tuple[str, int], int] = {}  # group -> its first row in the concatenation
@@ -470,8 +468,7 @@ def _window_table(
     table = pa.concat_tables(
         [_project(t, columns) for t in tables]
     ).combine_chunks()  # take is slow on many chunks
-    picked = rows[order[window.skip :]]
-    return table.take(picked if select is None else picked[select])  # select: a rank's rows (stretches)
+    return table.take(rows[order[window.skip :]])
 
 
 def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, columns) -> Iterable[pa.Table]:
@@ -488,25 +485,75 @@ def _read_windows(plan, first: int, last: int, taken: np.ndarray, skip: int, col
 # ---------------------------------------------------------------------------------------------------
 
 
-def rank_rows(plan: MixPlan, rank: int, world: int, unit: int, columns=None) -> Iterator[pa.Table]:
-    """Rank ``rank``'s rows of ``plan``, read in this process, window by window.
+def rank_rows(
+    plan: MixPlan, rank: int, world: int, unit: int, columns=None, reader: _GroupReader | None = None
+) -> Iterator[pa.Table]:
+    """Rank ``rank``'s rows of ``plan``, read in this process, window by window (:func:`rank_share`).
 
-    The plan's rows are dealt to the ranks in units of ``unit`` consecutive rows, round robin (row
-    ``p`` goes to rank ``(p // unit) % world``): with ``unit`` = the batch size each unit is one batch
-    of an exact slice of a window, whose rows are already interleaved across languages, so every
-    rank's batches mix the languages in the stretch's ratios and no two ranks share a row. Each rank
-    reads the row groups of every window (a group spans several windows' slices, so dealing whole
-    windows would save few reads) and keeps its own units.
+    Each rank reads only its own share: its rows lie in the row groups of its own stretch of each
+    language's stream, so a rank reads about ``1 / world`` of the plan's groups (plus at most one
+    group per language at each edge of its share, which the neighbouring rank reads too), not all of
+    them. ``reader`` (:func:`group_reader`, with the same ``columns``) keeps each language's last row
+    groups from one plan to the next: a tiny language held in one group is read once per run, not once
+    per stretch.
     """
-    if columns is not None and "language" not in columns:
-        columns = [*columns, "language"]
-    reader = _GroupReader(columns)
-    for window in plan.windows(0, plan.num_windows, np.zeros(len(plan.streams), dtype=np.int64)):
-        start = window.index * plan.window_rows
-        positions = np.arange(start, start + window.num_rows)
-        mine = np.flatnonzero((positions // unit) % world == rank)
-        if len(mine):
-            yield _window_table(window, reader, columns, mine)
+    columns = _with_language(columns)
+    share = rank_share(plan, rank, world, unit)
+    reader = reader if reader is not None else _GroupReader(columns)
+    for window in share.windows(0, share.num_windows, np.zeros(len(share.streams), dtype=np.int64)):
+        yield _window_table(window, reader, columns)
+
+
+def _with_language(columns):
+    return columns if columns is None or "language" in columns else [*columns, "language"]
+
+
+def group_reader(columns=None) -> _GroupReader:
+    """A row-group reader for :func:`rank_rows` that lives across stretches (one per rank)."""
+    return _GroupReader(_with_language(columns))
+
+
+def rank_rows_count(num_rows: int, rank: int, world: int, unit: int) -> int:
+    """Rows of a ``num_rows``-row plan that rank ``rank`` of ``world`` gets: ``unit``-row units
+    (batches) dealt round robin, so every rank gets whole batches and the counts differ by at most a unit."""
+    full, rest = divmod(num_rows, unit * world)
+    return full * unit + min(max(rest - rank * unit, 0), unit)
+
+
+def rank_share(plan: MixPlan, rank: int, world: int, unit: int) -> MixPlan:
+    """Rank ``rank``'s part of ``plan`` as its own plan: its rows (:func:`rank_rows_count`) at the plan's
+    ratios, from a contiguous stretch of each language's stream.
+
+    The plan's rows per language (:meth:`MixPlan.totals`) are split between the ranks in rank order
+    by cumulative largest remainder (the windows' rule, with ranks as windows): the shares add up to
+    the plan's totals exactly, the first ``r`` ranks' counts together are within one row per language
+    of their rows x the plan's ratios (one rank's, within two), and rank ``r`` continues each stream
+    where rank ``r - 1``'s share ends, so no two ranks share a row and a rank's rows lie in few row
+    groups. Inside its share a rank's windows
+    interleave the languages row by row (several languages per batch), with window seeds salted by
+    the rank. ``world == 1``: the plan itself.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+    if world == 1:
+        return plan
+    totals = np.asarray(list(plan.totals().values()), dtype=np.int64)
+    w = totals / max(int(totals.sum()), 1)
+    taken, start = np.zeros(len(totals), dtype=np.int64), 0
+    for r in range(rank + 1):
+        rows = rank_rows_count(plan.num_rows, r, world, unit)
+        n = totals - taken if r == world - 1 else _next_counts(w, taken, start, start + rows)
+        if r < rank:
+            taken, start = taken + n, start + rows
+    offsets = np.asarray(plan.offsets or [0] * len(plan.streams), dtype=np.int64) + taken
+    return dataclasses.replace(
+        plan,
+        weights=tuple((n / max(rows, 1)).tolist()),
+        num_rows=int(rows),
+        offsets=tuple(int(o) for o in offsets),
+        salt=(*plan.salt, world, rank),  # one element longer than any stretch's salt
+        carry=(),
+    )
 
 
 def numpy_batches(tables: Iterable[pa.Table], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -7,8 +7,10 @@ weights are not known before the evaluation that sets them, so each worker reads
   at the weights the last evaluation set, of exactly ``steps x grad_accum x batch_size x workers``
   rows, every language's stream continuing where the previous stretch left it
   (:class:`vallex.data.mixing.Stretches`);
-- every rank computes the same plan and reads its own batches of it (:func:`vallex.data.mixing.rank_rows`:
-  batch-sized units dealt round robin), so the ranks draw disjoint rows of one mixed stream;
+- every rank computes the same plan and reads its own share of it (:func:`vallex.data.mixing.rank_share`:
+  a contiguous part of each language's stream, the plan's per-language rows split exactly between the
+  ranks), so the ranks draw disjoint rows of one stretch, each in the stretch's ratios, and a rank reads
+  only the row groups holding its own rows;
 - at the evaluation closing a stretch, the all-reduced per-language validation losses update the
   weights (:class:`vallex.data.online.OnlineWeights`) on every rank, and rank 0's log-weights are
   broadcast so that no rounding difference can ever split the ranks' plans;
@@ -16,8 +18,9 @@ weights are not known before the evaluation that sets them, so each worker reads
   so a resumed run plans the next stretch exactly as the uninterrupted run would have.
 
 Reads happen in the training process, one window at a time, with no read-ahead: a step waits for
-its window's row groups, and every rank reads every window's groups (it keeps its own rows). Not yet
-measured against the Ray Data stream of static weights; a read-ahead thread would hide the reads on GPUs.
+its window's row groups. Bytes read per row delivered do not grow with ranks (bench/online_reads.py,
+docs/BENCHMARKS.md). Not yet measured against the Ray Data stream of static weights; a read-ahead
+thread would hide the reads on GPUs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vallex.data.mixing import MixPlan, Stretches, numpy_batches, rank_rows
+from vallex.data.mixing import MixPlan, Stretches, group_reader, numpy_batches, rank_rows
 from vallex.data.online import OnlineSettings, OnlineWeights
 
 
@@ -64,12 +67,15 @@ class OnlineMix:
     ) -> Iterator[dict[str, np.ndarray]]:
         """This rank's batches, stretch after stretch. A stretch is planned when its first batch is
         asked for, i.e. after the evaluation that ended the previous one updated the weights."""
+        reader = group_reader()  # a tiny language's group is read once, not once per stretch
         while True:
             start = progress["step"]
             steps = stretch_end(start) - start
             self.drawn = self.weights.weights
             self.current = self.stretches.plan(self.drawn, steps * grad_accum * batch_size * world)
-            yield from numpy_batches(rank_rows(self.current, rank, world, batch_size), batch_size)
+            yield from numpy_batches(
+                rank_rows(self.current, rank, world, batch_size, reader=reader), batch_size
+            )
 
     def update(self, step: int, valid: dict, device) -> dict:
         """At the evaluation that closes a stretch (a collective: every rank calls it): mark the
