@@ -1,15 +1,16 @@
-"""What one Train worker reads and holds for validation, at many languages (issue 18 item 3).
+"""What one Train worker reads and holds for validation, at many languages (issue 18 items 2-3).
 
     /work/main/.venv/bin/python bench/validation.py                      # L = 10, 100; cap 200 rows
     /work/main/.venv/bin/python bench/validation.py --langs 100 --valid-rows 1000 --cap 1000
 
-Every worker calls ``vallex.data.corpus.read_split_rows`` on the run's validation source
-(``split_source(corpus, languages, "valid", data.valid_max_rows)``), as ``WorkerRun._read_validation``
-does, and keeps the tables for the losses, text gain and synthesis (``vallex.eval.intelligibility``).
-Measured in this process, no Ray: the bytes read (``rchar`` of /proc/self/io), the seconds, and the
-Arrow bytes held; then, for ``--ranks`` workers, what one rank evaluates: its rows (every world-th,
-all columns) plus the light columns of every row that text gain and the synthesis plan use
-(``phonemes``, ``speaker``, ``frames``), with the ``codes`` of the synthesized items left out (a few rows).
+Before: every worker called ``vallex.data.corpus.read_split_rows`` on the run's validation source
+(``split_source(corpus, languages, "valid", data.valid_max_rows)``) and held the whole capped split.
+Now ``WorkerRun._read_validation`` calls ``read_rank_rows(source, rank, world, extra)``: every column
+of the rank's contiguous block of each language's rows, the light columns (``phonemes``, ``speaker``,
+``frames``) of every row, and the few rows it synthesizes (``extra``; left out here: 2 rows and their
+prompts per language by default, on rank k mod world). Both measured in this process, no Ray, one after
+the other on the same files: bytes read (``rchar`` of /proc/self/io), seconds, Arrow bytes held; the
+per-rank read for rank 0 and the last rank of each ``--ranks`` world.
 
 Corpora: bench/scale.py's synthetic rows (100-200 frames x 8 codebooks, ~1.5 KiB a row on disk; a
 real 75 Hz, 5 s row is ~6 KiB), ``--valid-rows`` validation rows per language, 20 train rows each,
@@ -29,13 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np
 from scale import FRAMES, PHONEMES, ROWS_PER_SHARD, rchar
 
-from vallex.data.corpus import PreparedCorpus, read_split_rows, split_source
+from vallex.data.corpus import PreparedCorpus, read_rank_rows, read_split_rows, split_source
 from vallex.data.synthetic import write_synthetic_corpus
-
-LIGHT = ["phonemes", "speaker", "frames"]
 
 
 def main() -> None:
@@ -68,23 +66,25 @@ def main() -> None:
             seconds, read = time.perf_counter() - t0, rchar() - before
             rows = sum(t.num_rows for t in tables.values())
             held = sum(t.nbytes for t in tables.values())
-            light = sum(t.select(LIGHT).nbytes for t in tables.values())
             print(
-                f"L={L:<4} every worker: read {read / 2**20:7.1f} MiB in {seconds:5.1f} s, holds "
-                f"{held / 2**20:7.1f} MiB ({rows} rows, {held / rows / 1024:.2f} KiB a row in memory) | "
-                f"load {os.getloadavg()[0]:.1f}",
+                f"L={L:<4} before, every worker: read {read / 2**20:7.1f} MiB in {seconds:5.1f} s, holds "
+                f"{held / 2**20:7.1f} MiB ({rows} rows) | load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
+            del tables
             for world in args.ranks:
-                own = sum(t.take(np.arange(0, t.num_rows, world)).nbytes for t in tables.values())
-                needed = own + light * (world - 1) / world
-                print(
-                    f"  {world:>3} workers: rank 0 evaluates {own / 2**20:7.1f} MiB of rows and needs "
-                    f"{needed / 2**20:7.1f} MiB with every row's {'/'.join(LIGHT)} "
-                    f"({held / needed:.1f}x less than it holds); all workers read "
-                    f"{world * read / 2**20:8.1f} MiB for a {read / 2**20:.1f} MiB split",
-                    flush=True,
-                )
+                for rank in sorted({0, world - 1}):
+                    before, t0 = rchar(), time.perf_counter()
+                    mine = read_rank_rows(source, rank, world)
+                    sec, got = time.perf_counter() - t0, rchar() - before
+                    own = sum(t.nbytes for t in mine.values())
+                    print(
+                        f"  now, {world:>3} workers, rank {rank:>2}: read {got / 2**20:7.1f} MiB in {sec:5.1f} s "
+                        f"({read / got:5.1f}x less), holds {own / 2**20:7.1f} MiB ({held / own:5.1f}x less) | "
+                        f"load {os.getloadavg()[0]:.1f}",
+                        flush=True,
+                    )
+                    del mine
 
 
 if __name__ == "__main__":

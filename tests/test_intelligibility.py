@@ -303,3 +303,132 @@ def test_a_guard_on_an_unmeasured_figure_is_a_config_error():
     with pytest.raises(ConfigError, match="train.guard.metric: text_gain is not measured"):
         load_config(None, ["train.guard.metric=text_gain", "train.intelligibility.text_gain=false"])
     assert load_config(None, ["train.guard.metric=text_gain"]).train.guard.floor == 0.05
+
+
+# ------------------------------------------------------------------ validation bounded per worker
+
+
+def _worker(tmp_path, rank: int, world: int, model, cfg, cap: int = 0, extra=None):
+    """``WorkerRun._read_validation`` on an in-process stand-in for rank ``rank`` of ``world``."""
+    from types import SimpleNamespace
+
+    from vallex.data.corpus import PreparedCorpus, split_source
+    from vallex.data.synthetic import write_synthetic_corpus
+    from vallex.train.loop import WorkerRun
+
+    root = tmp_path / "corpus"
+    if not root.exists():  # several shards per language, 8-row groups mixing train and valid rows
+        kw = dict(frames=(4, 10), phonemes=(3, 6), num_codebooks=Q, num_symbols=16, code_values=K)
+        write_synthetic_corpus(
+            root, {"en": 40, "fr": 25}, valid_per_language=37, rows_per_shard=30, row_group_rows=8, **kw
+        )
+    corpus = PreparedCorpus.open(root)
+    tables = {lang: corpus.read_split(lang, "valid") for lang in corpus.languages}
+    run = SimpleNamespace(
+        plan=_info(tables, model), cfg=cfg, rank=rank, world=world, model_engine=SimpleNamespace(module=model)
+    )
+    WorkerRun._read_validation(run, split_source(corpus, corpus.languages, "valid", cap), extra)
+    return run, corpus
+
+
+def _groups_of(corpus, lang: str, rows) -> set[tuple[str, int]]:
+    """(shard path, row group) of each position in the language's validation split."""
+    shards = corpus.shards(lang)
+    where = [
+        (shards[s], g)
+        for s, groups in enumerate(corpus.group_rows(lang, "valid"))
+        for g, n in enumerate(groups)
+        for _ in range(n)
+    ]
+    return {where[int(i)] for i in rows}
+
+
+def test_a_worker_reads_only_the_row_groups_of_the_validation_rows_it_scores(tmp_path, monkeypatch):
+    """Each rank scores a contiguous block of each language's validation rows and reads every column
+    only of the row groups holding them (and of the rows it synthesizes); of the other rows only the
+    light columns text gain and the synthesis plan need."""
+    import pyarrow.parquet as pq
+
+    from vallex.data.corpus import LIGHT_COLUMNS, rank_block
+
+    reads = []
+
+    class Spy(pq.ParquetFile):
+        def __init__(self, source, *a, **kw):
+            super().__init__(source, *a, **kw)
+            self.spy_path = str(source)
+
+        def read_row_groups(self, row_groups, columns=None, **kw):
+            reads.append((self.spy_path, tuple(row_groups), columns))
+            return super().read_row_groups(row_groups, columns=columns, **kw)
+
+    model = _tiny(2, num_phonemes=16)
+    for samples in (False, True):  # with samples, rank 0 synthesizes each language's first item
+        cfg = _cfg(f"train.intelligibility.samples={str(samples).lower()}")
+        for world in (1, 3, 4):
+            for rank in range(world):
+                reads.clear()
+                monkeypatch.setattr(pq, "ParquetFile", Spy)
+                run, corpus = _worker(tmp_path, rank, world, model, cfg)
+                monkeypatch.undo()
+                heavy = {(path, g) for path, groups, cols in reads if cols is None for g in groups}
+                assert all(set(c) <= {*LIGHT_COLUMNS, "split"} for _, _, c in reads if c is not None)
+                want = set()
+                items = run.intelligibility.mine()
+                assert bool(items) == (samples and rank == 0)
+                for lang in corpus.languages:
+                    block = set(rank_block(37, rank, world).tolist())
+                    synth = {i for it in items if it.lang == lang for i in (it.row, it.prompt_row)}
+                    want |= _groups_of(corpus, lang, block | synth)
+                    codes = run.intelligibility.rows[lang]["codes"]
+                    assert all(codes[i] is not None for i in block | synth)
+                    assert all(codes[i] is None for i in set(range(37)) - block - synth)
+                    if world > 1 and not synth:  # a block is a fraction of the split's row groups
+                        assert _groups_of(corpus, lang, block) < _groups_of(corpus, lang, range(37))
+                assert heavy == want, (samples, world, rank)
+
+
+def test_per_language_losses_summed_over_rank_blocks_equal_one_worker(tmp_path):
+    """What the all-reduce adds up: each rank's per-language sums over its block (validation and
+    mismatched-text passes) give one worker's figures, up to float summation order; every row is scored
+    once; a rank without rows of its own (more ranks than rows) still has a real filler batch."""
+    from vallex.eval.losses import EVAL_FIELDS
+
+    model = _tiny(2, num_phonemes=16).eval()
+    cfg = _cfg("train.batch_size=5")
+    cpu = torch.device("cpu")
+
+    def sums(run, batches):
+        langs = list(run.plan.eval_languages)
+        out = evaluate(model, batches, langs, cpu, "both", run.filler)
+        return {
+            lang: np.array(
+                [(v[f"{s}_loss"] or 0.0) * v[f"{s}_tokens"] for s in ("ar", "nar")]
+                + [(v[f"{s}_top10"] or 0.0) * v[f"{s}_tokens"] for s in ("ar", "nar")]
+                + [v["ar_tokens"], v["nar_tokens"]]
+            )
+            for lang, v in out.items()
+        }
+
+    for cap, world in ((0, 3), (4, 6)):  # 6 ranks for 4 rows a language: two score nothing
+        n = cap or 37
+        one, corpus = _worker(tmp_path, 0, 1, model, cfg, cap)
+        want = {"valid": sums(one, one.valid_batches), "mis": sums(one, one.intelligibility.mismatched)}
+        assert len(EVAL_FIELDS) == 6 and all(v[4] > 0 for v in want["valid"].values())
+        got = {"valid": {}, "mis": {}}
+        rows = {lang: 0 for lang in corpus.languages}
+        for rank in range(world):
+            run, _ = _worker(tmp_path, rank, world, model, cfg, cap)
+            assert run.filler["codes"].numel() > 0  # a real batch, read by this rank
+            for key, batches in (("valid", run.valid_batches), ("mis", run.intelligibility.mismatched)):
+                for lang, v in sums(run, batches).items():
+                    got[key][lang] = got[key].get(lang, 0) + v
+            for lang, batches in run.valid_batches.items():
+                rows[lang] += sum(len(b["code_lens"]) for b in batches)
+        assert rows == {lang: n for lang in corpus.languages}
+        for key in ("valid", "mis"):
+            for lang, v in want[key].items():
+                where = f"{key} {lang} world {world}"
+                assert (got[key][lang][4:] == v[4:]).all(), where  # the same tokens scored
+                # a batch sums its rows' float32 losses before the float64 all-reduce: float32 order
+                np.testing.assert_allclose(got[key][lang], v, rtol=1e-6, err_msg=where)

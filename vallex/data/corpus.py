@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -326,18 +327,22 @@ def split_source(corpus: PreparedCorpus, languages: list[str], split: str, max_r
     }
 
 
-def read_split_rows(source: dict) -> dict[str, pa.Table]:
+def read_split_rows(
+    source: dict, columns: list[str] | None = None, positions: dict[str, np.ndarray] | None = None
+) -> dict[str, pa.Table]:
     """Each language's ``split`` rows, the first ``max_rows`` (0: all) in :meth:`PreparedCorpus.read_split`'s
     order (shards in manifest order, rows in file order): the same rows one driver-side read would give.
 
     Reads the ``split`` column of each shard, then only the row groups holding wanted rows, and stops at
-    the shard where the language's cap is reached. Every Train worker reads the whole capped split:
-    each scores its own rows (rank, rank + world, ...), but text gain pairs a row with another one's
-    text and synthesis draws its prompt from any row (vallex.eval.intelligibility)."""
+    the shard where the language's cap is reached. ``columns``: only these (None: all). ``positions``: per
+    language, only these positions in the capped split (sorted; a language not listed: every row), so
+    only their row groups are read: a Train worker reads its own block this way
+    (:func:`read_rank_rows`)."""
     split, cap = source["split"], source["max_rows"] or None
     out = {}
     for lang, paths in source["shards"].items():
         parts, seen = [], 0  # seen: split rows in earlier shards (the global index of this shard's first)
+        wanted = positions.get(lang) if positions is not None else None
         for path in paths:
             if cap is not None and seen >= cap:
                 break
@@ -350,6 +355,8 @@ def read_split_rows(source: dict) -> dict[str, pa.Table]:
                 raise CorpusError(read_failure(path, e)) from None
             index = seen + np.arange(len(hits))
             keep = index < cap if cap is not None else np.ones(len(hits), dtype=bool)
+            if wanted is not None:
+                keep &= np.isin(index, wanted)
             seen += len(hits)
             rows = hits[keep]
             if not len(rows):
@@ -358,8 +365,45 @@ def read_split_rows(source: dict) -> dict[str, pa.Table]:
             starts = np.cumsum([0, *sizes])
             group_of = np.searchsorted(starts, rows, side="right") - 1
             groups = np.unique(group_of)
-            table = file.read_row_groups(groups.tolist())
+            table = file.read_row_groups(groups.tolist(), columns=columns)
             offset = np.cumsum([0, *(sizes[g] for g in groups)])  # first row of each group in ``table``
             parts.append(table.take(offset[np.searchsorted(groups, group_of)] + rows - starts[group_of]))
-        out[lang] = pa.concat_tables(parts) if parts else SHARD_SCHEMA.empty_table()
+        empty = SHARD_SCHEMA.empty_table()
+        out[lang] = pa.concat_tables(parts) if parts else empty.select(columns or empty.column_names)
+    return out
+
+
+# What every rank reads of every validation row: text gain's derangement (phonemes) and the synthesis
+# plan (speaker) cover the whole split; frames are a few bytes.
+LIGHT_COLUMNS = ["phonemes", "speaker", "frames"]
+
+
+def rank_block(n: int, rank: int, world: int) -> np.ndarray:
+    """The contiguous block of ``n`` rows that ``rank`` of ``world`` scores (sizes differ by at most 1)."""
+    return np.arange(n * rank // world, n * (rank + 1) // world)
+
+
+def read_rank_rows(
+    source: dict, rank: int, world: int, extra: Callable[[dict], dict] | None = None
+) -> dict[str, pa.Table]:
+    """Each language's capped ``split`` as a full-length table in :func:`read_split_rows`'s order, of which
+    this rank reads only: :data:`LIGHT_COLUMNS` of every row, and every column of its
+    :func:`rank_block` and of the rows ``extra(light tables)`` lists per language (the few it
+    synthesizes); the other rows' other columns are null. So a worker reads the row groups of its
+    block, not the whole split (the light columns' chunks of the others aside)."""
+    light = read_split_rows(source, columns=LIGHT_COLUMNS)
+    need = {lang: rank_block(t.num_rows, rank, world) for lang, t in light.items()}
+    for lang, more in (extra(light) if extra is not None else {}).items():
+        need[lang] = np.union1d(need[lang], np.asarray(list(more), dtype=np.int64))
+    full = read_split_rows(source, positions=need)
+    out = {}
+    for lang, t in light.items():
+        at = np.full(t.num_rows, -1, dtype=np.int64)
+        at[need[lang]] = np.arange(len(need[lang]))
+        index = pa.array(at, mask=at < 0)  # a null index takes a null
+        cols = [
+            t.column(c) if c in LIGHT_COLUMNS else full[lang].column(c).take(index)
+            for c in SHARD_SCHEMA.names
+        ]
+        out[lang] = pa.table(cols, names=SHARD_SCHEMA.names)
     return out

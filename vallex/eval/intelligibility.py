@@ -168,6 +168,30 @@ def driver_setup(cfg, corpus, tables: dict[str, pa.Table]) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------ on the workers
 
 
+def synthesis_count(settings, has_recognizer: bool) -> int:
+    """Utterances synthesized per language: the PER subset, else the listening sample, else none."""
+    return settings.per_utterances if has_recognizer else (1 if settings.samples else 0)
+
+
+def synthesized_by(items: list[Item], rank: int, world: int, zero_stage: int) -> list[Item]:
+    """The items ``rank`` synthesizes (see the module docstring: which ranks synthesize)."""
+    if zero_stage == 3:
+        return items if rank == 0 else []
+    return [it for it in items if it.k % world == rank]
+
+
+def synthesized_rows(cfg, tables, rank: int, world: int, extra: dict | None) -> dict[str, set[int]]:
+    """Per language, the validation rows ``rank`` synthesizes or prompts with (it reads their codes).
+    ``tables``: the speaker column of every row is enough (vallex.data.corpus.read_rank_rows)."""
+    s = cfg.train.intelligibility
+    has_recognizer = (extra or {}).get("recognizer") is not None
+    items, _ = synthesis_plan(tables, synthesis_count(s, has_recognizer), cfg.run.seed)
+    rows: dict[str, set[int]] = {}
+    for it in synthesized_by(items, rank, world, cfg.train.zero_stage):
+        rows.setdefault(it.lang, set()).update((it.row, it.prompt_row))
+    return rows
+
+
 class Intelligibility:
     """Per-worker state of the intelligibility evaluation (built once, used at every evaluation)."""
 
@@ -207,8 +231,7 @@ class Intelligibility:
             data = extra["recognizer"]
             self.recognizer = Recognizer.from_bytes(data if isinstance(data, bytes) else ray.get(data))
         self.symbols = extra.get("symbols")
-        count = s.per_utterances if self.recognizer is not None else (1 if s.samples else 0)
-        self.items, _ = synthesis_plan(tables, count, cfg.run.seed)
+        self.items, _ = synthesis_plan(tables, synthesis_count(s, self.recognizer is not None), cfg.run.seed)
         self.rows = {
             lang: {c: t.column(c).to_numpy(zero_copy_only=False) for c in ("phonemes", "codes", "frames")}
             for lang, t in tables.items()
@@ -219,9 +242,7 @@ class Intelligibility:
         self._copy = None  # ZeRO-3: rank 0's whole-weights copy for synthesis
 
     def mine(self) -> list[Item]:
-        if self.zero_stage == 3:
-            return self.items if self.rank == 0 else []
-        return [it for it in self.items if it.k % self.world == self.rank]
+        return synthesized_by(self.items, self.rank, self.world, self.zero_stage)
 
     def evaluate(self, model_engine, valid: dict, device, filler, step: int, sink=None) -> None:
         """Add text gain and PER to ``valid`` (the all-reduced losses, per language), in place; rank 0

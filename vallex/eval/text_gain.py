@@ -27,6 +27,7 @@ import torch
 
 from vallex.data.batching import validation_indices
 from vallex.data.collate import collate
+from vallex.data.corpus import rank_block
 
 
 def derangement(n: int, seed: int, key: str = "") -> np.ndarray:
@@ -59,8 +60,8 @@ def mismatched_batches(
     seed: int,
     max_tokens: int = 0,
 ) -> tuple[dict[str, list[dict[str, torch.Tensor]]], list[str]]:
-    """This rank's slice (every world-th row, as the validation losses use) of each language's
-    validation rows, collated with mismatched phonemes and the true rows' NAR stage and prefix pinned.
+    """This rank's block (:func:`vallex.data.corpus.rank_block`, as the validation losses use) of each
+    language's validation rows, collated with mismatched phonemes and the true rows' NAR stage and prefix pinned.
 
     Returns ``(batches per language, languages skipped)``: a language with fewer than 2 validation rows
     has no derangement and no text gain. Batches are grouped as the true rows would be, under
@@ -74,7 +75,7 @@ def mismatched_batches(
             skipped.append(lang)
             continue
         swapped = mismatched_table(table, seed, lang)
-        take = np.arange(rank, table.num_rows, world)
+        take = rank_block(table.num_rows, rank, world)
         true_rows = _rows(table.take(take))
         mis_rows = _rows(swapped.take(take))
         longer = dict(true_rows)

@@ -16,16 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from vallex.config import Config, config_from_dict
 from vallex.data.batching import PaddingStats, train_batches, validation_indices
 from vallex.data.collate import collate
-from vallex.data.corpus import read_split_rows
+from vallex.data.corpus import rank_block, read_rank_rows
 from vallex.data.mixing import MixStats
-from vallex.eval.intelligibility import Intelligibility
+from vallex.eval.intelligibility import Intelligibility, synthesized_rows
 from vallex.eval.losses import evaluate, to_device
 from vallex.model.checkpoint import consolidated_state_dict, load_weights
 from vallex.model.vallex import VallexConfig, VallexModel
@@ -52,11 +51,11 @@ def _validation_batches(
     world: int,
     max_tokens: int = 0,
 ) -> dict[str, list[dict[str, torch.Tensor]]]:
-    """This rank's slice (every world-th row) of each language's validation table, as collated batches
-    (under ``data.max_tokens`` too when set: see vallex.data.batching.validation_indices)."""
+    """This rank's block of each language's validation table (:func:`vallex.data.corpus.rank_block`), as
+    collated batches (under ``data.max_tokens`` too when set: see vallex.data.batching.validation_indices)."""
     out = {}
     for lang, table in tables.items():
-        part = table.take(np.arange(rank, table.num_rows, world))
+        part = table.take(rank_block(table.num_rows, rank, world))
         rows = {c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}
         out[lang] = [
             collate({c: v[idx] for c, v in rows.items()}, language_ids, num_codebooks)
@@ -321,16 +320,34 @@ class WorkerRun:
         """This rank's validation batches, the filler batch, and the intelligibility evaluation.
 
         Read from the shards here, not gathered on the driver: the validation split up to
-        data.valid_max_rows per language. This rank scores rows rank, rank + world, ...; the whole
-        (capped) split is read because text gain pairs each row with another one's text and synthesis
-        draws its prompts from any row (vallex.eval.intelligibility)."""
+        data.valid_max_rows per language. This rank scores a contiguous block of each language's rows
+        and reads only their row groups, plus the light columns of every row (text gain's derangement,
+        the synthesis plan) and the few rows it synthesizes (vallex.data.corpus.read_rank_rows)."""
         plan, cfg = self.plan, self.cfg
-        tables = read_split_rows(valid_ref)
+        rank, world = self.rank, self.world
+
+        def extra(light: dict) -> dict:
+            rows = synthesized_rows(cfg, light, rank, world, intelligibility)
+            if not any(len(rank_block(t.num_rows, rank, world)) for t in light.values()):
+                lang = next(iter(light))  # no row of its own: the filler is the first language's first row
+                rows[lang] = {*rows.get(lang, ()), 0}
+            return rows
+
+        tables = read_rank_rows(valid_ref, rank, world, extra)
         ids = plan.language_ids
         self.valid_batches = _validation_batches(
-            tables, ids, plan.num_codebooks, cfg.train.batch_size, self.rank, self.world, cfg.data.max_tokens
+            tables, ids, plan.num_codebooks, cfg.train.batch_size, rank, world, cfg.data.max_tokens
         )
-        first = next(iter(tables.values())).slice(0, 1)
+        # A real batch whose results are discarded: the first row this rank has read.
+        lang, row = next(
+            (
+                (lang, int(b[0]))
+                for lang, t in tables.items()
+                if len(b := rank_block(t.num_rows, rank, world))
+            ),
+            (next(iter(tables)), 0),
+        )
+        first = tables[lang].slice(row, 1)
         self.filler = _validation_batches({"_": first}, ids, plan.num_codebooks, 1, 0, 1)["_"][0]
         # Text gain, PER of synthesized speech, listening samples (vallex.eval.intelligibility).
         self.intelligibility = Intelligibility(
