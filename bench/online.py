@@ -3,7 +3,7 @@
     /work/main/.venv/bin/python bench/online.py                 # 400 rows, 50 stretches of 8, 8 seeds
     /work/main/.venv/bin/python bench/online.py --stretches 10  # fewer evaluations: 10 stretches of 40
 
-The task is tests/test_tune.py's known answer: en / fr / zh whose codes are uniform over 16 / 64 / 256
+The task is tests/tune/test_search.py's known answer: en / fr / zh whose codes are uniform over 16 / 64 / 256
 values (easy to hard), 3000 / 1200 / 500 train rows, 10 frames x 8 codebooks per row. The learner is
 the add-1/2 (Krichevsky-Trofimov) estimate of each language's code distribution from the rows it was
 given, scored on 50 validation rows per language: its loss minus the loss of the *solo* run (the whole

@@ -2,7 +2,7 @@
 
 - secrets: the values of ``job.runtime_env.env_vars`` and the credentials of a URL never reach a file
   vallex writes, a copy of the config handed to workers or Tune, or a log line (the real writers here;
-  tests/test_tune.py's end-to-end search greps every file of a real Tune run for them);
+  tests/tune/test_search.py's end-to-end search greps every file of a real Tune run for them);
 - cluster configs: the dashboard / job API is never opened to the network without Ray's token
   authentication, the Ray Client port is not exposed, GCP nodes get narrow OAuth scopes, the Docker
   build context leaves runs, .git and .venv out;
@@ -280,7 +280,7 @@ def test_token_auth_cluster_refuses_jobs_without_the_token_and_runs_submit_pys(t
     (from RAY_AUTH_TOKEN_PATH, as a user or KubeRay would set it) the job is uploaded, runs, joins the
     authenticated cluster from its driver, and succeeds."""
     import requests
-    from test_cluster import _start_cluster, _stop_cluster
+    from tests.jobs.test_cluster import _start_cluster, _stop_cluster
 
     token_file = tmp_path / "auth_token"
     token_file.write_text(os.urandom(16).hex())

@@ -14,7 +14,7 @@ Batching rule: every clip is zero-padded to a whole number of frames (``ceil(len
 samples each) before encoding. EnCodec's encoder is causal, so a frame never sees later samples, and
 the only thing batching could change is how the last partial frame is padded (EnCodec reflects the
 signal at the edge, a batch would give zeros): padding every clip the same way makes a clip's codes
-independent of what it is batched with (``tests/test_codec.py`` checks batched == one by one).
+independent of what it is batched with (``tests/codec/test_codec.py`` checks batched == one by one).
 """
 
 from __future__ import annotations

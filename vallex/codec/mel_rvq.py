@@ -22,7 +22,7 @@ for production TTS (real EnCodec remains that path).
 
 Fit (:func:`fit_tables`): a seeded sample of frames from the training split; per stage, Lloyd
 iterations from seeded random centroids, dead centroids re-seeded from the worst-fitted frames. Same
-audio + same settings -> identical tables (checked by ``tests/test_mel_rvq.py``).
+audio + same settings -> identical tables (checked by ``tests/codec/test_mel_rvq.py``).
 
 The fitted tables are one ``.npz`` of plain float32 arrays plus the settings as JSON text, loaded with
 ``allow_pickle=False`` (nothing read from storage can run code) and checked against the sha256 the

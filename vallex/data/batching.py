@@ -16,7 +16,7 @@ token budget (``max_tokens > 0``, like lhotse's max-duration)
     from different languages interleave), cuts the sorted rows greedily into batches that fit the
     budget, and emits the pool's batches in a random order drawn from ``(seed, rank, pool index)``.
     Batches still mix languages wherever the languages' lengths overlap: sorting groups rows by length,
-    not by language (tests/test_batching.py measures it on a corpus whose languages differ in length).
+    not by language (tests/data/test_batching.py measures it on a corpus whose languages differ in length).
 
     A row whose own cost exceeds the budget stops the run with an error naming its ``utt_id`` and
     ``data.max_tokens``: emitting it alone would break the memory promise the budget exists for.

@@ -32,7 +32,7 @@ Two strategies, both streaming (a few shards in memory per read task, never the 
     buffer; and on Ray 2.58 it stalls when the cluster is short of CPUs or object store for its
     2 operators per language: ``Mix`` waits for the source furthest behind while the others' queued
     blocks hold the budget that source needs (seen with 4 CPUs and a 100 MiB object store; with
-    16 CPUs it crawled). See tests/test_mixing.py for the figures.
+    16 CPUs it crawled). See tests/data/test_mixing.py for the figures.
 
 :class:`MixStats` counts what was actually drawn, for the training loop to report.
 """
@@ -765,7 +765,7 @@ def build_mixed_dataset(
     yields rows ``start_row..num_rows-1`` of the same run, e.g. after a checkpoint at
     ``start_row = steps_done * global_batch_size``.
 
-    Determinism (checked in tests/test_mixing.py): the rows of the run, and with ``planned`` every
+    Determinism (checked in tests/data/test_mixing.py): the rows of the run, and with ``planned`` every
     block's content, are fixed by ``seed``. Their order is fixed only with ``preserve_order`` (sets
     ``ds.context.execution_options.preserve_order``); without it a read task that finishes early
     overtakes. Ray Train replaces a dataset's execution options with the driver's

@@ -13,7 +13,7 @@ follow-ups found necessary (smoothing towards a prior, a floor per language):
     w         = (1 - smoothing) * softmax(logits) + smoothing * prior
     w_l       = (1 - floor) * w_l + floor / languages
 
-Why these choices (measured on known-answer mixtures: shared/STACK.md, tests/test_online.py): driven by the *raw* loss, multiplicative weights pour everything into the
+Why these choices (measured on known-answer mixtures: shared/STACK.md, tests/data/test_online.py): driven by the *raw* loss, multiplicative weights pour everything into the
 hardest language, whatever it can still learn; driven by the *excess* over each language's reachable
 loss they settle near the mix that balances the languages' remaining progress, the same point the
 ``normalized_max`` Tune objective searches for. Without smoothing the weights collapse to one

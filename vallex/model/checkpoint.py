@@ -8,7 +8,7 @@ pickled code):
   export are a checked ``load_state_dict`` / ``{"model": model.state_dict()}``; no renaming. The file
   carries no metadata: its id tables are the reference's, documented below, not ours. Given the same
   weights and token ids, vallex's greedy synthesis equals the reference's ``VALLE.inference`` code for
-  code, all 8 codebooks, same-language and cross-lingual (``tests/test_reference_equality.py``, run
+  code, all 8 codebooks, same-language and cross-lingual (``tests/model/test_reference_equality.py``, run
   against a checkout of the reference: ``VALLEX_REFERENCE_REPO=/path/to/VALL-E-X``).
 - **vallex** (``save_checkpoint`` / ``load_checkpoint``): the same state dict plus everything needed to
   rebuild the model without guessing: the full ``VallexConfig``, the named size it came from, the ordered

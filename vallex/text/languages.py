@@ -2,7 +2,7 @@
 
 The ISO code is what a corpus manifest, a shard and the model's language embedding use; the voice is an
 implementation detail of the text frontend. Every voice below exists in the espeak-ng data that
-``espeakng_loader`` ships (checked by ``tests/test_text.py``, which phonemizes a sentence per language).
+``espeakng_loader`` ships (checked by ``tests/text/test_text.py``, which phonemizes a sentence per language).
 
 Codes are matched exactly (lower case, no region): ``en-US`` or ``EN`` would otherwise become a second
 language next to ``en`` in the shards and the model. A near miss gets a suggestion in the error.

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 
 # Tune's own pickles of a vallex search (grid baselines with BasicVariantGenerator, search with Optuna TPE
 # and ASHA, the vallex Progress callback), as (module, name): gathered with
-# ``python -m vallex.tune.state_check <experiment folder>`` from the state of tests/test_tune.py's
+# ``python -m vallex.tune.state_check <experiment folder>`` from the state of tests/tune/test_search.py's
 # end-to-end search (Ray 2.58, Optuna 4, numpy 2), then reviewed: classes are rebuilt with
 # ``cls.__new__`` and their state set (the few ``__setstate__`` among them only update ``__dict__`` and
 # recreate a lock or a cache); functions only as values (never called) unless in TUNE_STATE_CALLS.

@@ -3,7 +3,7 @@
 Crafted pickles, read without being loaded: what Tune saves for a vallex search passes; code reached
 through a global, a call, a function pickled by value, or state set on what the pickle did not build is
 refused, naming the file, the trial and the global. In-process, no Ray started. The real state of a
-real search is checked in tests/test_tune.py::test_end_to_end_search_records_a_failed_trial_and_resumes.
+real search is checked in tests/tune/test_search.py::test_end_to_end_search_records_a_failed_trial_and_resumes.
 """
 
 from __future__ import annotations

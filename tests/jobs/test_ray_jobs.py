@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JOB = str(ROOT / "job.yaml")
 
 
@@ -54,7 +54,7 @@ def test_prepare_entry_point(prepared):
     assert (prepared / "logs" / "prepare.log").exists()
 
 
-# ray_jobs/train.py runs end to end in tests/test_cluster.py: submitted as a job to a two-node cluster
+# ray_jobs/train.py runs end to end in tests/jobs/test_cluster.py: submitted as a job to a two-node cluster
 # (TestTwoNodes) and as a driver that loses a node (elastic); its errors before Ray in test_plan.py.
 
 

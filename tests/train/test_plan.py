@@ -14,7 +14,7 @@ from vallex.config import load_config
 from vallex.data.synthetic import write_synthetic_corpus
 from vallex.train.plan import plan_run, row_budget
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Data flows one way: a module may import its own layer and the layers before it, never a later one.
 LAYERS = [

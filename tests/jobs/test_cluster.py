@@ -30,7 +30,7 @@ from vallex.data.synthetic import write_synthetic_corpus
 from vallex.storage import StorageError, check_shared, check_storage, check_uri
 from vallex.train.engine import deepspeed_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 VENV_BIN = os.path.dirname(sys.executable)
 

@@ -16,7 +16,7 @@ from vallex.model.vallex import build_model
 from vallex.text.phonemize import Phonemizer
 from vallex.text.symbols import SymbolTable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["Hello there.", "A second, longer sentence to say."]
 
 

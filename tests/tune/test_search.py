@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import train_worker_pids
+from tests.conftest import train_worker_pids
 
 from vallex.config import ConfigError, load_config
 from vallex.data.synthetic import write_synthetic_corpus
@@ -38,7 +38,7 @@ from vallex.tune.objective import pick_best, score
 from vallex.tune.search import load_reference, make_setup, run_search, trial_objective, trial_weights
 from vallex.tune.state_check import UnsafeTuneStateError, check_experiment_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = "tune-s3cr3t-9d2e"
 
 

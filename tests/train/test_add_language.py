@@ -24,7 +24,7 @@ from vallex.train.add_language import (
     report_table,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OLD = {"en": 40, "fr": 24}
 NEW = {
     "zh": 12

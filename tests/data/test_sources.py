@@ -25,7 +25,7 @@ from vallex.data.sources import (
     read_ljspeech,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 EN = [
     ("LJ001-0001", "Printing, in the only sense with which we are concerned.", "Printing in the only sense."),

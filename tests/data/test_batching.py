@@ -281,4 +281,4 @@ def test_the_stream_is_long_enough_for_every_rank(ray_cluster, skewed):
 
 
 # A real two-worker training run with a token budget, and its resume, is the tracked run of
-# tests/test_tracking.py (one pair of Ray Train starts serves both).
+# tests/train/test_tracking.py (one pair of Ray Train starts serves both).

@@ -37,7 +37,7 @@ How the calls are aligned (the reference's greedy path, ``VALLE.inference`` / ``
 
 Run it against a checkout of the reference (its code is not, and must not be, part of this repository)::
 
-    VALLEX_REFERENCE_REPO=/path/to/VALL-E-X .venv/bin/pytest tests/test_reference_equality.py
+    VALLEX_REFERENCE_REPO=/path/to/VALL-E-X .venv/bin/pytest tests/model/test_reference_equality.py
 
 Without the variable the module is skipped. The reference's ``models/vallex.py`` needs torch, numpy and
 matplotlib (``models/visualizer.py``) at import time, nothing else for inference.

@@ -24,7 +24,7 @@ from vallex.data.prepare import PrepareError, _fit_sample, prepare_corpus, progr
 from vallex.data.schema import SHARD_SCHEMA, check_schema, codes_matrix
 from vallex.data.sources import ManifestError, read_manifest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SETTINGS = PrepareSection(
     codec=CodecSection(pretrained=False), rows_per_shard=4, codec_actors=2, codec_batch_size=4

@@ -23,7 +23,7 @@ from vallex.model.text_bridge import read_reference_vocab, spell
 from vallex.model.vallex import VallexModel, paper_config
 from vallex.text.symbols import SPECIALS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A tokenizer file in the reference's format (HuggingFace tokenizers JSON, BPE without merges): its five
 # bracketed specials, then one id per character: the characters of Plachtaa/VALL-E-X's bpe_69.json.
 REF_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]

@@ -18,7 +18,7 @@ from vallex.data.synthetic import write_synthetic_corpus
 from vallex.train.metrics import read_metrics
 from vallex.train.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZES = {"en": 200, "zh": 120, "ar": 20}
 
 
