@@ -86,6 +86,9 @@ def main() -> int:
     p.add_argument("--per-language", type=int, default=16, help="validation utterances per language")
     p.add_argument("--sampling", nargs="+", default=["10:1.0", "1:1.0"], help="AR top_k:temperature, each")
     p.add_argument("--prompts", nargs="+", default=["same-speaker", "none"], choices=("same-speaker", "none"))
+    p.add_argument(
+        "--split", default="valid", choices=("valid", "train"), help="train: texts the model was trained on"
+    )
     p.add_argument("--max-length-ratio", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -106,7 +109,7 @@ def main() -> int:
     model.eval()
     lang_ids = {lang: i for i, lang in enumerate(meta["languages"])}
     Q = model.config.num_codebooks
-    tables = {lang: corpus.read_split(lang, "valid") for lang in corpus.languages if lang in lang_ids}
+    tables = {lang: corpus.read_split(lang, a.split) for lang in corpus.languages if lang in lang_ids}
     items, skipped = synthesis_plan(tables, a.per_language, a.seed)
     langs = sorted({it.lang for it in items})
     cols = {
@@ -142,7 +145,7 @@ def main() -> int:
     print(
         f"model {a.model}: d{model.config.d_model} L{model.config.num_layers}; languages {meta['languages']}; "
         f"{len(items)} utterances ({figures['utterances']}); skipped {skipped or 'none'}; "
-        f"recognizer reads {rec.meta.get('inputs', 'codes')}"
+        f"recognizer reads {rec.meta.get('inputs', 'codes')}; {a.split} split"
     )
     print(f"{'':<34}" + "".join(f"{lang:>8}" for lang in langs))
     figures["gt"] = per_by_lang(items, refs, rec.transcribe(truth))
