@@ -15,12 +15,17 @@ and Mandarin's tone letters (lexical: a wrong tone is a wrong word). Not scored:
 punctuation marks and stress marks ``ˈ`` ``ˌ`` (prosody, which a reading of the right phones may place
 differently). The recognizer is trained on exactly these targets and can emit nothing else.
 
-Model (``RecognizerNet``): the Q codebooks' embeddings summed per frame, a strided 1-D convolution
+Model (``RecognizerNet``): a vector per frame, the sum over its Q codes of the codec's own code vectors
+(frozen, then a linear layer: ``inputs="features"``, what ``recognizer.inputs=auto`` picks for mel_rvq and
+EnCodec) or of a learned embedding per codebook (``inputs="codes"``); a strided 1-D convolution
 (75 Hz -> 37.5 Hz: phones last several frames, and half the frames halve the encoder's cost; codes at
 37.5 Hz or less keep every frame, stride 1, so CTC still has a step per phone and blank), a small
 transformer encoder (4 layers, 4 heads, pre-norm, sinusoidal positions; a 2-layer bidirectional LSTM is
 the alternative, ~5x dearer per step on CPU), and a linear layer over the symbol table whose ``<pad>``
-slot (id 0, never a target) is the CTC blank.
+slot (id 0, never a target) is the CTC blank. Why the codec's vectors: a learned embedding weighs a
+codebook by what it predicted on ground-truth codes, however little it changes the sound, so a
+synthesizer's wrong code in a fine codebook made clear speech unreadable (synthesized PER ~100% on the
+demo; with the codec's vectors a code weighs what it does to the sound; docs/BENCHMARKS.md).
 
 The file is ``torch.save({"state_dict": ..., "meta": <JSON text>})`` and is only ever read with
 ``torch.load(weights_only=True)``: tensors and strings, nothing that can run code.
