@@ -17,9 +17,15 @@ ones the training run scores), and scores against the input phonemes (corpus-lev
 once per AR sampling setting (``top_k:temperature``) and prompt (``same-speaker``: another validation
 utterance of the same speaker, as the evaluation; ``none``: no acoustic prompt). Also printed: the AR's
 length against the ground truth's (mean ratio; how many reached the frame cap instead of EOS), the
-NAR's per-codebook accuracy on ground-truth codebook 1, and the recognizer's PER on ground truth with
-only the first k codebooks summed (the others' embeddings zeroed) and with codebooks k+1..Q replaced
-by the NAR's, for k = 1..Q: how much the recognizer leans on the fine codebooks.
+NAR's per-codebook accuracy on ground-truth codebook 1, the recognizer's PER on ground truth with
+only the first k codebooks read (``Recognizer.transcribe(codebooks=k)``), with codebooks k+1..Q
+replaced by the NAR's, and with codebooks 2..Q uniformly random, for k = 1..Q-1: how much the
+recognizer leans on the fine codebooks; and, for a mel_rvq corpus, what the NAR's codes do to the sound
+(mean squared error of the normalized log-mel the codes stand for, against the ground truth's, with
+codebook 1 alone and with the NAR's 2..Q). ``--split train`` synthesizes texts the model was trained
+on; ``--recognizer FILE`` scores with another recognizer (e.g. one reading learned code embeddings,
+``recognizer.inputs=codes``). Figures and how to read them: docs/BENCHMARKS.md "where synthesized PER
+is lost".
 """
 
 from __future__ import annotations
