@@ -81,6 +81,10 @@ def main() -> None:
     p.add_argument("--valid-rows", type=int, default=64, help="validation rows per language scored")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="start from this model (a vallex checkpoint, e.g. a run's model.pt)")
+    p.add_argument(
+        "--save", help="write the trained model here (a vallex checkpoint, for synthesis_parts.py)"
+    )
     a = p.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -89,7 +93,17 @@ def main() -> None:
     langs = sorted(train)
     ids = {lang: i for i, lang in enumerate(langs)}
     overrides = {k: v for k, v in (("d_model", a.d_model), ("num_layers", a.layers), ("nhead", a.heads)) if v}
-    model = build_model(a.size, num_phonemes=num_symbols, num_languages=len(langs), dropout=0.0, **overrides)
+    if a.init:
+        from vallex.data.corpus import PreparedCorpus
+        from vallex.model.checkpoint import load_any
+
+        model, meta = load_any(a.init, symbols=PreparedCorpus.open(a.prepared).symbols)
+        if meta["languages"] != langs:
+            raise SystemExit(f"{a.init} has languages {meta['languages']}, the corpus {langs}")
+    else:
+        model = build_model(
+            a.size, num_phonemes=num_symbols, num_languages=len(langs), dropout=0.0, **overrides
+        )
     c = model.config
     print(
         f"model {a.size} d{c.d_model} L{c.num_layers} h{c.nhead}: {model.num_parameters() / 1e6:.2f} M params; "
@@ -164,6 +178,20 @@ def main() -> None:
                 flush=True,
             )
             window = []
+    if a.save:
+        from vallex.data.corpus import PreparedCorpus
+        from vallex.model.checkpoint import save_checkpoint
+
+        corpus = PreparedCorpus.open(a.prepared)
+        save_checkpoint(
+            model,
+            a.save,
+            languages=langs,
+            symbols=corpus.symbols,
+            symbols_version=int(corpus.manifest["symbols_version"]),
+            size=a.size,
+        )
+        print(f"saved {a.save}")
 
 
 if __name__ == "__main__":

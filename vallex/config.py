@@ -641,6 +641,12 @@ class RecognizerSection:
     encoder: Literal["transformer", "lstm"] = "transformer"
     """transformer (4 heads, pre-norm) or lstm (bidirectional): the transformer learns as fast per step and
     costs several times less per step on CPU (bench/recognizer.py)."""
+    inputs: Literal["auto", "features", "codes"] = "auto"
+    """What a frame's codes become: ``features`` = the codec's own code vectors, summed (the quantized
+    frame its decoder hears; frozen, then a linear layer), ``codes`` = a learned embedding per
+    codebook, summed, or ``auto`` = features when the codec gives them (mel_rvq, EnCodec), else codes. With ``codes`` a synthesizer's wrong code in a fine codebook, which barely changes
+    the sound, can make the frame unreadable: synthesized PER near 100% on speech whose first codebook
+    reads at the floor (docs/BENCHMARKS.md "Where synthesized PER is lost")."""
     cpus: int = 2
     """CPUs of the Ray task that trains it (its torch threads)."""
     max_utterances: int = 0
@@ -661,6 +667,7 @@ class RecognizerSection:
         _require(self.max_utterances >= 0, "max_utterances", "must be >= 0 (0 = all)")
         _require(0.0 <= self.alpha <= 1.0, "alpha", "must be in [0, 1]")
         _require(self.eval_every >= 0, "eval_every", "must be >= 0 (0 = only at the end)")
+        _require(self.inputs in ("auto", "features", "codes"), "inputs", "must be auto, features or codes")
 
 
 @dataclass

@@ -105,6 +105,19 @@ def test_codes_carry_the_audio_of_unseen_speech(tokenizer, speech):
     assert np.mean(a[0, :n] == b[0, :n]) < 0.2
 
 
+def test_code_vectors_sum_to_the_features_the_decoder_hears(tokenizer, speech):
+    """What the recognizer reads (recognizer.inputs=features): each code's centroid; a frame's sum of
+    them is the normalized log-mel the decoder inverts."""
+    codes = tokenizer.encode(speech["held"][:1])[0]
+    vectors = tokenizer.code_vectors()
+    assert vectors.shape == (SETTINGS.num_codebooks, 1024, SETTINGS.n_mels) and vectors.dtype == np.float32
+    summed = sum(vectors[k][codes[k].astype(np.int64)] for k in range(SETTINGS.num_codebooks))
+    assert np.allclose(summed, tokenizer.features(codes).numpy(), atol=1e-5)
+    # Later stages refine: a stage's centroids are smaller than the first's (the residual shrinks).
+    norms = np.linalg.norm(vectors, axis=-1).mean(-1)
+    assert norms[-1] < norms[0] / 2
+
+
 def test_decode_gives_audio_of_the_codes_length(tokenizer, speech):
     codes = tokenizer.encode(speech["held"])
     wavs = tokenizer.decode(codes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -14,10 +15,12 @@ from vallex.data.corpus import PreparedCorpus
 from vallex.data.schema import codes_matrix
 from vallex.data.synthetic import write_phonetic_corpus
 from vallex.eval.recognizer import (
+    FORMAT_VERSION,
     RECOGNIZER_FILE,
     Recognizer,
     RecognizerError,
     RecognizerNet,
+    RecognizerShape,
     _epoch_pool,
     edit_distance,
     greedy_ctc_decode,
@@ -210,6 +213,13 @@ def test_ensure_recognizer_finds_the_saved_one_without_training(phonetic, tmp_pa
     rec.save(str(root))
     monkeypatch.setattr(module, "train_recognizer_on_ray", lambda cfg: pytest.fail("trained again"))
     assert module.ensure_recognizer(load_config(None, [f"run.prepared_dir={root}"])) == rec.meta
+    assert rec.meta["inputs"] == "codes"  # the codec of this corpus gives no code vectors
+    same = load_config(None, [f"run.prepared_dir={root}", "recognizer.inputs=codes"])
+    assert module.ensure_recognizer(same) == rec.meta
+    # Asked to read codec features, it does not reuse one that reads codes.
+    monkeypatch.setattr(module, "train_recognizer_on_ray", lambda cfg: {"trained": cfg.recognizer.inputs})
+    other = load_config(None, [f"run.prepared_dir={root}", "recognizer.inputs=features"])
+    assert module.ensure_recognizer(other) == {"trained": "features"}
 
 
 def test_the_convolution_keeps_every_frame_of_slow_codes():
@@ -219,3 +229,108 @@ def test_the_convolution_keeps_every_frame_of_slow_codes():
 
     assert conv_stride({"frame_rate": 75}) == 2 and conv_stride({}) == 2  # EnCodec / older manifests
     assert conv_stride({"frame_rate": 37.5}) == 1 and conv_stride({"frame_rate": 25}) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# What a frame's codes become: the codec's own vectors (features) or a learned embedding per codebook
+
+SYMBOLS = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "b", "c"]
+
+
+def _shape(features: int) -> RecognizerShape:
+    return RecognizerShape(
+        3, 16, len(SYMBOLS), dim=16, hidden=16, layers=1, stride=1, dropout=0.0, features=features
+    )
+
+
+def _silent_later_codebooks() -> np.ndarray:
+    """A codec whose codebooks 2 and 3 do not change the sound: their vectors are zero."""
+    vectors = np.zeros((3, 16, 4), dtype=np.float32)
+    vectors[0] = np.random.default_rng(0).standard_normal((16, 4))
+    return vectors
+
+
+def test_codec_features_weigh_a_code_by_what_it_does_to_the_sound():
+    """A synthesizer's wrong code in a codebook that barely changes the sound must not make a frame
+    unreadable: read as the codec's vectors, it moves the frame by what it moves in the sound (here
+    nothing); read as learned embeddings, every codebook weighs alike."""
+    torch.manual_seed(0)
+    vectors = _silent_later_codebooks()
+    codes = torch.randint(0, 16, (2, 3, 10))
+    lengths = torch.tensor([10, 7])
+    later = codes.clone()
+    later[:, 1:] = (
+        codes[:, 1:] + 1 + torch.randint(0, 15, codes[:, 1:].shape)
+    ) % 16  # every later code wrong
+    first = codes.clone()
+    first[:, 0] = (codes[:, 0] + 1) % 16
+
+    net = RecognizerNet(_shape(4), scored_mask(SYMBOLS), vectors).eval()
+    with torch.no_grad():
+        # A frame is the projected sum of its codes' vectors.
+        expected = net.project(torch.from_numpy(vectors[0])[codes[:, 0]])
+        assert torch.allclose(net.embed_frames(codes), expected, atol=1e-6)
+        out = net(codes, lengths)[0]
+        assert torch.equal(net(later, lengths)[0], out)
+        assert not torch.allclose(net(first, lengths)[0], out)
+
+        learned = RecognizerNet(_shape(0), scored_mask(SYMBOLS)).eval()
+        out = learned(codes, lengths)[0]
+        assert (learned(later, lengths)[0] - out).abs().max() > 1e-3
+        # Reading only the first codebook (a diagnosis) ignores the others, with either input.
+        assert torch.equal(learned(later, lengths, codebooks=1)[0], learned(codes, lengths, codebooks=1)[0])
+        assert not torch.allclose(
+            learned(later, lengths, codebooks=2)[0], learned(codes, lengths, codebooks=2)[0]
+        )
+
+
+def test_a_recognizer_keeps_its_codec_vectors_in_its_file():
+    """The vectors travel in the weights file (read with weights_only): evaluating never opens the codec."""
+    torch.manual_seed(0)
+    vectors = _silent_later_codebooks()
+    shape = _shape(4)
+    meta = {
+        "format": FORMAT_VERSION,
+        "shape": dataclasses.asdict(shape),
+        "scored": scored_mask(SYMBOLS).tolist(),
+    }
+    rec = Recognizer(RecognizerNet(shape, scored_mask(SYMBOLS), vectors), meta)
+    loaded = Recognizer.from_bytes(rec.to_bytes())
+    assert torch.equal(loaded.net.codec_vectors, torch.from_numpy(vectors).reshape(48, 4))
+    codes = [np.random.default_rng(i).integers(0, 16, (3, 9)).astype(np.int16) for i in range(3)]
+    with torch.no_grad():
+        batch = torch.from_numpy(np.stack(codes).astype(np.int64))
+        lengths = torch.full((3,), 9)
+        assert torch.equal(loaded.net(batch, lengths)[0], rec.net(batch, lengths)[0])
+    with pytest.raises(ValueError, match=r"codec vectors have shape \(3, 16, 5\), expected \(3, 16, 4\)"):
+        RecognizerNet(shape, scored_mask(SYMBOLS), np.zeros((3, 16, 5), np.float32))
+
+
+def test_training_reads_the_codec_vectors_when_the_codec_gives_them(phonetic, tmp_path):
+    """inputs=features takes the vectors from the corpus's codec (EnCodec here: its quantizer's, whose
+    sum is the latent the decoder hears); auto falls back to learned embeddings, saying why, for codes
+    no codec made; features refuses those."""
+    from vallex.codec.encodec import AudioTokenizer, CodecSettings
+
+    corpus, _ = phonetic
+    lines: list[str] = []
+    rec = train_recognizer(corpus, steps=1, batch_size=4, inputs="auto", progress=lines.append, **TINY)
+    assert rec.meta["inputs"] == "codes" and rec.shape.features == 0
+    assert any("learned code embeddings" in line and "synthetic_phonetic" in line for line in lines)
+    with pytest.raises(ValueError, match="made by 'synthetic_phonetic', not a codec with code vectors"):
+        train_recognizer(corpus, steps=1, inputs="features", **TINY)
+
+    root = tmp_path / "encodec"
+    shutil.copytree(corpus.root, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["codec"] = {**manifest["codec"], "name": "encodec_24khz", "pretrained": False, "seed": 0}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    rec = train_recognizer(PreparedCorpus.open(root), steps=1, batch_size=4, inputs="features", **TINY)
+    tokenizer = AudioTokenizer(CodecSettings(pretrained=False, seed=0), device="cpu")
+    vectors = tokenizer.code_vectors()
+    assert rec.meta["inputs"] == "features" and rec.shape.features == vectors.shape[-1] == 128
+    assert torch.equal(rec.net.codec_vectors, torch.from_numpy(vectors).reshape(8 * 1024, 128))
+    # The sum of a frame's code vectors is EnCodec's own dequantized latent.
+    codes = np.random.default_rng(0).integers(0, 1024, (8, 5))
+    latent = tokenizer.model.quantizer.decode(torch.from_numpy(codes)[:, None])[0].T.detach().numpy()
+    assert np.allclose(sum(vectors[k][codes[k]] for k in range(8)), latent, atol=1e-5)

@@ -67,6 +67,8 @@ def test_recognizer_entry_point(prepared):
     rec = Recognizer.load(prepared / "prepare")  # beside the shards, for this corpus's symbols and codec
     assert (prepared / "prepare" / RECOGNIZER_FILE).is_file()
     assert rec.meta["steps"] == 6 and rec.meta["shape"]["dim"] == 16
+    # recognizer.inputs=auto on job.yaml's mel_rvq codes: it reads the codec's 80-bin centroids.
+    assert rec.meta["inputs"] == "features" and rec.shape.features == 80
     manifest = json.loads((prepared / "prepare" / "manifest.json").read_text())
     assert rec.meta["valid_utterances"] == {
         k: v["utterances"]["valid"] for k, v in manifest["languages"].items()
@@ -90,6 +92,7 @@ def test_demo_entry_point_reuses_prepared_shards(prepared):
     assert {p: p.stat().st_mtime_ns for p in [*shards, recognizer]} == before  # both were already done
     report = json.loads((prepared / "train" / "report.json").read_text())
     assert report["intelligibility"]["per"] == "computed"
+    assert report["intelligibility"]["recognizer_inputs"] == "features"
     # The demo's exit status says whether validation loss fell for every language.
     falling = all(v["last"]["loss"] < v["first"]["loss"] for v in report["languages"].values())
     assert rc == (0 if falling else 1)

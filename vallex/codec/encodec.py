@@ -331,6 +331,17 @@ class AudioTokenizer:
         codes = codes.to(torch.int16).cpu().numpy()
         return [np.ascontiguousarray(codes[i, :, :n]) for i, n in enumerate(frames)]
 
+    def code_vectors(self) -> np.ndarray:
+        """Float32 ``[num_codebooks, 1024, 128]``: each code's quantizer vector; a frame's latent (what the
+        decoder turns into sound) is the sum of its codes' vectors."""
+        import torch
+
+        layers = self.model.quantizer.vq.layers[: self.num_codebooks]
+        with torch.inference_mode():
+            ids = torch.arange(CODEBOOK_SIZE, device=self.device)[None]
+            vectors = [layer.decode(ids)[0].T.float().cpu().numpy() for layer in layers]  # [1024, 128] each
+        return np.stack(vectors)
+
     def decode(self, codes: list[np.ndarray]) -> list[np.ndarray]:
         """int16 ``[num_codebooks, frames]`` each -> float32 mono at 24 kHz, ``frames * 320`` samples each."""
         import torch

@@ -330,6 +330,11 @@ class MelRVQTokenizer:
             out.append(np.ascontiguousarray(codes.numpy()))
         return out
 
+    def code_vectors(self) -> np.ndarray:
+        """Float32 ``[num_codebooks, 1024, n_mels]``: each code's centroid (normalized log-mel); a frame's
+        features are the sum of its codes' vectors."""
+        return self.codebooks.numpy().copy()
+
     def features(self, codes: np.ndarray):
         """Normalized log-mel frames ``[T, n_mels]`` the codes stand for (sum of their centroids)."""
         import torch

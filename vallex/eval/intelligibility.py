@@ -157,6 +157,8 @@ def driver_setup(cfg, corpus, tables: dict[str, pa.Table]) -> tuple[dict, dict]:
         "per": "computed" if recognizer is not None else None,
         "reason": reason if recognizer is None else None,
         "recognizer_valid_per": getattr(recognizer, "meta", {}).get("valid_per") if recognizer else None,
+        # what a frame's codes become for it: the codec's own vectors, or learned embeddings (older files)
+        "recognizer_inputs": recognizer.meta.get("inputs", "codes") if recognizer else None,
         "sampling": {"top_k": s.top_k, "temperature": s.temperature, "seed": cfg.run.seed},
         "synthesized": describe_plan(tables, items),
         "skipped": skipped,

@@ -15,12 +15,17 @@ and Mandarin's tone letters (lexical: a wrong tone is a wrong word). Not scored:
 punctuation marks and stress marks ``ˈ`` ``ˌ`` (prosody, which a reading of the right phones may place
 differently). The recognizer is trained on exactly these targets and can emit nothing else.
 
-Model (``RecognizerNet``): the Q codebooks' embeddings summed per frame, a strided 1-D convolution
+Model (``RecognizerNet``): a vector per frame, the sum over its Q codes of the codec's own code vectors
+(frozen, then a linear layer: ``inputs="features"``, what ``recognizer.inputs=auto`` picks for mel_rvq and
+EnCodec) or of a learned embedding per codebook (``inputs="codes"``); a strided 1-D convolution
 (75 Hz -> 37.5 Hz: phones last several frames, and half the frames halve the encoder's cost; codes at
 37.5 Hz or less keep every frame, stride 1, so CTC still has a step per phone and blank), a small
 transformer encoder (4 layers, 4 heads, pre-norm, sinusoidal positions; a 2-layer bidirectional LSTM is
 the alternative, ~5x dearer per step on CPU), and a linear layer over the symbol table whose ``<pad>``
-slot (id 0, never a target) is the CTC blank.
+slot (id 0, never a target) is the CTC blank. Why the codec's vectors: a learned embedding weighs a
+codebook by what it predicted on ground-truth codes, however little it changes the sound, so a
+synthesizer's wrong code in a fine codebook made clear speech unreadable (synthesized PER ~100% on the
+demo; with the codec's vectors a code weighs what it does to the sound; docs/BENCHMARKS.md).
 
 The file is ``torch.save({"state_dict": ..., "meta": <JSON text>})`` and is only ever read with
 ``torch.load(weights_only=True)``: tensors and strings, nothing that can run code.
@@ -43,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vallex.codec.encodec import CodecError
 from vallex.data.schema import codes_matrix
 from vallex.files import is_file, join, read_bytes, read_failure, write_bytes
 from vallex.text.phonemize import PUNCTUATION, STRESS_MARKS, WORD_BOUNDARY
@@ -56,6 +62,7 @@ log = logging.getLogger("vallex.eval")
 
 RECOGNIZER_FILE = "recognizer.pt"  # in the prepared corpus folder, beside manifest.json
 FORMAT_VERSION = 1
+RECOGNIZER_INPUTS = ("auto", "features", "codes")
 BLANK_ID = 0  # <pad>: never a target, so its output slot serves as the CTC blank
 UNSCORED_SYMBOLS = frozenset((*SPECIALS, WORD_BOUNDARY, *PUNCTUATION, *STRESS_MARKS))
 
@@ -143,6 +150,7 @@ class RecognizerShape:
     kernel: int = 5
     stride: int = 2
     dropout: float = 0.1
+    features: int = 0  # 0: a learned embedding per codebook; > 0: the codec's own code vectors of this width
 
 
 def conv_stride(codec: dict) -> int:
@@ -156,13 +164,35 @@ def output_frames(frames, shape: RecognizerShape):
 
 
 class RecognizerNet(nn.Module):
-    """codes [B, Q, T] -> CTC log-probabilities [B, T', num_symbols] over the symbol table."""
+    """codes [B, Q, T] -> CTC log-probabilities [B, T', num_symbols] over the symbol table.
 
-    def __init__(self, shape: RecognizerShape, scored: np.ndarray):
+    What a frame's Q codes become (``shape.features``): 0 = a learned embedding per codebook, summed;
+    > 0 = the codec's own code vectors (``codec_vectors``, Float[Q, codebook_size, features], frozen),
+    summed: the quantized frame the codec's decoder turns into sound, then a linear layer. With learned
+    embeddings every codebook weighs what it helped on ground-truth codes, however little it changes
+    the sound: a fine codebook's wrong code (a synthesizer's) can then make a clear frame unreadable.
+    With the codec's vectors a wrong code moves the frame by as much as it moves the sound.
+    """
+
+    def __init__(self, shape: RecognizerShape, scored: np.ndarray, codec_vectors: np.ndarray | None = None):
         super().__init__()
         self.shape = shape
-        # One table for all codebooks, offset per codebook: summing Q lookups is one gather.
-        self.embed = nn.Embedding(shape.num_codebooks * shape.codebook_size, shape.dim)
+        rows = shape.num_codebooks * shape.codebook_size
+        if shape.features:
+            # A buffer, saved in the file: a recognizer reads codes without opening the codec.
+            vectors = torch.zeros(rows, shape.features)
+            if codec_vectors is not None:
+                want = (shape.num_codebooks, shape.codebook_size, shape.features)
+                if tuple(codec_vectors.shape) != want:
+                    raise ValueError(
+                        f"codec vectors have shape {tuple(codec_vectors.shape)}, expected {want}"
+                    )
+                vectors = torch.as_tensor(np.asarray(codec_vectors, dtype=np.float32)).reshape(rows, -1)
+            self.register_buffer("codec_vectors", vectors.clone())
+            self.project = nn.Linear(shape.features, shape.dim)
+        else:
+            # One table for all codebooks, offset per codebook: summing Q lookups is one gather.
+            self.embed = nn.Embedding(rows, shape.dim)
         self.register_buffer(
             "offsets",
             torch.arange(shape.num_codebooks).view(1, -1, 1) * shape.codebook_size,
@@ -206,10 +236,20 @@ class RecognizerNet(nn.Module):
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return output_frames(lengths, self.shape)
 
-    def forward(self, codes: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed_frames(self, codes: torch.Tensor, codebooks: int | None = None) -> torch.Tensor:
+        """codes [B, Q, T] -> one vector per frame [B, T, dim]: the first ``codebooks`` (default all)
+        codebooks' embeddings (or codec vectors, projected) summed; the others left out."""
+        idx = (codes + self.offsets)[:, :codebooks]
+        if self.shape.features:
+            return self.project(nn.functional.embedding(idx, self.codec_vectors).sum(1))
+        return self.embed(idx).sum(1)
+
+    def forward(
+        self, codes: torch.Tensor, lengths: torch.Tensor, codebooks: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         frames = codes.shape[-1]
         valid = torch.arange(frames).unsqueeze(0) < lengths.unsqueeze(1)  # [B, T]
-        x = self.embed(codes + self.offsets).sum(1)  # [B, T, dim]
+        x = self.embed_frames(codes, codebooks)  # [B, T, dim]
         # Padding frames are zeroed, i.e. what the convolution's own zero padding would see: an
         # utterance transcribes the same whatever else is in its batch.
         x = x * valid.unsqueeze(-1)
@@ -270,10 +310,13 @@ class Recognizer:
 
     # ---------------------------------------------------------------------------------- inference
     @torch.no_grad()
-    def transcribe(self, codes: list[np.ndarray], batch_size: int = 32) -> list[list[int]]:
+    def transcribe(
+        self, codes: list[np.ndarray], batch_size: int = 32, codebooks: int | None = None
+    ) -> list[list[int]]:
         """Codes (int ``[Q, T]`` each) -> symbol ids each (greedy CTC; blanks and repeats collapsed; only
         scored symbols, see :func:`reference_phonemes`). Batched by length; the result does not
-        depend on the batching."""
+        depend on the batching. ``codebooks``: read only the first that many (a diagnosis: how much
+        the transcription leans on the later ones)."""
         q, size = self.shape.num_codebooks, self.shape.codebook_size
         mats = []
         for i, c in enumerate(codes):
@@ -296,7 +339,7 @@ class Recognizer:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 batch, lengths = _pad_codes([mats[i] for i in idx])
-                logp, out_lengths = self.net(batch, lengths)
+                logp, out_lengths = self.net(batch, lengths, codebooks)
                 best = logp.argmax(-1)
                 for row, i in enumerate(idx):
                     out[i] = greedy_ctc_decode(best[row, : int(out_lengths[row])].tolist())
@@ -477,6 +520,7 @@ def train_recognizer(
     layers: int = 4,
     encoder: str = "transformer",
     dropout: float = 0.1,
+    inputs: str = "codes",
     threads: int = 0,
     max_utterances: int = 0,
     alpha: float = 0.5,
@@ -492,9 +536,22 @@ def train_recognizer(
     of the batches goes as n ** alpha, see ``_epoch_pool``); a line with the loss and elapsed time goes to ``progress`` (default: the
     ``vallex.eval`` logger) every ``log_every`` steps (0 = none). ``eval_every`` > 0 also scores the
     validation splits every that many steps (``meta["curve"]``: step, training seconds, PER per language).
+    ``inputs``: ``codes`` (a learned embedding per codebook), ``features`` (the corpus codec's own code
+    vectors, frozen: see :class:`RecognizerNet`; the codec must give them, ``code_vectors()``) or
+    ``auto`` (features when the codec gives them, else codes, saying why).
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be >= 1 and lr ({lr}) > 0")
+    if inputs not in RECOGNIZER_INPUTS:
+        raise ValueError(f"recognizer inputs {inputs!r}: must be one of {RECOGNIZER_INPUTS}")
+    vectors = None
+    if inputs != "codes":
+        try:
+            vectors = codec_vectors(corpus)
+        except (CodecError, ValueError) as e:
+            if inputs == "features":
+                raise
+            (progress or log.info)(f"recognizer: reading learned code embeddings, not codec features: {e}")
     before_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -515,18 +572,56 @@ def train_recognizer(
                 encoder=encoder,
                 dropout=dropout,
                 stride=conv_stride(corpus.codec),
+                features=0 if vectors is None else int(vectors.shape[-1]),
             ),
             max_utterances,
             alpha,
             log_every,
             eval_every,
             progress or log.info,
+            vectors,
         )
     finally:
         torch.set_num_threads(before_threads)
 
 
-def _train(corpus, steps, batch_size, lr, seed, shape, max_utterances, alpha, log_every, eval_every, say):
+def codec_vectors(corpus: PreparedCorpus) -> np.ndarray:
+    """The corpus codec's code vectors, Float32[Q, codebook_size, features] (``code_vectors()`` of the
+    tokenizer the manifest names: mel_rvq's centroids, EnCodec's quantizer vectors)."""
+    from vallex.codec import open_tokenizer
+
+    name = corpus.codec.get("kind") or corpus.codec.get("name", "")
+    if not (name == "mel_rvq" or name.startswith("encodec")):
+        raise ValueError(f"the codes of {corpus.root} were made by {name!r}, not a codec with code vectors")
+    tokenizer = open_tokenizer(corpus.codec, corpus.root)
+    if not hasattr(tokenizer, "code_vectors"):
+        raise ValueError(
+            f"the codec of {corpus.root} ({corpus.codec.get('kind', corpus.codec.get('name'))}) gives no code "
+            "vectors: train the recognizer with recognizer.inputs=codes"
+        )
+    vectors = np.asarray(tokenizer.code_vectors(), dtype=np.float32)
+    want = (corpus.num_codebooks, int(corpus.codec.get("codebook_size", 1024)))
+    if vectors.ndim != 3 or vectors.shape[:2] != want:
+        raise ValueError(
+            f"the codec of {corpus.root} gives code vectors of shape {vectors.shape}, expected {want} + (features,)"
+        )
+    return vectors
+
+
+def _train(
+    corpus,
+    steps,
+    batch_size,
+    lr,
+    seed,
+    shape,
+    max_utterances,
+    alpha,
+    log_every,
+    eval_every,
+    say,
+    vectors=None,
+):
     t0 = time.perf_counter()
     train, skipped = _read_split(corpus, "train", shape, max_utterances)
     valid, valid_skipped = _read_split(corpus, "valid", shape)
@@ -546,7 +641,7 @@ def _train(corpus, steps, batch_size, lr, seed, shape, max_utterances, alpha, lo
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     scored = scored_mask(corpus.symbols)
-    net = RecognizerNet(shape, scored)
+    net = RecognizerNet(shape, scored, vectors)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, min(steps // 20, 100))
 
@@ -611,6 +706,7 @@ def _train(corpus, steps, batch_size, lr, seed, shape, max_utterances, alpha, lo
         "codec": corpus.codec,
         "num_codebooks": corpus.num_codebooks,
         "shape": asdict(shape),
+        "inputs": "features" if shape.features else "codes",
         "scored": scored.tolist(),
         "scored_definition": "phones and tones; not specials, word boundaries, punctuation, stress marks",
         "steps": steps,
@@ -691,6 +787,7 @@ def train_recognizer_on_ray(cfg: Config) -> dict:
         "hidden": rc.hidden,
         "layers": rc.layers,
         "encoder": rc.encoder,
+        "inputs": rc.inputs,
         "threads": rc.cpus,
         "max_utterances": rc.max_utterances,
         "alpha": rc.alpha,
@@ -730,6 +827,14 @@ def ensure_recognizer(cfg: Config) -> dict:
         rec = Recognizer.load(cfg.prepared_dir)
     except RecognizerError as e:
         log.warning("recognizer: %s; training a new one", e)
+        rec = None
+    wanted = cfg.recognizer.inputs
+    if rec is not None and wanted != "auto" and rec.meta.get("inputs", "codes") != wanted:
+        log.warning(
+            "recognizer: the one beside the shards reads %s, recognizer.inputs asks for %s; training a new one",
+            rec.meta.get("inputs", "codes"),
+            cfg.recognizer.inputs,
+        )
         rec = None
     if rec is not None:
         log.info("recognizer found beside the shards; validation PER:\n%s", per_table(rec.meta))
