@@ -23,9 +23,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from tests.conftest import start_local_ray
-from tests.data.test_prepare import SETTINGS  # rows_per_shard=4: en (7 rows) and ar (5 rows) get 2 shards each
 
+from tests.conftest import start_local_ray
+from tests.data.test_prepare import (
+    SETTINGS,  # rows_per_shard=4: en (7 rows) and ar (5 rows) get 2 shards each
+)
 from vallex import files
 from vallex.config import ConfigError, load_config
 from vallex.data.corpus import CorpusError, PreparedCorpus
@@ -285,7 +287,6 @@ def test_config_takes_a_prepared_uri_and_refuses_a_remote_output_dir(tmp_path):
 @pytest.mark.ray
 def test_training_checkpoints_to_s3_and_resumes_from_them(s3, tmp_path, one_thread):
     from tests.train.test_train import SIZES, _cfg
-
     from vallex.data.synthetic import write_synthetic_corpus
     from vallex.train.metrics import read_metrics
     from vallex.train.trainer import train

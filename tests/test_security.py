@@ -280,6 +280,7 @@ def test_token_auth_cluster_refuses_jobs_without_the_token_and_runs_submit_pys(t
     (from RAY_AUTH_TOKEN_PATH, as a user or KubeRay would set it) the job is uploaded, runs, joins the
     authenticated cluster from its driver, and succeeds."""
     import requests
+
     from tests.jobs.test_cluster import _start_cluster, _stop_cluster
 
     token_file = tmp_path / "auth_token"

@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-from tests.conftest import train_worker_pids
 
+from tests.conftest import train_worker_pids
 from vallex.config import load_config
 from vallex.data.synthetic import write_synthetic_corpus
 from vallex.train.metrics import read_metrics

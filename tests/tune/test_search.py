@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tests.conftest import train_worker_pids
 
+from tests.conftest import train_worker_pids
 from vallex.config import ConfigError, load_config
 from vallex.data.synthetic import write_synthetic_corpus
 from vallex.data.weights import resolve_weights
