@@ -24,13 +24,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scale import FRAMES, PHONEMES, ROWS_PER_SHARD, corpus_bytes, rchar, skewed_sizes, temperature_weights
 

@@ -33,8 +33,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def single_process(utts, codec_batch_size: int, seed: int, threads: int | None = None) -> tuple[float, float]:
     """(audio seconds, wall seconds) for a plain loop over ``utts`` with one EnCodec in this process;

@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from vallex.data.corpus import PreparedCorpus
 from vallex.eval.recognizer import train_recognizer
 

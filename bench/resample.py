@@ -29,10 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHILD = """
 import json, resource, sys, time
 import numpy as np, psutil, torch
-sys.path.insert(0, sys.argv[1])
 from vallex.codec.audio import resample, resample_ratio
 torch.set_num_threads(1)
-sr, seconds = int(sys.argv[2]), float(sys.argv[3])
+sr, seconds = int(sys.argv[1]), float(sys.argv[2])
 resample(np.zeros(sr // 10, np.float32), sr, 24000)  # warm-up: imports, kernels, allocator
 x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(int(sr * seconds)) / sr)).astype(np.float32)
 rss = psutil.Process().memory_info().rss
@@ -68,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for sr in args.rates:
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, ROOT, str(sr), str(args.seconds)],
+            [sys.executable, "-c", CHILD, str(sr), str(args.seconds)],
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+            },
             capture_output=True,
             text=True,
             check=True,

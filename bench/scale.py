@@ -34,13 +34,10 @@ import argparse
 import gc
 import os
 import platform
-import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pyarrow.parquet as pq

@@ -11,11 +11,7 @@ each and the ratio batched / one-at-a-time, and checks the codes are identical.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 

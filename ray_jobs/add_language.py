@@ -42,11 +42,8 @@ kept them and the naive one did not), 1 otherwise, 2 for a bad command line or c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.cli import parse_config
 from vallex.logs import setup_logging

@@ -15,11 +15,8 @@ Files: <run.output_dir>/prepare/manifest.json, <run.output_dir>/train/{metrics.j
 
 from __future__ import annotations
 
-import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.cli import parse_config
 from vallex.logs import setup_logging

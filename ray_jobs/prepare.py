@@ -15,10 +15,7 @@ finished shards; adding a language to an existing output writes only its shards.
 
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.cli import parse_config
 from vallex.logs import setup_logging

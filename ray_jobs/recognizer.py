@@ -11,10 +11,7 @@ PER is the floor an evaluation of synthesized speech is compared with. Training 
 
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.cli import parse_config
 from vallex.logs import setup_logging

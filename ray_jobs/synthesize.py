@@ -14,11 +14,8 @@ file's text, phonemes and length. Runs in this process (CPU, or the GPU when the
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.model.speech import say
 

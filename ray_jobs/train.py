@@ -10,10 +10,7 @@ same run (same run.name and storage) resumes from its latest checkpoint.
 
 from __future__ import annotations
 
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.cli import parse_config
 from vallex.logs import setup_logging

@@ -14,10 +14,7 @@ data.weights), trials.csv and tune_losses.png. Re-running the same command resum
 from __future__ import annotations
 
 import logging
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vallex.cli import parse_config
 from vallex.logs import setup_logging

@@ -242,6 +242,21 @@ def test_docker_image_leaves_runs_git_and_venv_out_and_builds_the_comm_op():
     assert {".git", ".venv", "runs", ".cache", "**/__pycache__"} <= ignored
     dockerfile = (ROOT / "cluster" / "docker" / "Dockerfile").read_text()
     assert "python -m vallex.train.comm_op" in dockerfile and "ENV RAY_AUTH_MODE=token" in dockerfile
+    assert "pip install --no-cache-dir --no-deps -e ." in dockerfile  # ray_jobs/ import the package
+
+
+def test_scripts_import_the_installed_package_and_edit_no_sys_path():
+    """vallex is installed (make's venv, the cluster image) and a Ray job's working_dir is on its
+    PYTHONPATH: no entry point or bench puts a folder on sys.path."""
+    scripts = [*ROOT.glob("ray_jobs/*.py"), *ROOT.glob("bench/*.py")]
+    assert len(scripts) > 10
+    edits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in scripts
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if "sys.path" in line
+    ]
+    assert not edits, edits
 
 
 # ---------------------------------------------------------------------------------------------------
