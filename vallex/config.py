@@ -953,9 +953,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the run's config as YAML, atomically, without secrets (:func:`redact`)."""
-    from vallex.files import write_text_atomic
+    from vallex.files import write_text
 
-    write_text_atomic(path, yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False, allow_unicode=True))
+    write_text(path, yaml.safe_dump(redact(cfg.to_dict()), sort_keys=False, allow_unicode=True))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def write_bytes(location: str | os.PathLike, data: bytes | pa.Buffer) -> None:
     rewrite a key within a second).
     """
     if not is_uri(location):
-        write_bytes_atomic(location, data)
+        _replace_local(location, data)
         return
     fs, path = filesystem(location)
     try:
@@ -149,13 +149,9 @@ def remove(location: str | os.PathLike) -> None:
         fs.delete_file(path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to a unique temporary file beside ``path``, fsync it, then rename it into place."""
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes | pa.Buffer) -> None:
-    """Write ``data`` to a unique temporary file beside ``path``, fsync it, then rename it into place."""
+def _replace_local(path: str | os.PathLike, data: bytes | pa.Buffer) -> None:
+    """Write ``data`` to a unique temporary file beside the local ``path``, fsync it, then rename it
+    into place: a reader sees the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -171,7 +167,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes | pa.Buffer) -> None
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Render a matplotlib figure as PNG, write it atomically (:func:`write_bytes_atomic`), close it:
+    """Render a matplotlib figure as PNG, write it whole or not at all (:func:`write_bytes`), close it:
     the one way vallex writes a plot, so a reader never sees half a PNG."""
     import io
 
@@ -182,4 +178,4 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> None:
         fig.savefig(buf, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    _replace_local(path, buf.getvalue())

@@ -390,7 +390,7 @@ def write_samples(train_dir: Path, step: int, payload: dict, tokenizer, tb=None)
     ``samples.json`` beside them, and TensorBoard audio. Returns the wav paths."""
     import soundfile as sf
 
-    from vallex.files import write_bytes_atomic, write_text_atomic
+    from vallex.files import write_bytes, write_text
 
     folder = Path(train_dir) / SAMPLES_DIR / f"step_{step}"
     langs = sorted(payload)
@@ -402,7 +402,7 @@ def write_samples(train_dir: Path, step: int, payload: dict, tokenizer, tb=None)
         buf = io.BytesIO()
         sf.write(buf, wav, sr, format="WAV", subtype="PCM_16")
         path = folder / f"{lang}.wav"
-        write_bytes_atomic(path, buf.getvalue())
+        write_bytes(path, buf.getvalue())
         paths.append(path)
         meta = {k: v for k, v in payload[lang].items() if k != "codes"}
         index[lang] = {
@@ -414,5 +414,5 @@ def write_samples(train_dir: Path, step: int, payload: dict, tokenizer, tb=None)
         if tb is not None:
             tb.add_audio(f"samples/{lang}", torch.from_numpy(wav)[None], step, sample_rate=sr)
     if langs:
-        write_text_atomic(folder / "samples.json", json.dumps(index, indent=1, ensure_ascii=False))
+        write_text(folder / "samples.json", json.dumps(index, indent=1, ensure_ascii=False))
     return paths

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vallex.files import write_text_atomic
+from vallex.files import write_text
 
 SIDECAR = "synthesis.json"
 
@@ -148,7 +148,7 @@ def text_to_speech(request: SpeechRequest, progress: Callable[[str], None] = say
         "files": files,
         "wall_seconds": time.time() - t0,
     }
-    write_text_atomic(Path(request.out) / SIDECAR, json.dumps(sidecar, indent=1, ensure_ascii=False))
+    write_text(Path(request.out) / SIDECAR, json.dumps(sidecar, indent=1, ensure_ascii=False))
     return sidecar, None if codec.is_real_encodec else codec_summary(codec_dict)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vallex.config import WEIGHT_POLICIES, Config, derive_config
-from vallex.files import save_figure, write_text_atomic
+from vallex.files import save_figure, write_text
 from vallex.train.guard import HIGHER_IS_BETTER
 from vallex.train.plan import RunPlan, plan_run
 
@@ -478,7 +478,7 @@ def add_language(plan: AddLanguagePlan) -> dict:
     records = read_metrics(cfg.train_dir / "metrics.jsonl")
     report = forgetting_report(records, train_report, plan)
     out = Path(plan.out_dir)
-    write_text_atomic(out / REPORT_NAME, json.dumps(report, indent=2))
+    write_text(out / REPORT_NAME, json.dumps(report, indent=2))
     plot_forgetting([report], out / FIGURE_NAME)
     log.info(
         "%s mode: validation %s at step 0 (baseline) and step %d:\n%s",
@@ -627,12 +627,12 @@ def add_language_demo(
         Path(figure).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(written, figure)
     minutes = (time.time() - t0) / 60
-    write_text_atomic(
+    write_text(
         out / "comparison.md",
         f"Validation loss (AR + NAR) of each language, step 0 of the add-language run (the base model) vs. "
         f"after {add_steps} steps; change relative to step 0; whole demo {minutes:.1f} min.\n\n{table}\n",
     )
-    write_text_atomic(out / "comparison.json", json.dumps(reports, indent=2))
+    write_text(out / "comparison.json", json.dumps(reports, indent=2))
     log.info("add-language demo finished in %.1f min:\n%s", minutes, table)
     log.info("wrote %s, %s%s", out / "comparison.md", written, f" and {figure}" if figure else "")
     shown = reports["vallex"]["verdict"] == "ok" and reports["naive"]["verdict"] == "forgetting"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vallex.config import Config, save_config
-from vallex.files import is_uri, join, list_names, write_text_atomic
+from vallex.files import is_uri, join, list_names, write_text
 from vallex.locks import locked
 from vallex.storage import check_storage
 from vallex.train.guard import ForgettingGuard, baseline_losses, describe_trips
@@ -294,7 +294,7 @@ def _start_run_files(cfg: Config, plan: RunPlan, objective) -> None:
     save_config(cfg, train_dir / "config.yaml")
     # With data.weights=online these are the prior; the weights each stretch drew are in metrics.jsonl.
     online = {"online": plan.online} if plan.online is not None else {}
-    write_text_atomic(
+    write_text(
         train_dir / "weights.json",
         json.dumps({"weights": plan.weights, "counts": plan.counts, **online}, indent=2),
     )
@@ -528,12 +528,12 @@ def _finish(cfg: Config, plan: RunPlan, corpus, result, intelligibility_report: 
             **({"online": _online_report(plan, records)} if plan.online is not None else {}),
         },
     )
-    write_text_atomic(train_dir / "report.json", strict_json(report, indent=2))
+    write_text(train_dir / "report.json", strict_json(report, indent=2))
     plot_losses(records, train_dir / "valid_loss.png")
     if plan.online is not None:
         # The weights the run ended with, readable by data.weights as fixed weights (a "weights" key).
         final = {"weights": report["online"]["final_weights"], "history": report["online"]["history"]}
-        write_text_atomic(train_dir / "online_weights.json", strict_json(final, indent=2))
+        write_text(train_dir / "online_weights.json", strict_json(final, indent=2))
         plot_online_weights(records, train_dir / "online_weights.png")
         log.info(
             "online weights: final %s; by stretch in %s",

@@ -39,7 +39,7 @@ from typing import Any
 from ray.tune import Callback
 
 from vallex.config import Config
-from vallex.files import save_figure, write_text_atomic
+from vallex.files import save_figure, write_text
 from vallex.tune import space as spaces
 from vallex.tune.objective import pick_best, score
 from vallex.tune.state_check import check_experiment_state
@@ -669,7 +669,7 @@ def write_outputs(cfg: Config, setup: Mapping[str, Any], rows: list[dict], objec
             "scheduler": t.scheduler,
         },
     }
-    write_text_atomic(out_dir / BEST_FILE, json.dumps(summary, indent=2))
+    write_text(out_dir / BEST_FILE, json.dumps(summary, indent=2))
     try:
         plot_trials(
             rows,
@@ -698,7 +698,7 @@ def _write_csv(path: Path, rows: list[dict], languages: list[str], metric: str) 
             + [r["losses"].get(lang, {}).get(metric, "") for lang in languages]
             + [r["error"]]
         )
-    write_text_atomic(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 def plot_trials(
