@@ -9,6 +9,9 @@ import pytest
 
 # Fast failure detection and quiet Train V2 on a 2-core machine (see shared STACK.md).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# Ray Train V2 starts a PreemptionWatcher actor (a process) per worker group to notice node drains on
+# spot clusters; no test drains a node, and on 2 cores each process start costs seconds.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 

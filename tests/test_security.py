@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import runpy
 import time
@@ -288,66 +287,8 @@ def test_submit_finds_the_token_in_rays_order(tmp_path, monkeypatch):
         auth_token(str(tmp_path / "empty"))
 
 
-@pytest.mark.ray
-def test_token_auth_cluster_refuses_jobs_without_the_token_and_runs_submit_pys(tmp_path, monkeypatch, capsys):
-    """`ray start --head` with RAY_AUTH_MODE=token (the cluster configs' setting): the job API answers
-    401 without the token and 403 with a wrong one, each a clear submit.py error (exit 4); with the token
-    (from RAY_AUTH_TOKEN_PATH, as a user or KubeRay would set it) the job is uploaded, runs, joins the
-    authenticated cluster from its driver, and succeeds."""
-    import requests
-
-    from tests.jobs.test_cluster import _start_cluster, _stop_cluster
-
-    token_file = tmp_path / "auth_token"
-    token_file.write_text(os.urandom(16).hex())
-    home = tmp_path / "home"  # no ~/.ray/auth_token of the machine's user is read or written
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS"):
-        monkeypatch.delenv(var, raising=False)
-    dashboard, gcs, temp_dir, _ = _start_cluster(
-        [1], env_extra={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file), "HOME": str(home)}
-    )
-    try:
-        # The bare HTTP API: no token, no jobs (not even their list).
-        assert requests.get(f"{dashboard}/api/jobs/", timeout=30).status_code == 401
-        code = tmp_path / "code"
-        code.mkdir()
-        (code / "hello.py").write_text(
-            "import ray\nray.init()\nprint('authenticated job ran on', int(ray.cluster_resources()['CPU']), 'CPU')\n"
-        )
-        config = tmp_path / "job.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {"job": {"entrypoint": "python hello.py", "runtime_env": {"working_dir": str(code)}}}
-            )
-        )
-        main = _submit()["main"]
-        args = ["--config", str(config), "--address", dashboard]
-
-        with pytest.raises(SystemExit) as e:
-            main(args)
-        err = capsys.readouterr().err
-        assert e.value.code == 4, err
-        assert f"the Ray cluster at {dashboard} requires an authentication token" in err
-        assert "RAY_AUTH_TOKEN" in err
-
-        wrong = tmp_path / "wrong"
-        wrong.write_text("not-the-token")
-        with pytest.raises(SystemExit) as e:
-            main([*args, "--token-file", str(wrong)])
-        err = capsys.readouterr().err
-        assert e.value.code == 4 and f"refused the token from --token-file {wrong}" in err, err
-        assert "not-the-token" not in err
-
-        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-        rc = main(args)
-        captured = capsys.readouterr()
-        assert rc == 0, captured.out + captured.err
-        assert "authenticated job ran on 1 CPU" in captured.out and "SUCCEEDED" in captured.out
-        assert token_file.read_text() not in captured.out + captured.err  # the token is never printed
-    finally:
-        _stop_cluster(temp_dir, gcs)
+# A token-authenticated cluster refusing jobs without the token, and running the training job with it:
+# tests/jobs/test_cluster.py::TestTwoNodes (its two-node cluster has token auth on).
 
 
 def test_driver_says_what_happens_while_the_train_workers_start(ray_cluster, tmp_path, monkeypatch):

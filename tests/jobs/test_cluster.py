@@ -178,13 +178,18 @@ def _start_cluster(
             ],
             env,
         )
-        for cpus, block, more in zip(node_cpus[1:], blocks[1:], extra[1:], strict=True):
+        for n, (cpus, block, more) in enumerate(zip(node_cpus[1:], blocks[1:], extra[1:], strict=True), 1):
+            # A temp dir per node, as on separate machines: in a shared one, each node's runtime-env agent
+            # unpacks a job's working_dir into the same folder, deleting it under the other node's
+            # processes that run in it (seen: a submitted job's driver lost its cwd mid-run).
+            node_dir = os.path.join(temp_dir, f"n{n}")
+            os.makedirs(node_dir)
             _ray_start(
                 [
                     f"--address=127.0.0.1:{gcs}",
                     "--node-ip-address=127.0.0.1",
                     f"--num-cpus={cpus}",
-                    f"--temp-dir={temp_dir}",
+                    f"--temp-dir={node_dir}",
                     *_node_ports(block),
                     *more,
                 ],
@@ -218,34 +223,77 @@ FAST_DEATH = {
 }
 
 
+def _auth_env(token: Path) -> dict:
+    """What a process needs to join (or serve) a token-authenticated cluster."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
 @pytest.fixture(scope="class")
 def two_nodes(tmp_path_factory):
     """A head (2 CPUs) and a worker node (2 CPUs) joined to it, on loopback, shared by the tests of
     TestTwoNodes (one `ray start` pair for all; the last test kills the worker node); yields (dashboard
     URL, GCS address, the folder only the head sees or None where this machine cannot hide one, the
-    cluster's temp dir, each node's port block).
+    cluster's temp dir, each node's port block, the cluster's auth token file).
+
+    Token authentication is on (RAY_AUTH_MODE=token, the cluster configs' setting), so every job and
+    driver of these tests shows that vallex runs on an authenticated cluster: drivers get the token file
+    through RAY_AUTH_TOKEN_PATH (``_auth_env``), never through the machine user's ~/.ray/auth_token.
 
     2 logical CPUs per node, not 1: each node hosts one Train worker (0.5 CPU) and Ray Data's read
     tasks need a whole free CPU on some node; with 1 CPU each, 0.5 + 0.5 free never fits one and the
     run waits forever (train.check_cluster_fits refuses that layout up front)."""
     hidden = str(tmp_path_factory.mktemp("head-only")) if can_hide_folders() else None
+    token = tmp_path_factory.mktemp("auth") / "auth_token"
+    token.write_text(os.urandom(16).hex())
     dashboard, gcs, temp_dir, blocks = _start_cluster(
-        [2, 2], [SLOT, SLOT], FAST_DEATH, hide_on_workers=hidden
+        [2, 2], [SLOT, SLOT], {**FAST_DEATH, **_auth_env(token)}, hide_on_workers=hidden
     )
     try:
-        yield dashboard, gcs, hidden, temp_dir, blocks
+        yield dashboard, gcs, hidden, temp_dir, blocks, token
     finally:
         _stop_cluster(temp_dir, gcs)
 
 
 @pytest.mark.ray
 class TestTwoNodes:
-    def test_two_node_job_spreads_training_over_both_nodes(self, two_nodes, tmp_path, capsys):
-        """ray_jobs/submit.py -> ray_jobs/train.py on a head + worker node, one Train worker on each."""
-        from ray.util.state import list_actors, list_nodes
+    def test_cluster_refuses_jobs_without_the_token(self, two_nodes, tmp_path, monkeypatch, capsys):
+        """The job API answers 401 without the token and 403 with a wrong one, each a clear submit.py
+        error (exit 4) that never prints a token; with it, the next test's job runs."""
+        import requests
+
+        dashboard, token = two_nodes[0], two_nodes[5]
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of the machine's user is read
+        for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", "RAY_ADDRESS"):
+            monkeypatch.delenv(var, raising=False)
+        # The bare HTTP API: no token, no jobs (not even their list).
+        assert requests.get(f"{dashboard}/api/jobs/", timeout=30).status_code == 401
+        config = tmp_path / "job.yaml"
+        config.write_text(yaml.safe_dump({"job": {"entrypoint": "python -c 'print(1)'"}}))
+        args = ["--config", str(config), "--address", dashboard]
+        with pytest.raises(SystemExit) as e:
+            _submit_main()(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 4, err
+        assert f"the Ray cluster at {dashboard} requires an authentication token" in err
+        assert "RAY_AUTH_TOKEN" in err
+        wrong = tmp_path / "wrong"
+        wrong.write_text("not-the-token")
+        with pytest.raises(SystemExit) as e:
+            _submit_main()([*args, "--token-file", str(wrong)])
+        err = capsys.readouterr().err
+        assert e.value.code == 4 and f"refused the token from --token-file {wrong}" in err, err
+        assert "not-the-token" not in err and token.read_text() not in err
+
+    def test_two_node_job_spreads_training_over_both_nodes(self, two_nodes, tmp_path, monkeypatch, capsys):
+        """ray_jobs/submit.py -> ray_jobs/train.py on a token-authenticated head + worker node, one Train
+        worker on each: the token reaches submit.py from RAY_AUTH_TOKEN_PATH (as a user or KubeRay would
+        set it), the job's driver joins the authenticated cluster, and no token is printed."""
+        from ray.util.state import StateApiClient
+        from ray.util.state.common import ListApiOptions, StateResource
 
         t0 = time.time()
-        dashboard = two_nodes[0]
+        dashboard, token = two_nodes[0], two_nodes[5]
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
         out = tmp_path / "run"
         write_synthetic_corpus(out / "prepare", {"fr": 48, "ar": 16}, valid_per_language=4)
         config = tmp_path / "job.yaml"
@@ -278,15 +326,19 @@ class TestTwoNodes:
                 "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
             ]
         )
-        logs = capsys.readouterr().out
+        captured = capsys.readouterr()
+        logs = captured.out
         assert rc == 0, logs[-4000:]
+        assert token.read_text() not in captured.out + captured.err  # the token is never printed
         # Per-language validation lines, as the driver prints them.
         steps = [line for line in logs.splitlines() if "valid ar/nar" in line and "step" in line]
         assert len(steps) >= 2 and all(" ar " in s and " fr " in s for s in steps), logs[-4000:]
-        # Ray's state API: the two Train workers ran on two different nodes.
-        nodes = {n.node_id for n in list_nodes(address=dashboard)}
+        # Ray's state API (with the token): the two Train workers ran on two different nodes.
+        state = StateApiClient(address=dashboard, headers={"Authorization": f"Bearer {token.read_text()}"})
+        nodes = {n.node_id for n in state.list(StateResource.NODES, ListApiOptions(), True)}
         assert len(nodes) == 2
-        workers = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+        options = ListApiOptions(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
+        workers = state.list(StateResource.ACTORS, options, True)
         assert len(workers) == 2, workers
         assert len({w.node_id for w in workers}) == 2 and {w.node_id for w in workers} <= nodes
         # Checkpoints went to the local storage both nodes see (one machine), after the storage check.
@@ -299,7 +351,7 @@ class TestTwoNodes:
         """vallex.storage's real probe, from a driver joined to the two-node cluster: a folder both
         nodes see passes (and its marker is cleaned up); the folder the worker node cannot see (its
         mount namespace covers it) stops the run, naming that node, the key and the fix."""
-        dashboard, gcs, hidden, _, _ = two_nodes
+        dashboard, gcs, hidden, _, _, token = two_nodes
         if hidden is None:
             pytest.skip("this machine cannot hide a folder from one node (no mount namespace)")
         script = """
@@ -320,6 +372,7 @@ except StorageError as e:
 print("PROBE " + json.dumps(out))
 """
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env.update(_auth_env(token))
         proc = subprocess.run(
             [sys.executable, "-c", script, gcs, str(tmp_path), hidden],
             env=env,
@@ -351,7 +404,7 @@ print("PROBE " + json.dumps(out))
         # Ray Train retries at once, before Ray has marked the node dead, so its first restart asks for 2
         # workers and waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) before sizing down:
         # shorten that wait (the cluster notices a dead node in ~2 s: FAST_DEATH).
-        _, gcs, _, temp_dir, blocks = two_nodes
+        _, gcs, _, temp_dir, blocks, token = two_nodes
         out = tmp_path / "run"
         write_synthetic_corpus(out / "prepare", {"fr": 48, "ar": 16}, valid_per_language=4)
         log_path = tmp_path / "driver.log"
@@ -361,6 +414,7 @@ print("PROBE " + json.dumps(out))
             PYTHONUNBUFFERED="1",
             RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="1",
             RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="20",
+            **_auth_env(token),
         )
         args = [
             f"run.output_dir={out}",
