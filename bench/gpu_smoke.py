@@ -21,7 +21,7 @@ GPU run has to get right and prints one line per check, then a table per stage:
 The corpus: ``--prepared DIR`` (a prepared corpus; with ``recognizer.pt`` beside the shards for the
 PER), else a small one written into ``--out`` by ``vallex.data.synthetic.write_phonetic_corpus`` (4
 languages whose codes say their phonemes, so a model can learn to read them) with a recognizer trained
-on it here (CPU; 4 min on a loaded 2-core machine). The exit status is 0 when every check passes.
+on it here (CPU; 4-6 min on a loaded 2-core machine). The exit status is 0 when every check passes.
 """
 
 from __future__ import annotations
