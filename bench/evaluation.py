@@ -3,6 +3,7 @@
     .venv/bin/python bench/evaluation.py                                # job.yaml's settings, a stand-in corpus
     .venv/bin/python bench/evaluation.py --prepared runs/demo/prepare   # the prepared demo corpus itself
     .venv/bin/python bench/evaluation.py train.intelligibility.per_utterances=8 train.eval_every=100
+    python bench/evaluation.py --device cuda train.num_workers=1      # on a GPU: rank 0 of 1 (bf16: train.precision=bf16)
 
 The process plays rank 0 of the demo's ``train.num_workers`` ranks (one torch thread each, as
 ``train.cpus_per_worker=0.5`` gives them): it times ``--steps`` training steps (forward, backward, AdamW
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--prepared", default="", help="a prepared corpus (default: a stand-in, see above)")
     ap.add_argument("--steps", type=int, default=20, help="training steps timed (after 3 of warm-up)")
     ap.add_argument("--repeats", type=int, default=3, help="rounds of (steps, evaluation); minima kept")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda [cpu]; with train.precision=bf16, autocast")
     ap.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = ap.parse_args()
 
@@ -69,6 +71,7 @@ def main() -> None:
     from vallex.data.collate import collate
     from vallex.data.corpus import PreparedCorpus
     from vallex.eval.intelligibility import Intelligibility, load_recognizer, open_codec, synthesis_plan
+    from vallex.eval.losses import to_device
     from vallex.eval.recognizer import train_recognizer
     from vallex.model.vallex import MODEL_SIZES, VallexModel
     from vallex.train.loop import _validation_batches, evaluate
@@ -97,9 +100,21 @@ def main() -> None:
         derive_config(cfg, {"run.prepared_dir": str(prepared), "data.languages": []}), corpus=corpus
     )
     assert info.model_config == dataclasses.asdict(model.config)
+    device = torch.device(args.device)
+    model.to(device)
+
+    def sync() -> float:  # CUDA calls return before their kernels finish: wait for them, then read the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    # train.precision=bf16 as bf16 autocast (DeepSpeed's bf16 holds bf16 weights: close, not the same)
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
     print(
         f"model {cfg.model.size} ({model.num_parameters() / 1e6:.1f} M), batch {cfg.train.batch_size}, "
-        f"eval_every {cfg.train.eval_every}, rank 0 of {world}, 1 thread; validation "
+        f"eval_every {cfg.train.eval_every}, rank 0 of {world}, {args.device} {cfg.train.precision}, 1 thread; validation "
         + ", ".join(f"{lang} {t.num_rows}" for lang, t in tables.items())
     )
 
@@ -132,17 +147,17 @@ def main() -> None:
         trained.train()
         for i in range(args.steps + 3):
             if i == 3:
-                t0 = time.perf_counter()
+                t0 = sync()
             idx = rng.choice(len(rows["frames"]), cfg.train.batch_size, replace=False)
-            out = trained(
-                collate({c: v[idx] for c, v in rows.items()}, info.language_ids, corpus.num_codebooks)
-            )
+            batch = collate({c: v[idx] for c, v in rows.items()}, info.language_ids, corpus.num_codebooks)
+            with autocast():
+                out = trained(to_device(batch, device))
             opt.zero_grad()
             out["loss"].backward()
             opt.step()
-        steps.append((time.perf_counter() - t0) / args.steps)
+        steps.append((sync() - t0) / args.steps)
 
-        t0 = time.perf_counter()
+        t0 = sync()
         batches = _validation_batches(
             tables,
             info.language_ids,
@@ -153,24 +168,25 @@ def main() -> None:
             cfg.data.max_tokens,
         )
         filler = next(b[0] for b in batches.values() if b)
-        valid = evaluate(model, batches, langs, "cpu", cfg.train.train_stage, filler)
-        keep("validation losses (before this issue)", time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        Intelligibility(only_gain, tables, info, 0, world, model, extra).evaluate(
-            model, valid, "cpu", filler, 1
-        )
-        keep("text gain (mismatched-text pass)", time.perf_counter() - t0)
+        with autocast():
+            valid = evaluate(model, batches, langs, device, cfg.train.train_stage, filler)
+        keep("validation losses (before this issue)", sync() - t0)
+        t0 = sync()
+        with autocast():
+            Intelligibility(only_gain, tables, info, 0, world, model, extra).evaluate(
+                model, valid, device, filler, 1
+            )
+        keep("text gain (mismatched-text pass)", sync() - t0)
         if s.per_utterances:
             intel = Intelligibility(only_per, tables, info, 0, world, model, extra)
-            t0 = time.perf_counter()
-            intel.evaluate(model, valid, "cpu", filler, 1)
+            t0 = sync()
+            with autocast():
+                intel.evaluate(model, valid, device, filler, 1)
             mine = intel.mine()
             cap = sum(
                 int(tables[it.lang].column("frames")[it.row].as_py() * s.max_length_ratio) for it in mine
             )
-            keep(
-                f"synthesis + recognizer ({len(mine)} utterances, <= {cap} frames)", time.perf_counter() - t0
-            )
+            keep(f"synthesis + recognizer ({len(mine)} utterances, <= {cap} frames)", sync() - t0)
         if codec is not None:
             items, _ = synthesis_plan(tables, 1, cfg.run.seed)
             codes = [

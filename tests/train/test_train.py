@@ -408,7 +408,9 @@ def test_zero3_guard_stops_every_rank_together(ray_cluster, corpus_cfg):
         "offload_param": True,
         "bf16": False,
         "world_size": 2,
+        "device": "cpu",  # what the workers trained on (cuda:N on a GPU: bench/gpu_smoke.py checks it)
     }
+    assert "cuda_max_memory_gib" not in records[0]  # a GPU figure: absent on CPU, not 0
     en = records[0]["guard"]["en"]
     assert en["tripped"] and en["reference_from"] == "baseline" and en["reference"] == 0.5
     # languages without a baseline compare with their own best, which at the first evaluation is itself

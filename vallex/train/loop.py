@@ -285,6 +285,7 @@ class WorkerRun:
                 "offload_param": model_engine.zero_offload_param() is not None,
                 "bf16": bool(model_engine.bfloat16_enabled()),
                 "world_size": world,
+                "device": str(ds_engine.device_for(cfg.train)),
             },
         )
         run._restore(ckpt)
@@ -422,6 +423,12 @@ class WorkerRun:
             # Steps DeepSpeed skipped on a loss-scale overflow (fp16): counted, not trained.
             "skipped_steps": int(getattr(engine, "skipped_steps", 0) or 0),
             "time": time.time(),
+            # On a GPU: the most memory this rank's tensors have held so far (weights, optimizer, activations).
+            **(
+                {"cuda_max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+                if device.type == "cuda"
+                else {}
+            ),
         }
 
     def publish(self, record: dict) -> dict:
