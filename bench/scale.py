@@ -165,7 +165,7 @@ def prepare_driver(n_utts: int, tmp: str, trace: bool = False) -> dict:
     saved = phonemize.Phonemizer, prep._run_jobs, prep._build_manifest
     jobs: list[int] = []
     phonemize.Phonemizer = StubPhonemizer
-    prep._run_jobs = lambda j, *a, **k: jobs.append(len(j))
+    prep._run_jobs = lambda j, *a, **k: jobs.append(len(j)) or {}  # no shard written
     prep._build_manifest = lambda *a, **k: {"languages": {}}
     out = Path(tmp, f"prep{n_utts}{'-traced' if trace else ''}")
     try:

@@ -32,8 +32,9 @@ One preparation at a time owns the output folder (:mod:`vallex.locks`); a second
 The output may be a local folder or a URI (``s3://bucket/prefix``, ``gs://...``): everything, the
 phoneme cache included, is written there through pyarrow's filesystems (see :mod:`vallex.files`).
 On an object store each file is built in memory and sent as one upload, so it appears whole or not at
-all (:func:`vallex.files.write_bytes`) and no temporary file is needed there; the codec actors need
-credentials for the bucket like the driver.
+all (:func:`vallex.files.write_bytes`) and no temporary file is needed there; the tasks (they write
+the phoneme cache and read finished shards' footers) and the codec actors need credentials for the
+bucket like the driver.
 """
 
 from __future__ import annotations
@@ -622,7 +623,7 @@ def _prepare_owned(
     # Pass 2: shard jobs, planned in tasks from the batches' rows; shards already written by an
     # identical job are kept.
     plans = []  # (summary ref, job ref) per shard
-    table_ref = ray.put(table.symbols)
+    table_ref = ray.put(table.symbols) if languages else None
     plan_task = ray.remote(num_returns=2)(plan_shard)
     for lang in languages:
         lang_dir = join(out, lang)
@@ -701,6 +702,10 @@ def _phonemize_batches(
     cache_root = join(out, PHONEME_CACHE)
     for tmp in list_names(out, f"{LEGACY_PHONEME_CACHE}{TMP_MARK}*"):  # an old cache write a kill cut short
         remove(join(out, tmp))
+    summaries: dict[str, list[dict]] = {}
+    counts = {"phonemized": 0, "cached": 0}
+    if not batches:  # nothing to do: no Ray call (which would start a local cluster)
+        return summaries, {}, counts
     task = ray.remote(num_returns=2)(phonemize_batch)
     context = _phonemizer_context(phonemizer)
     phonemizer_ref = ray.put(phonemizer)
@@ -720,8 +725,6 @@ def _phonemize_batches(
         ]
         summary_refs[lang] = [s for s, _ in refs]
         ready_refs[lang] = [r for _, r in refs]
-    summaries: dict[str, list[dict]] = {}
-    counts = {"phonemized": 0, "cached": 0}
     bar = _bar(
         sum(len(b) for lang_batches in batches.values() for b in lang_batches), "phonemize", "utt", progress
     )
