@@ -39,6 +39,7 @@ bucket like the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -133,7 +134,7 @@ def assign_splits(utts: list[Utterance], valid_fraction: float, seed: int) -> li
     for u in utts:
         if u.split is None:
             h = int(hashlib.sha1(f"{seed}:{u.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            u = Utterance(**{**u.to_dict(), "split": "valid" if h < valid_fraction else "train"})
+            u = dataclasses.replace(u, split="valid" if h < valid_fraction else "train")
         out.append(u)
     return out
 
