@@ -31,6 +31,10 @@ CPU time** (the work the driver itself does; Ray tasks run in other processes) a
 Python memory (``tracemalloc``, in a second run). ``--langs`` with no value skips the mixer part:
 
     .venv/bin/python bench/scale.py --langs --prepare-rows 1000 10000 100000
+
+To time older code with this file: ``git archive <commit> | tar -x -C /tmp/old``, then run this file
+from /tmp/old with ``PYTHONPATH=/tmp/old`` (Ray's workers import ``vallex`` from the driver's working
+directory, so the working directory must be the old tree too).
 """
 
 from __future__ import annotations
