@@ -9,8 +9,9 @@ pretrained weights cannot be downloaded offline; the network and the FLOPs are t
 - **single process**: one Python loop, no Ray: load -> resample to 24 kHz -> encode (batches of
   ``codec_batch_size``, clips sorted by length like the actors do) -> collect the codes. PyTorch uses
   its default intra-op threads (every core), which is what a user running a plain script gets.
-- **Ray Data job**: ``vallex.data.prepare.prepare_corpus`` end to end into a fresh folder: the
-  phonemize pass, the actor pool start-up (one EnCodec per actor, ``num_cpus=1`` each, so Ray pins
+- **Ray Data job** (now Ray tasks and an actor pool, the name kept for the figures on record):
+  ``vallex.data.prepare.prepare_corpus`` end to end into a fresh folder: the phonemize and plan
+  tasks, the actor pool start-up (one EnCodec per actor, ``num_cpus=1`` each, so Ray pins
   each actor to one intra-op thread), decoding, filtering, encoding and writing Parquet shards, and the
   manifest. The Ray cluster itself is started before the clock starts (a cluster is up before a job).
 

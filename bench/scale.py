@@ -22,10 +22,19 @@ Per language count it prints:
 - **planning**: the driver's time and peak Python memory (``tracemalloc``) to plan the run and make
   its read tasks (``get_read_tasks``) for runs of ``--plan-rows`` rows, no row data read.
 
-Then, for preparation, utterances/s of the driver-side passes of ``prepare_corpus`` (splits, the
-skip filter, the symbol table, shard jobs and their fingerprints) at 10^3..10^5 synthetic manifest
-rows, with phonemization stubbed (each text's characters as its symbols) and the shard jobs not run:
-only the work the driver does per utterance is timed.
+Then, for preparation, ``prepare_corpus`` up to the encode stage at 10^3..10^5 synthetic manifest
+rows (8 languages, Zipf-like sizes), on a local Ray cluster of 2 CPUs started (and warmed) before the
+clock: splits, phonemization with its cache, the skip filter, the symbol table, shard jobs and their
+fingerprints. The phonemizer is stubbed (each text's characters as its symbols; the bench's own class,
+pickled into the tasks) and the shard jobs are not encoded. Printed: wall time, the **driver process's
+CPU time** (the work the driver itself does; Ray tasks run in other processes) and the driver's peak
+Python memory (``tracemalloc``, in a second run). ``--langs`` with no value skips the mixer part:
+
+    .venv/bin/python bench/scale.py --langs --prepare-rows 1000 10000 100000
+
+To time older code with this file: ``git archive <commit> | tar -x -C /tmp/old``, then run this file
+from /tmp/old with ``PYTHONPATH=/tmp/old`` (Ray's workers import ``vallex`` from the driver's working
+directory, so the working directory must be the old tree too).
 """
 
 from __future__ import annotations
@@ -118,43 +127,97 @@ def planning(corpus, weights, num_rows: int) -> tuple[float, float, int]:
     return dt, peak / 2**20, n
 
 
-def prepare_driver(n_utts: int, tmp: str) -> float:
-    """Utterances/s of prepare_corpus's driver passes, phonemization stubbed, shard jobs not run."""
+class StubPhonemizer:
+    """Bench only: each text's characters (spaces dropped) as its symbols, at no cost. Defined in the
+    bench's ``__main__``, so Ray pickles it by value into the phonemize tasks (the real one is espeak)."""
+
+    def __getstate__(self) -> dict:
+        return {"stub": True}
+
+    def __setstate__(self, state: dict) -> None:
+        pass
+
+    def __call__(self, texts: list[str], language: str) -> list[list[str]]:
+        return [list(t.replace(" ", "")) for t in texts]
+
+
+def prepare_driver(n_utts: int, tmp: str, trace: bool = False) -> dict:
+    """prepare_corpus up to the encode stage on ``n_utts`` synthetic manifest rows (8 languages, skewed
+    sizes), on the running Ray cluster, the phonemizer stubbed and the shard jobs not encoded: wall
+    time, the driver process's CPU time (what the driver itself does; its tasks run in workers) and,
+    with ``trace``, the driver's peak Python memory (tracemalloc; slower, so timed apart)."""
     import vallex.data.prepare as prep
+    import vallex.text.phonemize as phonemize
     from vallex.config import PrepareSection
     from vallex.data.sources import Utterance
 
-    langs = [f"l{i:02d}" for i in range(8)]
-    utts = [
-        Utterance(f"u{i:07d}", f"/nonexistent/{i}.wav", f"synthetic text {i} abc", langs[i % 8], f"s{i % 50}")
-        for i in range(n_utts)
-    ]
-    saved = prep.phonemize_all, prep._run_jobs, prep._build_manifest
-    jobs = []
-    prep.phonemize_all = lambda utts, progress, cache=None: (
-        {u.id: list(u.text.replace(" ", "")) for u in utts},
-        {"phonemized": len(utts), "cached": 0},
-    )
-    prep._run_jobs = lambda j, *a, **k: jobs.extend(j)
+    sizes = skewed_sizes(8, n_utts, smallest=1)
+    utts = []
+    for lang, n in sizes.items():
+        # Ids interleaved across languages, as a real manifest's rows come (not sorted by language).
+        utts += [
+            Utterance(
+                f"u{i:07d}{lang}",
+                f"/nonexistent/{lang}/{i}.wav",
+                f"synthetic text {i} abc",
+                lang,
+                f"s{i % 50}",
+            )
+            for i in range(n)
+        ]
+    utts.sort(key=lambda u: u.id)
+    saved = phonemize.Phonemizer, prep._run_jobs, prep._build_manifest
+    jobs: list[int] = []
+    phonemize.Phonemizer = StubPhonemizer
+    prep._run_jobs = lambda j, *a, **k: jobs.append(len(j)) or {}  # no shard written
     prep._build_manifest = lambda *a, **k: {"languages": {}}
+    out = Path(tmp, f"prep{n_utts}{'-traced' if trace else ''}")
     try:
-        out = Path(tmp, f"prep{n_utts}")
-        t0 = time.perf_counter()
+        gc.collect()
+        if trace:
+            tracemalloc.start()
+        t0, c0 = time.perf_counter(), time.process_time()
         prep.prepare_corpus(utts, out, PrepareSection(), progress=False)
-        dt = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        peak = tracemalloc.get_traced_memory()[1] / 2**20 if trace else None
     finally:
-        prep.phonemize_all, prep._run_jobs, prep._build_manifest = saved
-    assert sum(len(j["rows"]) for j in jobs) == n_utts, "every utterance goes into a shard job"
-    return n_utts / dt
+        if trace:
+            tracemalloc.stop()
+        phonemize.Phonemizer, prep._run_jobs, prep._build_manifest = saved
+    shards = sum(-(-n // PrepareSection().rows_per_shard) for n in sizes.values())
+    assert jobs == [shards], f"{jobs} shard jobs, expected {shards}"
+    return {"wall": wall, "cpu": cpu, "peak": peak, "shards": shards, "largest": max(sizes.values())}
+
+
+def prepare_bench(sizes: list[int], tmp: str) -> None:
+    from vallex.runtime import init_ray
+
+    init_ray(num_cpus=2)  # started before the clock: a cluster is up before a job
+    prepare_driver(100, tmp)  # warm the workers (imports), as a long-lived cluster would be
+    for n in sizes:
+        r = prepare_driver(n, tmp)
+        m = prepare_driver(n, tmp, trace=True)
+        print(
+            f"prepare to the encode stage, {n:>7} utterances ({r['shards']} shards, largest language "
+            f"{r['largest']}): wall {r['wall']:6.2f} s = {n / r['wall']:7.0f} utt/s | driver CPU {r['cpu']:6.2f} s "
+            f"= {n / max(r['cpu'], 1e-9):8.0f} utt/s | driver Python peak {m['peak']:7.1f} MiB | "
+            f"load {os.getloadavg()[0]:.1f}"
+        )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--langs", type=int, nargs="+", default=[4, 32, 128])
+    p.add_argument("--langs", type=int, nargs="*", default=[4, 32, 128], help="language counts (none: skip)")
     p.add_argument("--corpus-rows", type=int, default=40000, help="train rows per corpus (all L)")
     p.add_argument("--read-rows", type=int, default=50000, help="mixed rows read per corpus")
     p.add_argument("--plan-rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    p.add_argument("--prepare-rows", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    p.add_argument(
+        "--prepare-rows",
+        type=int,
+        nargs="*",
+        default=[1_000, 10_000, 100_000],
+        help="manifest rows (none: skip)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="rounds of raw + mixer reads; the best is kept")
     p.add_argument("--row-group-rows", type=int, default=0, help="shard row group size (0: pyarrow's)")
     args = p.parse_args()
@@ -200,8 +263,8 @@ def main() -> None:
             for n in args.plan_rows:
                 dt, peak, tasks = planning(corpus, weights, n)
                 print(f"  plan {n:>9} rows: {dt * 1000:8.1f} ms, peak {peak:7.2f} MiB, {tasks} read tasks")
-        for n in args.prepare_rows:
-            print(f"prepare driver passes, {n:>6} utterances: {prepare_driver(n, tmp):9.0f} utt/s")
+        if args.prepare_rows:
+            prepare_bench(args.prepare_rows, tmp)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Prepare a corpus: phonemes + EnCodec tokens -> per-language Parquet shards (Ray Data).
+"""Prepare a corpus: phonemes + EnCodec tokens -> per-language Parquet shards (Ray tasks and actors).
 
     python ray_jobs/prepare.py --config job.yaml
     python ray_jobs/prepare.py --config job.yaml corpus.source=/data/my_manifest.jsonl run.output_dir=runs/mine

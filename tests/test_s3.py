@@ -197,7 +197,8 @@ def test_prepare_to_s3_reruns_and_reads_back(s3, small_manifest, tmp_path, monke
 
     objects = _objects(uri)
     shards = [f"{lang}/part-0000{i}.parquet" for lang in ("ar", "en") for i in (0, 1)]
-    assert sorted(objects) == sorted([".phonemes.parquet", "manifest.json", "symbols.json", *shards])
+    caches = [f".phonemes/{lang}/batch-0000{i}.parquet" for lang in ("ar", "en") for i in (0, 1)]
+    assert sorted(objects) == sorted(["manifest.json", "symbols.json", *shards, *caches])
     assert list(tmp_path.iterdir()) == []
     fs, root = filesystem(uri)
     with fs.open_input_stream(f"{root}/manifest.json") as f:
@@ -213,7 +214,7 @@ def test_prepare_to_s3_reruns_and_reads_back(s3, small_manifest, tmp_path, monke
     again = prepare_corpus(read_manifest(small_manifest), uri + "/", SETTINGS, progress=False)
     assert again["last_run"] == {"phonemized": 0, "cached": 12, "shards_written": 0, "shards_reused": 4}
     after = _objects(uri)
-    assert {k: after[k].mtime for k in shards} == {k: objects[k].mtime for k in shards}
+    assert {k: after[k].mtime for k in shards + caches} == {k: objects[k].mtime for k in shards + caches}
     assert ".vallex.lock" not in after  # each run's lock object was removed when it ended
 
     # A preparation running elsewhere holds the prefix (its lock object): this one is refused, naming it.

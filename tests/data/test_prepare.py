@@ -443,3 +443,110 @@ def test_a_read_error_hints_at_credentials_only_for_a_bucket(tmp_path, monkeypat
     monkeypatch.setattr(prepare, "is_file", lambda path: True)
     with pytest.raises(PrepareError, match=r"cannot read s3://b/p/manifest.json .*credentials .*AWS_"):
         prepare._read_json("s3://b/p/manifest.json")
+
+
+def _reference_jobs(utts, phonemizer, rows_per_shard: int, valid_fraction: float, seed: int):
+    """What one pass over the whole input on the driver gives (the layout shards have always had):
+    splits, the text filter, each language's usable rows in id order cut every ``rows_per_shard``."""
+    from vallex.data.prepare import assign_splits
+
+    ready = {}
+    for u in assign_splits(utts, valid_fraction, seed):
+        if u.text.strip() and (phones := phonemizer([u.text], u.language)[0]):
+            ready.setdefault(u.language, []).append((u, phones))
+    out = {}
+    for lang, rows in ready.items():
+        rows.sort(key=lambda r: r[0].id)
+        out[lang] = [rows[i : i + rows_per_shard] for i in range(0, len(rows), rows_per_shard)]
+    return out
+
+
+def test_batches_planned_into_shards_give_the_one_pass_layout(tmp_path):
+    """In process, the real phonemizer: utterances phonemized in batches (as the Ray tasks do, each
+    batch alone), their summaries merged and the shards planned from per-batch counts give exactly the
+    shards one pass over the input gives, with the same fingerprints; unusable texts are counted skips
+    whose examples are the first ones of the input; the per-batch cache serves a re-run."""
+    from vallex.data.prepare import (
+        _language_batches,
+        _merge_batch_skips,
+        _phonemizer_context,
+        _shard_pieces,
+        phonemize_batch,
+        plan_shard,
+    )
+    from vallex.data.sources import Utterance
+    from vallex.text.phonemize import Phonemizer
+    from vallex.text.symbols import SymbolTable
+
+    words = ["one", "two", "three", "four", "five", "six", "seven"]
+    utts = []
+    for i in range(23):  # ids not in input order; empty and punctuation-only texts spread over batches
+        text = "   " if i % 7 == 3 else "?!" if i % 9 == 5 else f"{words[i % 7]} {words[(i * 3) % 7]}."
+        lang = "en" if i % 4 else "fr"
+        utts.append(Utterance(f"u{(i * 11) % 23:02d}", f"/a/{i}.wav", text, lang, f"s{i % 3}"))
+    phonemizer, rows_per_shard, valid_fraction, seed = Phonemizer(), 3, 0.3, 5
+    context = _phonemizer_context(phonemizer)
+    batches = _language_batches(utts, rows_per_shard)
+    assert {lang: [len(b) for b in bs] for lang, bs in batches.items()} == {"en": [3] * 5 + [2], "fr": [3, 3]}
+
+    def run():
+        results = {
+            lang: [
+                phonemize_batch(
+                    batch,
+                    lang,
+                    phonemizer,
+                    context,
+                    str(tmp_path / f"{lang}-{b}.parquet"),
+                    valid_fraction,
+                    seed,
+                )
+                for b, batch in enumerate(bs)
+            ]
+            for lang, bs in batches.items()
+        }
+        return {lang: [s for s, _ in r] for lang, r in results.items()}, {
+            lang: [rows for _, rows in r] for lang, r in results.items()
+        }
+
+    summaries, ready = run()
+    reference = _reference_jobs(utts, phonemizer, rows_per_shard, valid_fraction, seed)
+    table = SymbolTable()
+    table.extend(s for bs in summaries.values() for summary in bs for s in summary["symbols"])
+    assert set(table.symbols[4:]) == {
+        p for shards in reference.values() for s in shards for _, ps in s for p in ps
+    }
+    for lang, shards in reference.items():
+        pieces = _shard_pieces([s["ready"] for s in summaries[lang]], rows_per_shard)
+        assert len(pieces) == len(shards)
+        for index, (shard, piece) in enumerate(zip(shards, pieces, strict=True)):
+            spec = {
+                "language": lang,
+                "index": index,
+                "path": str(tmp_path / lang / f"part-{index:05d}.parquet"),
+                "slices": [(start, stop) for _, start, stop in piece],
+                "symbols_version": table.version,
+                "codec": {"kind": "encodec"},
+                "min": 0.5,
+                "max": 20.0,
+            }
+            summary, job = plan_shard(spec, table.symbols, *(ready[lang][b] for b, _, _ in piece))
+            want = [{**u.to_dict(), "phonemes": table.encode(ps)} for u, ps in shard]
+            assert job["rows"] == want and summary == {
+                "path": spec["path"],
+                "reused": False,
+                "rows": len(want),
+            }
+            assert job["fingerprint"] == prepare._fingerprint(
+                {"rows": want, "codec": {"kind": "encodec"}, "min": 0.5, "max": 20.0, "format": 1}
+            )
+    # Skips: en has empty texts at input positions 3, 10, 17 and "?!" at 5, 14 (position 21 is fr).
+    en = _merge_batch_skips(summaries["en"]).data
+    assert list(en) == ["empty_text", "unphonemizable_text"]
+    assert en["empty_text"] == {"count": 3, "examples": [utts[i].id for i in (3, 10, 17)]}
+    assert en["unphonemizable_text"] == {"count": 2, "examples": [utts[i].id for i in (5, 14)]}
+    assert sum(s["phonemized"] for bs in summaries.values() for s in bs) == 20
+    # A re-run reads each batch's cache: nothing phonemized, the same rows.
+    again, ready_again = run()
+    assert sum(s["phonemized"] for bs in again.values() for s in bs) == 0
+    assert sum(s["cached"] for bs in again.values() for s in bs) == 20 and ready_again == ready

@@ -1,10 +1,18 @@
-"""Data preparation on Ray Data: utterances -> phoneme ids + EnCodec codes -> per-language Parquet shards.
+"""Data preparation on Ray: utterances -> phoneme ids + EnCodec codes -> per-language Parquet shards.
 
-Two passes, because the phoneme symbol table must be complete before any id is written:
+The driver only groups the input (each language's utterances in id order, cut into batches of
+``rows_per_shard``) and handles one summary per batch and per shard: everything done per utterance runs
+in Ray tasks and actors, so the driver's work grows with shards, not utterances, and a big language is
+spread over as many workers as it has batches. Three stages, because the phoneme symbol table must be
+complete before any id is written:
 
-1. **Phonemize** (Ray Data tasks): text -> espeak phoneme symbols. The driver collects the new symbols,
-   extends ``symbols.json`` (append-only: existing ids never change) and turns symbols into ids.
-2. **Encode** (Ray Data actor pool, one EnCodec per actor, a GPU each when the cluster has GPUs): each
+1. **Phonemize** (a Ray task per batch): splits, text -> espeak phoneme symbols (cached per batch in
+   ``.phonemes/<lang>/batch-NNNNN.parquet``), the text filter. The rows stay in the object store; the
+   driver gets counts, skips and the batch's distinct symbols, and extends ``symbols.json`` with them
+   (append-only: existing ids never change).
+2. **Plan** (a Ray task per shard): the shard's rows from its batches' slices, their phoneme ids, the
+   job's fingerprint; a shard already written by an identical job is kept.
+3. **Encode** (a pool of Ray actors, one EnCodec per actor, a GPU each when the cluster has GPUs): each
    actor takes one *shard job* (up to ``rows_per_shard`` utterances of one language), decodes and
    resamples the audio, applies the duration/silence filters, encodes, and writes its shard atomically.
 
@@ -24,12 +32,14 @@ One preparation at a time owns the output folder (:mod:`vallex.locks`); a second
 The output may be a local folder or a URI (``s3://bucket/prefix``, ``gs://...``): everything, the
 phoneme cache included, is written there through pyarrow's filesystems (see :mod:`vallex.files`).
 On an object store each file is built in memory and sent as one upload, so it appears whole or not at
-all (:func:`vallex.files.write_bytes`) and no temporary file is needed there; the codec actors need
-credentials for the bucket like the driver.
+all (:func:`vallex.files.write_bytes`) and no temporary file is needed there; the tasks (they write
+the phoneme cache and read finished shards' footers) and the codec actors need credentials for the
+bucket like the driver.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -37,6 +47,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,28 +134,18 @@ def assign_splits(utts: list[Utterance], valid_fraction: float, seed: int) -> li
     for u in utts:
         if u.split is None:
             h = int(hashlib.sha1(f"{seed}:{u.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            u = Utterance(**{**u.to_dict(), "split": "valid" if h < valid_fraction else "train"})
+            u = dataclasses.replace(u, split="valid" if h < valid_fraction else "train")
         out.append(u)
     return out
 
 
 # ------------------------------------------------------------------------------------------------
-# Pass 1: phonemize
+# Pass 1: phonemize (Ray tasks, one per batch of one language's utterances)
 
-
-def _phonemize_batch(batch: dict[str, np.ndarray], phonemizer) -> dict[str, np.ndarray]:
-    """Ray Data map_batches fn: one phonemizer call per language present in the batch."""
-    langs = batch["language"]
-    out = np.empty(len(langs), dtype=object)
-    for lang in np.unique(langs):
-        idx = np.nonzero(langs == lang)[0]
-        phones = phonemizer([str(t) for t in batch["text"][idx]], str(lang))
-        for i, p in zip(idx, phones, strict=True):
-            out[i] = json.dumps(p, ensure_ascii=False)
-    return {"id": batch["id"], "symbols": out}
-
-
-PHONEME_CACHE = ".phonemes.parquet"  # text -> symbols of earlier runs, so a re-run phonemizes only new text
+PHONEME_CACHE = ".phonemes"  # <lang>/batch-NNNNN.parquet: text -> symbols of earlier runs, per input batch
+LEGACY_PHONEME_CACHE = ".phonemes.parquet"  # the one-file cache of earlier versions: no longer read, removed
+PHONEMIZER_TEXTS = 256  # texts per phonemizer call
+UTTERANCE_KEYS = ("id", "audio", "text", "language", "speaker", "split")
 
 
 def _phoneme_key(language: str, text: str, context: str) -> str:
@@ -188,7 +189,7 @@ def _read_phoneme_cache(path: str | None) -> dict[str, list[str]]:
         table = pq.read_table(path)
         return dict(zip(table.column("key").to_pylist(), table.column("symbols").to_pylist(), strict=True))
     except (pa.ArrowInvalid, OSError, KeyError) as e:  # a damaged cache costs a re-phonemization, no more
-        log.warning("ignoring the phoneme cache %s (%s); phonemizing everything", path, e)
+        log.warning("ignoring the phoneme cache %s (%s); phonemizing its texts again", path, e)
         return {}
 
 
@@ -200,71 +201,167 @@ def _write_phoneme_cache(path: str, entries: dict[str, list[str]]) -> None:
     _write_parquet(table, path)  # a reader sees the old cache or the new one, never half of one
 
 
-def phonemize_all(
-    utts: list[Utterance], progress: bool, cache: str | None = None
-) -> tuple[dict[str, list[str]], dict[str, int]]:
-    """(utterance id -> phoneme symbols ([] when the text yields none), counts), computed on Ray Data.
+def _phoneme_cache_path(out: str, language: str, index: int) -> str:
+    return join(out, PHONEME_CACHE, language, f"batch-{index:05d}.parquet")
 
-    With ``cache`` (a Parquet file: a local path or a URI), texts phonemized by an earlier run with the same phonemizer
-    settings and espeak build are looked up instead; new results are added to it. ``counts`` says
-    how many utterances were ``phonemized`` and how many came from the cache (``cached``).
+
+def _add_skip(skips: dict, reason: str, position: int, utt_id: str) -> None:
+    entry = skips.setdefault(reason, {"count": 0, "examples": []})
+    entry["count"] += 1
+    entry["examples"].append((position, utt_id))
+
+
+def phonemize_batch(
+    batch: list[tuple[int, Utterance]],
+    language: str,
+    phonemizer,
+    context: str,
+    cache: str | None,
+    valid_fraction: float,
+    seed: int,
+) -> tuple[dict, list[dict]]:
+    """One batch of one language's utterances, in id order, each with its position in the input:
+    (summary, ready rows). Runs in a Ray task, so that the driver's work grows with batches, not rows.
+
+    Each row gets its split (:func:`assign_splits`) and its phoneme symbols, from the batch's cache file
+    ``cache`` (written by an earlier run over the same batch) or the phonemizer; the cache file is then
+    rewritten to hold exactly this batch's texts. A row with an empty text, or one that yields no
+    phoneme, is a counted skip. ``ready``: the other rows as dicts (:data:`UTTERANCE_KEYS` + ``symbols``).
+    The summary holds what the driver needs: counts, the distinct symbols (for the symbol table) and
+    the skips, with the input positions of the first few examples (so that the report names the first
+    ones of the input, as a single pass over it would).
     """
-    import ray
-
-    from vallex.text.phonemize import Phonemizer
-
-    phonemizer = Phonemizer()
-    context = _phonemizer_context(phonemizer)
+    utts = assign_splits([u for _, u in batch], valid_fraction, seed)
     known = _read_phoneme_cache(cache)
-    result: dict[str, list[str]] = {u.id: [] for u in utts}
-    keys = {u.id: _phoneme_key(u.language, u.text, context) for u in utts if u.text.strip()}
-    todo = []
-    for u in utts:
-        if u.id not in keys:
+    keys = [_phoneme_key(language, u.text, context) if u.text.strip() else None for u in utts]
+    todo = [i for i, key in enumerate(keys) if key is not None and key not in known]
+    fresh: dict[int, list[str]] = {}
+    for start in range(0, len(todo), PHONEMIZER_TEXTS):
+        chunk = todo[start : start + PHONEMIZER_TEXTS]
+        fresh.update(zip(chunk, phonemizer([utts[i].text for i in chunk], language), strict=True))
+    entries: dict[str, list[str]] = {}
+    skips: dict[str, dict] = {}
+    distinct: set[str] = set()
+    ready = []
+    for i, ((position, _), u, key) in enumerate(zip(batch, utts, keys, strict=True)):
+        if key is None:
+            _add_skip(skips, "empty_text", position, u.id)
             continue
-        if keys[u.id] in known:
-            result[u.id] = list(known[keys[u.id]])
-        else:
-            todo.append({"id": u.id, "language": u.language, "text": u.text})
-    counts = {"phonemized": len(todo), "cached": len(keys) - len(todo)}
-    if not todo:
-        return result, counts
-    ds = ray.data.from_items(todo).map_batches(
-        _phonemize_batch, fn_kwargs={"phonemizer": phonemizer}, batch_size=256, batch_format="numpy"
+        phones = list(fresh[i] if i in fresh else known[key])
+        entries[key] = phones
+        if not phones:
+            _add_skip(skips, "unphonemizable_text", position, u.id)
+            continue
+        distinct.update(phones)
+        ready.append({**{k: getattr(u, k) for k in UTTERANCE_KEYS}, "symbols": phones})
+    if cache is not None and (todo or entries.keys() != known.keys()):
+        _write_phoneme_cache(cache, entries)
+    for entry in skips.values():
+        entry["examples"] = sorted(entry["examples"])[:MAX_SKIP_EXAMPLES]
+    summary = {
+        "input_rows": len(batch),
+        "ready": len(ready),
+        "symbols": sorted(distinct),
+        "skips": skips,
+        "phonemized": len(todo),
+        "cached": sum(k is not None for k in keys) - len(todo),
+    }
+    return summary, ready
+
+
+def _merge_batch_skips(summaries: list[dict]) -> SkipCounter:
+    """One language's text skips from its batches' summaries: counts summed, the examples the first
+    ones of the input, reasons in the order they first occur there (what one pass over the input gives)."""
+    merged: dict[str, dict] = {}
+    for s in summaries:
+        for reason, entry in s["skips"].items():
+            mine = merged.setdefault(reason, {"count": 0, "examples": []})
+            mine["count"] += entry["count"]
+            mine["examples"] = sorted(mine["examples"] + [tuple(e) for e in entry["examples"]])
+            mine["examples"] = mine["examples"][:MAX_SKIP_EXAMPLES]
+    order = sorted(merged, key=lambda reason: merged[reason]["examples"][0][0])
+    return SkipCounter(
+        {
+            r: {"count": merged[r]["count"], "examples": [uid for _, uid in merged[r]["examples"]]}
+            for r in order
+        }
     )
-    bar = _bar(len(todo), "phonemize", "utt", progress)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for uid, sym in zip(batch["id"], batch["symbols"], strict=True):
-            result[str(uid)] = json.loads(sym)
-        bar.update(len(batch["id"]))
-    bar.close()
-    if cache is not None:
-        known.update({keys[row["id"]]: result[row["id"]] for row in todo})
-        _write_phoneme_cache(cache, known)
-    return result, counts
+
+
+def _shard_pieces(ready_counts: list[int], rows_per_shard: int) -> list[list[tuple[int, int, int]]]:
+    """Shard k of a language holds its ready rows k * rows_per_shard onwards, in id order; the rows come
+    in batches of ``ready_counts``. Per shard, its pieces: (batch, start, stop) slices of batches. At
+    least one shard (empty when nothing is ready: the manifest then names the language as unusable)."""
+    total = sum(ready_counts)
+    shards: list[list[tuple[int, int, int]]] = [[] for _ in range(max(1, math.ceil(total / rows_per_shard)))]
+    offset = 0  # ready rows before batch b
+    for b, n in enumerate(ready_counts):
+        row = offset
+        while row < offset + n:
+            k = row // rows_per_shard
+            stop = min(offset + n, (k + 1) * rows_per_shard)
+            shards[k].append((b, row - offset, stop - offset))
+            row = stop
+        offset += n
+    return shards
+
+
+def plan_shard(spec: dict, table_symbols: list[str], *pieces: list[dict]) -> tuple[dict, dict | None]:
+    """One shard's job from its pieces of phonemized rows (a Ray task): the rows with their phoneme ids,
+    and the job's fingerprint; a shard already at ``spec["path"]`` with that fingerprint is reused.
+    Returns (summary, job): the job (None when reused) stays in the object store for the encode pass."""
+    from vallex.text.symbols import SymbolTable
+
+    table = SymbolTable(table_symbols, spec["symbols_version"])
+    payload = []
+    for piece, (start, stop) in zip(pieces, spec["slices"], strict=True):
+        for row in piece[start:stop]:
+            payload.append({**{k: row[k] for k in UTTERANCE_KEYS}, "phonemes": table.encode(row["symbols"])})
+    fingerprint = _fingerprint(
+        {
+            "rows": payload,
+            "codec": spec["codec"],
+            "min": spec["min"],
+            "max": spec["max"],
+            "format": SHARD_FORMAT_VERSION,
+        }
+    )
+    path = spec["path"]
+    if is_file(path):
+        job, stats = read_shard_stats(path)
+        if job == fingerprint:
+            return {"path": path, "reused": True, "job": job, "stats": stats, "rows": len(payload)}, None
+    job = {
+        "language": spec["language"],
+        "index": spec["index"],
+        "path": path,
+        "rows": payload,
+        "fingerprint": fingerprint,
+        "symbols_version": spec["symbols_version"],
+    }
+    return {"path": path, "reused": False, "rows": len(payload)}, job
 
 
 # ------------------------------------------------------------------------------------------------
-# Pass 2: decode, filter, encode, write one shard per job (runs inside Ray Data actors)
+# Pass 2: decode, filter, encode, write one shard per job (runs inside Ray actors)
 
 
 class ShardEncoder:
-    """A Ray Data callable class: one EnCodec model per actor, one shard job per call."""
+    """A Ray actor: one codec model per actor, one shard job per :meth:`write` call."""
 
-    settings: dict = {}  # codec, prepared_dir, min_duration, max_duration, codec_batch_size (bound per run)
-
-    def __init__(self):
+    def __init__(self, settings: dict):
+        """``settings``: codec, prepared_dir, min_duration, max_duration, codec_batch_size."""
         from vallex.codec import open_tokenizer
 
         # A fitted codec (mel_rvq) loads its tables from the prepared folder, checked against their sha256.
-        self.tokenizer = open_tokenizer(self.settings["codec"], self.settings["prepared_dir"])
-        self.min_duration = self.settings["min_duration"]
-        self.max_duration = self.settings["max_duration"]
-        self.codec_batch_size = self.settings["codec_batch_size"]
+        self.tokenizer = open_tokenizer(settings["codec"], settings["prepared_dir"])
+        self.min_duration = settings["min_duration"]
+        self.max_duration = settings["max_duration"]
+        self.codec_batch_size = settings["codec_batch_size"]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        stats = [self._write_shard(json.loads(job)) for job in batch["job"]]
-        return {"stats": np.array([json.dumps(s) for s in stats], dtype=object)}
+    def write(self, job: dict) -> dict:
+        """Write ``job``'s shard; returns its path, job fingerprint and stats (what its metadata holds)."""
+        return {"path": job["path"], "job": job["fingerprint"], "stats": self._write_shard(job)}
 
     def _load(self, rows: list[dict], skips: SkipCounter) -> list[tuple[dict, np.ndarray, float, str]]:
         kept = []
@@ -478,7 +575,10 @@ def _prepare_owned(
     valid_fraction: float,
     progress: bool,
 ) -> dict:
+    import ray
+
     from vallex.codec.tokenizer import codec_summary
+    from vallex.text.phonemize import Phonemizer
     from vallex.text.symbols import SymbolTable
 
     codec = codec_description(settings, seed)
@@ -490,91 +590,168 @@ def _prepare_owned(
             f"{codec}; codes from different codecs cannot be mixed: use another output folder"
         )
 
-    utts = assign_splits(utts, valid_fraction, seed)
-    languages = sorted({u.language for u in utts})
+    # The driver only groups the input: each language's utterances in id order, cut into batches of
+    # rows_per_shard. Everything done per utterance (splits, phonemes, the skip filter, phoneme ids,
+    # fingerprints, audio) runs in Ray tasks and actors; the driver handles per-batch and per-shard
+    # summaries, so its work grows with shards, and a big language is spread over many workers.
+    batches = _language_batches(utts, settings.rows_per_shard)
+    languages = sorted(batches)
     log.info("preparing %d utterances in %s -> %s", len(utts), ", ".join(languages), out)
 
-    # Pass 1: phonemes, then the shared symbol table (append-only).
-    for tmp in list_names(out, f"{PHONEME_CACHE}{TMP_MARK}*"):  # a cache write a kill cut short
-        remove(join(out, tmp))
-    phones, phonemized = phonemize_all(utts, progress, cache=join(out, PHONEME_CACHE))
+    # Pass 1: phonemes (cached per batch), then the shared symbol table (append-only).
+    phonemizer = Phonemizer()
+    summaries, ready_refs, phonemized = _phonemize_batches(
+        batches, out, phonemizer, valid_fraction, seed, progress
+    )
     log.info(
         "phonemes: %d utterance(s) phonemized, %d from earlier runs",
         phonemized["phonemized"],
         phonemized["cached"],
     )
-    skips = {lang: SkipCounter() for lang in languages}
-    ready = []
-    for u in utts:
-        if not u.text.strip():
-            skips[u.language].add("empty_text", u.id)
-        elif not phones[u.id]:
-            skips[u.language].add("unphonemizable_text", u.id)
-        else:
-            ready.append(u)
+    skips = {lang: _merge_batch_skips(summaries[lang]) for lang in languages}
     table = SymbolTable.load_or_new(join(out, SYMBOLS_NAME))
     # Grown in memory only: symbols.json and manifest.json are committed together at the end.
-    added = table.extend(s for u in ready for s in phones[u.id])
+    added = table.extend(sorted({sym for lang in languages for s in summaries[lang] for sym in s["symbols"]}))
 
     # A codec fitted to the corpus is fitted once, before any shard, and reused by every later run here.
     if codec.get("kind") == "mel_rvq":
-        codec = fitted_codec(out, codec, ready, settings, seed, old_codec, progress)
+        codec = fitted_codec(
+            out, codec, lambda: _ready_utterances(ready_refs), settings, seed, old_codec, progress
+        )
     if codec.get("kind") == "mel_rvq" or not codec.get("pretrained", True):
         log.warning("%s", codec_summary(codec))
 
-    # Pass 2: shard jobs; shards already written by an identical job are skipped.
-    jobs, reused = [], []
-    by_lang: dict[str, list[Utterance]] = defaultdict(list)
-    for u in ready:
-        by_lang[u.language].append(u)
+    # Pass 2: shard jobs, planned in tasks from the batches' rows; shards already written by an
+    # identical job are kept.
+    plans = []  # (summary ref, job ref) per shard
+    table_ref = ray.put(table.symbols) if languages else None
+    plan_task = ray.remote(num_returns=2)(plan_shard)
     for lang in languages:
-        rows = sorted(by_lang[lang], key=lambda u: u.id)
-        n_shards = max(1, math.ceil(len(rows) / settings.rows_per_shard))
         lang_dir = join(out, lang)
         # Half-written shards of a killed run: never read, never taken as finished; removed here.
         for name in list_names(lang_dir, f".part-*{TMP_MARK}*"):
             log.info("removing %s, left by an interrupted run", join(lang_dir, name))
             remove(join(lang_dir, name))
-        for index in range(n_shards):
-            chunk = rows[index * settings.rows_per_shard : (index + 1) * settings.rows_per_shard]
-            payload = [{**u.to_dict(), "phonemes": table.encode(phones[u.id])} for u in chunk]
+        shards = _shard_pieces([s["ready"] for s in summaries[lang]], settings.rows_per_shard)
+        for index, pieces in enumerate(shards):
             spec = {
-                "rows": payload,
+                "language": lang,
+                "index": index,
+                "path": join(lang_dir, shard_name(index)),
+                "slices": [(start, stop) for _, start, stop in pieces],
+                "symbols_version": table.version,
                 "codec": codec,
                 "min": settings.min_duration,
                 "max": settings.max_duration,
-                "format": SHARD_FORMAT_VERSION,
             }
-            fp = _fingerprint(spec)
-            path = join(lang_dir, shard_name(index))
-            if is_file(path) and read_shard_stats(path)[0] == fp:
-                reused.append(path)
-                continue
-            jobs.append(
-                {
-                    "language": lang,
-                    "index": index,
-                    "path": path,
-                    "rows": payload,
-                    "fingerprint": fp,
-                    "symbols_version": table.version,
-                }
-            )
+            plans.append(plan_task.remote(spec, table_ref, *(ready_refs[lang][b] for b, _, _ in pieces)))
         # Shards beyond this run's count are leftovers of an earlier, larger layout.
-        for stale in list_names(lang_dir, "part-*.parquet")[n_shards:]:
+        for stale in list_names(lang_dir, "part-*.parquet")[len(shards) :]:
             log.info("removing stale shard %s", join(lang_dir, stale))
             remove(join(lang_dir, stale))
+
+    jobs, reused, known = [], [], {}
+    bar = _bar(len(plans), "plan shards", "shard", progress)
+    for summary_ref, job_ref in plans:
+        summary = ray.get(summary_ref)
+        bar.update(1)
+        if summary["reused"]:
+            reused.append(summary["path"])
+            known[summary["path"]] = (summary["job"], summary["stats"])
+        else:
+            jobs.append((job_ref, summary["rows"]))
+    bar.close()
+    plans.clear()
+    ready_refs.clear()  # the batches' rows are in the jobs now: the object store may free them
 
     if reused:
         log.info("%d shard(s) already prepared, skipped", len(reused))
     if jobs:
-        _run_jobs(jobs, codec, out, settings, progress)
+        known.update(_run_jobs(jobs, codec, out, settings, progress))
 
-    manifest = _build_manifest(out, languages, skips, codec, table, old_manifest)
+    manifest = _build_manifest(out, languages, skips, codec, table, old_manifest, known)
     # What this run did (a re-run of finished work shows zeros).
     manifest["last_run"] = {**phonemized, "shards_written": len(jobs), "shards_reused": len(reused)}
     _commit(out, table, manifest, added)
+    if is_file(join(out, LEGACY_PHONEME_CACHE)):
+        log.info("removing %s: the phoneme cache is %s/ now", join(out, LEGACY_PHONEME_CACHE), PHONEME_CACHE)
+        remove(join(out, LEGACY_PHONEME_CACHE))
     return manifest
+
+
+def _language_batches(
+    utts: list[Utterance], rows_per_shard: int
+) -> dict[str, list[list[tuple[int, Utterance]]]]:
+    """Language -> its utterances in id order, with their input positions, in batches of ``rows_per_shard``."""
+    by_lang: dict[str, list[tuple[int, Utterance]]] = defaultdict(list)
+    for position, u in enumerate(utts):
+        by_lang[u.language].append((position, u))
+    out = {}
+    for lang, rows in by_lang.items():
+        rows.sort(key=lambda r: r[1].id)
+        out[lang] = [rows[i : i + rows_per_shard] for i in range(0, len(rows), rows_per_shard)]
+    return out
+
+
+def _phonemize_batches(
+    batches: dict[str, list], out: str, phonemizer, valid_fraction: float, seed: int, progress: bool
+) -> tuple[dict[str, list[dict]], dict[str, list], dict[str, int]]:
+    """Pass 1 over every batch in Ray tasks: (summaries per language, refs to the ready rows per
+    language, counts). The rows stay in the object store; the driver gets each batch's summary."""
+    import ray
+
+    cache_root = join(out, PHONEME_CACHE)
+    for tmp in list_names(out, f"{LEGACY_PHONEME_CACHE}{TMP_MARK}*"):  # an old cache write a kill cut short
+        remove(join(out, tmp))
+    summaries: dict[str, list[dict]] = {}
+    counts = {"phonemized": 0, "cached": 0}
+    if not batches:  # nothing to do: no Ray call (which would start a local cluster)
+        return summaries, {}, counts
+    task = ray.remote(num_returns=2)(phonemize_batch)
+    context = _phonemizer_context(phonemizer)
+    phonemizer_ref = ray.put(phonemizer)
+    summary_refs, ready_refs = {}, {}
+    for lang, lang_batches in batches.items():
+        cache_dir = join(cache_root, lang)
+        for name in list_names(cache_dir, f".batch-*{TMP_MARK}*"):  # a cache write a kill cut short
+            remove(join(cache_dir, name))
+        # Cache files of batches this run does not have (the language shrank) would never be read again.
+        for stale in list_names(cache_dir, "batch-*.parquet")[len(lang_batches) :]:
+            remove(join(cache_dir, stale))
+        refs = [
+            task.remote(
+                batch, lang, phonemizer_ref, context, _phoneme_cache_path(out, lang, b), valid_fraction, seed
+            )
+            for b, batch in enumerate(lang_batches)
+        ]
+        summary_refs[lang] = [s for s, _ in refs]
+        ready_refs[lang] = [r for _, r in refs]
+    bar = _bar(
+        sum(len(b) for lang_batches in batches.values() for b in lang_batches), "phonemize", "utt", progress
+    )
+    for lang, refs in summary_refs.items():
+        summaries[lang] = []
+        for ref in refs:
+            s = ray.get(ref)
+            summaries[lang].append(s)
+            counts["phonemized"] += s["phonemized"]
+            counts["cached"] += s["cached"]
+            bar.update(s["input_rows"])
+    bar.close()
+    return summaries, ready_refs, counts
+
+
+def _ready_utterances(ready_refs: dict[str, list]) -> list[Utterance]:
+    """Every utterance that passed the text filter, with its split, gathered on the driver: only the
+    codec fit needs this (once per output folder), for its seeded sample of the training split."""
+    import ray
+
+    return [
+        Utterance(**{k: row[k] for k in UTTERANCE_KEYS})
+        for lang in sorted(ready_refs)
+        for piece in ray.get(ready_refs[lang])
+        for row in piece
+    ]
 
 
 def _commit(out: str, table, manifest: dict, added: list[str]) -> None:
@@ -635,7 +812,7 @@ def _fit_sample(ready: list[Utterance], n: int, seed: int) -> list[Utterance]:
 def fitted_codec(
     out: str,
     codec: dict,
-    ready: list[Utterance],
+    ready: Callable[[], list[Utterance]],
     settings: PrepareSection,
     seed: int,
     old_codec: dict | None,
@@ -643,7 +820,8 @@ def fitted_codec(
 ) -> dict:
     """The mel_rvq codec dict with its ``fitted`` file and ``sha256``: the tables already in ``out``
     (written by an earlier run into this folder: they made its shards, so they are kept), else fitted
-    now on a seeded sample of the training split and written atomically beside the shards."""
+    now on a seeded sample of the training split (``ready()``: the usable utterances, called only
+    then) and written atomically beside the shards."""
     from vallex.codec import mel_rvq
     from vallex.codec.encodec import CodecError
     from vallex.codec.tokenizer import read_location
@@ -673,7 +851,7 @@ def fitted_codec(
             "or prepare into a new folder"
         )
 
-    sample = _fit_sample(ready, spec.fit_utterances, seed)
+    sample = _fit_sample(ready(), spec.fit_utterances, seed)
     t0 = time.perf_counter()
     wavs = []
     bar = _bar(len(sample), "codec fit: read audio", "utt", progress)
@@ -704,41 +882,37 @@ def fitted_codec(
     return {**codec, "fitted": mel_rvq.FITTED_NAME, "sha256": mel_rvq.sha256(data)}
 
 
-def _run_jobs(jobs: list[dict], codec: dict, out: str, settings: PrepareSection, progress: bool) -> None:
+def _run_jobs(
+    jobs: list[tuple[Any, int]], codec: dict, out: str, settings: PrepareSection, progress: bool
+) -> dict[str, tuple[str, dict]]:
+    """Encode and write the shard ``jobs`` ((object ref of the job, its rows)) on a pool of
+    :class:`ShardEncoder` actors; returns shard path -> (job fingerprint, stats) of each shard written."""
     import ray
+    from ray.util import ActorPool
 
-    # Big jobs first so the pool's tail is short.
-    jobs = sorted(jobs, key=lambda j: -len(j["rows"]))
     use_gpu = _gpus_available()
-    ds = ray.data.from_items(
-        [{"job": json.dumps(j, ensure_ascii=False)} for j in jobs], override_num_blocks=len(jobs)
+    n_actors = min(settings.codec_actors, len(jobs))
+    # A shard job is idempotent (its file is renamed into place whole), so an actor lost with its
+    # node is restarted and its job run again; a few times, not forever (a job that kills its actor
+    # every time is a bug to see, not to retry).
+    encoder = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_restarts=3, max_task_retries=3)(
+        ShardEncoder
     )
-    # Settings travel as class attributes of a per-run subclass, so the actor needs no constructor
-    # arguments. (Ray Data still stores the class itself in the object store, and Ray's core worker
-    # prints one "constructor arguments in the object store" line per run; harmless.)
-    encoder = type(
-        "ShardEncoder",
-        (ShardEncoder,),
-        {
-            "settings": {
+    actors = [
+        encoder.remote(
+            {
                 "codec": codec,
                 "prepared_dir": out,
                 "min_duration": settings.min_duration,
                 "max_duration": settings.max_duration,
                 "codec_batch_size": settings.codec_batch_size,
             }
-        },
-    )
-    n_actors = min(settings.codec_actors, len(jobs))
-    ds = ds.map_batches(
-        encoder,
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=n_actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
-    )
-    total = sum(len(j["rows"]) for j in jobs)
+        )
+        for _ in range(n_actors)
+    ]
+    # Big jobs first so the pool's tail is short.
+    jobs = sorted(jobs, key=lambda j: -j[1])
+    total = sum(rows for _, rows in jobs)
     # The bar counts input utterances (kept or skipped), so its utt/s is the rate work gets done; the
     # postfix gives the audio kept per wall-clock second, from the start of the pool (actor start-up
     # included), in hours/s and as a multiple of real time.
@@ -746,12 +920,21 @@ def _run_jobs(jobs: list[dict], codec: dict, out: str, settings: PrepareSection,
     t0 = time.perf_counter()
     seconds = 0.0
     kept = 0
-    for row in ds.iter_rows():
-        stats = json.loads(row["stats"])
-        seconds += stats["seconds"]
-        kept += stats["rows"]
-        bar.update(stats["input_rows"])
-        bar.set_postfix_str(progress_postfix(seconds, kept, time.perf_counter() - t0))
+    written = {}
+    try:
+        pool = ActorPool(actors)
+        for result in pool.map_unordered(
+            lambda actor, job: actor.write.remote(job), [ref for ref, _ in jobs]
+        ):
+            stats = result["stats"]
+            written[result["path"]] = (result["job"], stats)
+            seconds += stats["seconds"]
+            kept += stats["rows"]
+            bar.update(stats["input_rows"])
+            bar.set_postfix_str(progress_postfix(seconds, kept, time.perf_counter() - t0))
+    finally:
+        for actor in actors:  # their models and CPUs/GPUs go back now, not when Ray collects the handles
+            ray.kill(actor)
     bar.close()
     elapsed = time.perf_counter() - t0
     log.info(
@@ -765,6 +948,7 @@ def _run_jobs(jobs: list[dict], codec: dict, out: str, settings: PrepareSection,
         n_actors,
         "GPU" if use_gpu else "CPU",
     )
+    return written
 
 
 def progress_postfix(audio_seconds: float, kept: int, elapsed: float) -> str:
@@ -776,7 +960,12 @@ def progress_postfix(audio_seconds: float, kept: int, elapsed: float) -> str:
     )
 
 
-def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict | None) -> dict:
+def _build_manifest(
+    out: str, languages, skips, codec, table, old_manifest: dict | None, known: dict | None = None
+) -> dict:
+    """The manifest from each shard's stats: ``known`` (path -> (job fingerprint, stats), what this run's
+    tasks returned) or, for a shard not in it, the shard's own metadata."""
+    known = known or {}
     langs_out = dict((old_manifest or {}).get("languages", {}))
     for lang in languages:
         shards = [f"{lang}/{name}" for name in list_names(join(out, lang), "part-*.parquet")]
@@ -793,7 +982,7 @@ def _build_manifest(out: str, languages, skips, codec, table, old_manifest: dict
         }
         speakers: set[str] = set()
         for rel in shards:
-            job, stats = read_shard_stats(join(out, rel))
+            job, stats = known.get(join(out, rel)) or read_shard_stats(join(out, rel))
             if stats is None:
                 raise PrepareError(
                     f"{join(out, rel)}: shard has no vallex metadata; delete it and re-run preparation"
