@@ -92,9 +92,7 @@ def scheduler(cfg: Config, setup: Mapping[str, Any]):
 
     t = cfg.tune
     return PopulationBasedTraining(
-        time_attr="step",
-        metric="objective",
-        mode="min",
+        time_attr="step",  # metric and mode: the TuneConfig's (objective, min)
         perturbation_interval=interval(t),
         hyperparam_mutations={},  # the weights move together on the simplex: Explore does it
         custom_explore_fn=Explore(setup, t.pbt_sigma, t.pbt_resample, cfg.run.seed),
