@@ -27,6 +27,7 @@ minimax weights run through the same learner), its rows per language, and for PB
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -164,19 +165,26 @@ def run_one(root: Path, prepared: Path, name: str, seed: int, trials: int, overr
         ],
     )
     best = run_search(cfg, trial_fn=count_trial, reuse_actors=True)
-    if best["search"]["scheduler"] == "pbt":  # the rows the best trial's schedule bought
-        rows = {lang: 0.0 for lang in K}
-        for s in best["schedule"]:
+    # The best *search* trial (best_weights.json may name a baseline): what each experiment found.
+    rows = [r for r in csv.DictReader((root / name / "tune" / "trials.csv").open()) if r["phase"] == "search"]
+    top = min((r for r in rows if r["status"] == "COMPLETE"), key=lambda r: float(r["objective"]))
+    weights = {lang: float(top[f"w/{lang}"]) for lang in K}
+    exploits = None
+    if best["search"]["scheduler"] == "pbt":  # the rows the trial's schedule bought, segment by segment
+        population = json.loads((root / name / "tune" / "pbt_schedules.json").read_text())
+        exploits = population["exploits"]
+        bought = {lang: 0.0 for lang in K}
+        for s in population["trials"][top["trial_id"]]["schedule"]:
             for lang, w in s["weights"].items():
-                rows[lang] += w * BATCH * (s["to_step"] - s["from_step"])
+                bought[lang] += w * BATCH * (s["to_step"] - s["from_step"])
     else:
-        rows = {lang: w * BATCH * STEPS for lang, w in best["weights"].items()}
+        bought = {lang: w * BATCH * STEPS for lang, w in weights.items()}
     return {
-        "objective": best["objective"]["value"],
+        "objective": float(top["objective"]),
         "reference": best["objective"]["reference"],
-        "rows": rows,
-        "exploits": best["search"].get("exploits"),
-        "weights": best["weights"],
+        "rows": bought,
+        "exploits": exploits,
+        "weights": weights,
         "uniform": best["baselines"]["uniform"]["objective"],
     }
 

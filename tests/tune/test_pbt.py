@@ -177,3 +177,12 @@ def test_pbt_end_to_end_a_trial_continues_from_the_others_checkpoint_with_pertur
     assert (out / "pbt_schedules.png").stat().st_size > 5000
     saved = json.loads((out / "best_weights.json").read_text())
     assert saved["weights"] == best["weights"]
+
+    # The same command again resumes the finished experiment: its saved state (the scheduler and its
+    # explore step, the random searcher, every trial's checkpoint) passes the resume check
+    # (vallex.tune.state_check), and nothing is trained again.
+    caplog.clear()
+    again = run_search(cfg)
+    assert "resuming pbt-tune-pbt" in caplog.text, caplog.text
+    assert " started: " not in caplog.text and "continues at" not in caplog.text, caplog.text
+    assert again["weights"] == best["weights"] and again["schedule"] == best["schedule"]

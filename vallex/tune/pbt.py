@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ray.tune.schedulers import PopulationBasedTraining
+
 from vallex.config import Config
 from vallex.tune import space as spaces
 
@@ -86,12 +88,31 @@ class Explore:
         return {**config, **params}
 
 
+class SyncPBT(PopulationBasedTraining):
+    """Tune's synchronous PBT, resumable. Tune saves no scheduler state: a resumed experiment gets the
+    scheduler as it was built, whose next synchronization point is the first interval, while its trials
+    restart at their last step. At the first sync it then sets the next one to the trials' step itself,
+    which no trial is below: none is chosen to run, and the search waits forever (seen with Ray 2.58).
+    Each restored trial's step, score and result are taken from its last result instead, and the next
+    synchronization point follows the slowest trial."""
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        last = trial.last_result or {}
+        step = last.get(self._time_attr)
+        if isinstance(step, (int, float)) and step > 0 and self._metric in last:  # a restored trial
+            state = self._trial_state[trial]
+            state.last_train_time = state.last_perturbation_time = step
+            state.last_score = self._metric_op * last[self._metric]
+            state.last_result = last
+        slowest = min(state.last_train_time for state in self._trial_state.values())
+        self._next_perturbation_sync = max(self._perturbation_interval, self._burn_in_period) + slowest
+
+
 def scheduler(cfg: Config, setup: Mapping[str, Any]):
     """Tune's synchronous PBT on the training step, minimizing the objective, exploring with :class:`Explore`."""
-    from ray.tune.schedulers import PopulationBasedTraining
-
     t = cfg.tune
-    return PopulationBasedTraining(
+    return SyncPBT(
         time_attr="step",  # metric and mode: the TuneConfig's (objective, min)
         perturbation_interval=interval(t),
         hyperparam_mutations={},  # the weights move together on the simplex: Explore does it

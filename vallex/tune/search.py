@@ -429,6 +429,15 @@ def warn_late_rungs(max_steps: int, eval_every: int, grace: int, reduction: int 
     return late
 
 
+def _random_searcher(seed: int):
+    """Random draws from the space, seeded. A legacy ``RandomState``, not an int: Tune turns an int into
+    a PCG64 ``Generator``, whose pickle (in the saved state) holds globals the resume check refuses."""
+    import numpy as np
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=np.random.RandomState(seed))
+
+
 def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_actors: bool = False) -> dict:
     """Run (or resume) the whole search; returns the contents of best_weights.json.
 
@@ -440,7 +449,6 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     t = cfg.tune
     setup = make_setup(cfg)
@@ -499,7 +507,7 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
             log.info(
                 "tune.scheduler=pbt draws its population at random: tune.search=%s is not used", t.search
             )
-        searcher = BasicVariantGenerator(random_state=cfg.run.seed)
+        searcher = _random_searcher(cfg.run.seed)
     elif t.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -517,7 +525,7 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
             seed=cfg.run.seed, points_to_evaluate=points or None, evaluated_rewards=rewards or None
         )
     else:
-        searcher = BasicVariantGenerator(random_state=cfg.run.seed)
+        searcher = _random_searcher(cfg.run.seed)
     if t.scheduler == "asha":
         warn_late_rungs(
             t.max_steps_per_trial, t.eval_every, t.grace_steps or max(1, t.max_steps_per_trial // 2)
