@@ -231,10 +231,15 @@ def write_schedules(out_dir: Path, rows: list[dict]) -> dict:
         for r in rows
         if "pbt" in r
     }
-    out = {
-        "trials": trials,
-        "exploits": sum(1 for t in trials.values() for s in t["schedule"] if s.get("cloned_from")),
+    # An exploit is one segment that starts from another trial's checkpoint; trials that cloned the
+    # cloner inherit its schedule, so the same segment can appear in several schedules.
+    exploits = {
+        (s["trial_id"], s["from_step"], s["cloned_from"])
+        for t in trials.values()
+        for s in t["schedule"]
+        if s.get("cloned_from")
     }
+    out = {"trials": trials, "exploits": len(exploits)}
     write_text(out_dir / SCHEDULES_FILE, json.dumps(out, indent=2))
     try:
         plot_schedules(trials, out_dir / SCHEDULE_PLOT)
