@@ -105,8 +105,9 @@ class SyncPBT(PopulationBasedTraining):
             state.last_train_time = state.last_perturbation_time = step
             state.last_score = self._metric_op * last[self._metric]
             state.last_result = last
-        slowest = min(state.last_train_time for state in self._trial_state.values())
-        self._next_perturbation_sync = max(self._perturbation_interval, self._burn_in_period) + slowest
+            # (only on a restore: a fresh trial added late is waited for as Tune's PBT does)
+            slowest = min(s.last_train_time for s in self._trial_state.values())
+            self._next_perturbation_sync = max(self._perturbation_interval, self._burn_in_period) + slowest
 
 
 def scheduler(cfg: Config, setup: Mapping[str, Any]):
