@@ -308,7 +308,9 @@ def _start_run_files(cfg: Config, plan: RunPlan, objective) -> None:
     log.info("%s", plan.summary())
 
 
-def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, objective, start_checkpoint=None):
+def _build_trainer(
+    cfg: Config, plan: RunPlan, corpus, init_state, callbacks, objective, start_checkpoint=None
+):
     """The mixed training stream, what every worker reads, the metrics sink, and the ``TorchTrainer``;
     returns ``(trainer, sink, intelligibility_report)``."""
     import ray
