@@ -2,6 +2,7 @@
 
     python ray_jobs/tune.py --config job.yaml
     python ray_jobs/tune.py --config job.yaml tune.num_samples=16 tune.max_steps_per_trial=200
+    python ray_jobs/tune.py --config job.yaml tune.scheduler=pbt tune.num_samples=4 tune.pbt_interval=50
     python ray_jobs/train.py --config job.yaml data.weights=runs/demo/tune/best_weights.json
 
 Each trial is a short Ray Train + DeepSpeed run (train.*, with tune.max_steps_per_trial steps) on the
@@ -9,6 +10,10 @@ prepared corpus with the trial's weights; by default Optuna's TPE proposes the w
 trials that trail. The baselines (uniform, proportional, temperature alpha=0.3, unimax) and one reference
 run per language get the same budget. Writes <run.output_dir>/tune/best_weights.json (pass it to
 data.weights), trials.csv and tune_losses.png. Re-running the same command resumes an interrupted search.
+With tune.scheduler=pbt the trials are a population trained in segments of tune.pbt_interval steps: at
+each segment's end the worst clone a better trial's checkpoint and train on with perturbed weights; each
+trial's weight schedule is in pbt_schedules.json (and .png), best_weights.json adds the best's schedule
+and model.
 """
 
 from __future__ import annotations

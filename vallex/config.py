@@ -583,8 +583,21 @@ class TuneSection:
     """Every language keeps at least this weight in a search trial (0 lets the search drop one)."""
     search: Literal["optuna", "random"] = "optuna"
     """optuna = Optuna's TPE (told how the baselines scored); random = independent random draws."""
-    scheduler: Literal["asha", "none"] = "asha"
-    """asha stops trials that trail the others at an evaluation (time = training step); none runs all."""
+    scheduler: Literal["asha", "none", "pbt"] = "asha"
+    """asha stops trials that trail the others at an evaluation (time = training step); none runs all;
+    pbt = Population Based Training: ``num_samples`` trials train side by side, and every
+    ``pbt_interval`` steps the worse ones continue from a better one's checkpoint with its weights
+    perturbed (a weight *schedule* per trial; tune.search is not used: the population is drawn at random)."""
+    pbt_interval: int = 0
+    """pbt: steps between perturbations (each trial's run is cut into segments this long); 0 means
+    max_steps_per_trial // 4 (at least 1)."""
+    pbt_sigma: float = 0.3
+    """pbt: how far a perturbation moves the weights: each language's log-weight (above min_weight)
+    gets Gaussian noise of this standard deviation, then the weights are renormalized."""
+    pbt_resample: float = 0.25
+    """pbt: the chance that a perturbation draws new weights from the whole space instead."""
+    pbt_quantile: float = 0.25
+    """pbt: the fraction of the population (rounded up, at most half) that clones the best as often."""
     grace_steps: int = 0
     """ASHA never stops a trial before this step; 0 means half of max_steps_per_trial."""
     baselines: list[str] = field(default_factory=lambda: ["uniform", "proportional", "temperature", "unimax"])
@@ -615,6 +628,19 @@ class TuneSection:
             _require(name in WEIGHT_POLICIES, f"baselines[{i}]", f"must be one of {WEIGHT_POLICIES}")
         _require(self.max_concurrent_trials >= 0, "max_concurrent_trials", "must be >= 0 (0 = derive)")
         _require(self.max_failures >= -1, "max_failures", "must be >= 0, or -1 for unlimited")
+        _require(
+            0 <= self.pbt_interval < self.max_steps_per_trial,
+            "pbt_interval",
+            f"must be in [0, max_steps_per_trial={self.max_steps_per_trial}) (0 = a quarter of it)",
+        )
+        _require(self.pbt_sigma > 0 and math.isfinite(self.pbt_sigma), "pbt_sigma", "must be > 0")
+        _require(0.0 <= self.pbt_resample <= 1.0, "pbt_resample", "must be in [0, 1]")
+        _require(0.0 < self.pbt_quantile <= 0.5, "pbt_quantile", "must be in (0, 0.5]")
+        _require(
+            self.scheduler != "pbt" or self.num_samples >= 2,
+            "num_samples",
+            "must be >= 2 with tune.scheduler=pbt (a population: the worse trials clone the better)",
+        )
         if isinstance(self.reference, str):
             _require(bool(self.reference), "reference", "must be 'solo', a map or a report.json path")
         else:

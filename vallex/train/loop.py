@@ -260,7 +260,8 @@ class WorkerRun:
         if not cfg.train.use_gpu:
             torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
         model = VallexModel(VallexConfig(**plan.model_config))
-        ckpt = ray.train.get_checkpoint()
+        # This run's own latest checkpoint (a restart), else the one it was told to continue (a PBT segment).
+        ckpt = ray.train.get_checkpoint() or loop_config.get("start_checkpoint")
         if ckpt is None and loop_config.get("init_state") is not None:  # train.init_from, grown by the driver
             load_weights(model, ray.get(loop_config["init_state"]), cfg.train.init_from)
         model_engine, _, _ = ds_engine.initialize(model, cfg.train)

@@ -247,7 +247,12 @@ def _best_checkpoint(result, metric: str, storage: str) -> dict | None:
     lambda cfg, **_: f"training run {cfg.run.name!r} (its Ray Train checkpoints)",
 )
 def train(
-    cfg: Config, *, callbacks=(), objective: Callable[[dict], dict] | None = None, plan: RunPlan | None = None
+    cfg: Config,
+    *,
+    callbacks=(),
+    objective: Callable[[dict], dict] | None = None,
+    plan: RunPlan | None = None,
+    start_checkpoint=None,
 ) -> dict:
     """Run (or resume) training as configured; returns the report (also written to train_dir/report.json).
 
@@ -256,7 +261,9 @@ def train(
     ``callbacks``: extra Ray Train callbacks (Tune passes its ``TuneReportCallback``). ``objective``:
     a picklable function of the per-language validation losses returning extra metrics (Tune passes
     :func:`vallex.tune.objective.score` with its arguments), computed by the workers at every
-    evaluation and reported with the metrics (what a Tune search minimizes).
+    evaluation and reported with the metrics (what a Tune search minimizes). ``start_checkpoint``: a
+    ``ray.train.Checkpoint`` of another run (same model and workers) this run continues from, steps
+    included, when its own storage has none yet (a PBT segment: :mod:`vallex.tune.pbt`).
 
     Phases: plan -> checks and run files -> the workers' inputs -> fit (with live progress) -> report.
     """
@@ -272,7 +279,7 @@ def train(
     check_storage(cfg)
     _start_run_files(cfg, plan, objective)
     trainer, sink, intelligibility_report = _build_trainer(
-        cfg, plan, corpus, init_state, callbacks, objective
+        cfg, plan, corpus, init_state, callbacks, objective, start_checkpoint
     )
     t0 = time.time()
     result = _fit_with_progress(trainer, sink, cfg.train.max_steps)
@@ -301,7 +308,9 @@ def _start_run_files(cfg: Config, plan: RunPlan, objective) -> None:
     log.info("%s", plan.summary())
 
 
-def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, objective):
+def _build_trainer(
+    cfg: Config, plan: RunPlan, corpus, init_state, callbacks, objective, start_checkpoint=None
+):
     """The mixed training stream, what every worker reads, the metrics sink, and the ``TorchTrainer``;
     returns ``(trainer, sink, intelligibility_report)``."""
     import ray
@@ -332,6 +341,8 @@ def _build_trainer(cfg: Config, plan: RunPlan, corpus, init_state, callbacks, ob
         "tracking": tracking_settings(cfg),
         "intelligibility": intelligibility,
     }
+    if start_checkpoint is not None:  # Ray Train V2 has no resume_from_checkpoint: the loop takes it
+        loop_config["start_checkpoint"] = start_checkpoint
     if plan.online is not None:  # data.weights=online: each worker reads its own rows of every stretch
         loop_config["online_base"] = ray.put(_online_base(cfg, plan, corpus))
     return _torch_trainer(cfg, plan, train_ds, loop_config, callbacks), sink, intelligibility_report

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +41,7 @@ from ray.tune import Callback
 
 from vallex.config import Config
 from vallex.files import save_figure, write_text
+from vallex.tune import pbt as pbts
 from vallex.tune import space as spaces
 from vallex.tune.objective import pick_best, score
 from vallex.tune.state_check import check_experiment_state
@@ -99,6 +101,7 @@ def make_setup(cfg: Config) -> dict[str, Any]:
         "min_weight": t.min_weight,
         "max_steps": t.max_steps_per_trial,
         "eval_every": t.eval_every,
+        "pbt_interval": pbts.interval(t) if t.scheduler == "pbt" else 0,  # steps per PBT segment
         "prepared_dir": cfg.prepared_dir,
         "out_dir": str(out_dir),
         "train_storage": storage.rstrip("/") + f"/{cfg.run.name}-tune-train",
@@ -286,7 +289,19 @@ class Progress(Callback):
             )
         except Exception as e:  # a display line must not stop the search
             weights = f"(weights unknown: {e})"
-        log.info("%s started: weights %s", self._label(trial), weights)
+        how = "started"
+        if self.trial_setup.get("pbt_interval") and trial.checkpoint is not None:
+            try:  # a PBT member restarting: from its own checkpoint, or (exploit) from a better trial's
+                state = trial.checkpoint.get_metadata().get(pbts.META_KEY, {})
+                source = state.get("trial_id")
+                how = f"continues at step {state.get('step')} from " + (
+                    "its own checkpoint"
+                    if source == trial.trial_id
+                    else f"trial {source}'s checkpoint (exploit)"
+                )
+            except Exception as e:  # a display line must not stop the search
+                how = f"restarted (checkpoint unreadable: {e})"
+        log.info("%s %s: weights %s", self._label(trial), how, weights)
         self.last_line = time.time()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -348,6 +363,7 @@ def _run_experiment(
     total: int,
     restart_errored: bool,
     setup: Mapping[str, Any],
+    stop: dict | None = None,
 ):
     """Fit a Tune experiment, or resume it where it stopped when its state is already in storage."""
     from ray import tune
@@ -362,6 +378,7 @@ def _run_experiment(
         failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
         callbacks=callbacks,
         verbose=0,
+        stop=stop,
     )
     if tune.Tuner.can_restore(path):
         log.info("resuming %s from %s", name, path)
@@ -412,6 +429,15 @@ def warn_late_rungs(max_steps: int, eval_every: int, grace: int, reduction: int 
     return late
 
 
+def _random_searcher(seed: int):
+    """Random draws from the space, seeded. A legacy ``RandomState``, not an int: Tune turns an int into
+    a PCG64 ``Generator``, whose pickle (in the saved state) holds globals the resume check refuses."""
+    import numpy as np
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=np.random.RandomState(seed))
+
+
 def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_actors: bool = False) -> dict:
     """Run (or resume) the whole search; returns the contents of best_weights.json.
 
@@ -423,7 +449,6 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
 
     t = cfg.tune
     setup = make_setup(cfg)
@@ -476,7 +501,14 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
     # 2. The search.
     names = spaces.tune_space(t.space, languages)
     baseline_rows = [r for r in rows if not r["name"].startswith(SOLO_PREFIX) and "objective" in r]
-    if t.search == "optuna":
+    pbt = t.scheduler == "pbt"
+    if pbt:  # PBT refuses a model-based searcher: the population is drawn uniformly from the space
+        if t.search != "random":
+            log.info(
+                "tune.scheduler=pbt draws its population at random: tune.search=%s is not used", t.search
+            )
+        searcher = _random_searcher(cfg.run.seed)
+    elif t.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
@@ -493,7 +525,7 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
             seed=cfg.run.seed, points_to_evaluate=points or None, evaluated_rewards=rewards or None
         )
     else:
-        searcher = BasicVariantGenerator(random_state=cfg.run.seed)
+        searcher = _random_searcher(cfg.run.seed)
     if t.scheduler == "asha":
         warn_late_rungs(
             t.max_steps_per_trial, t.eval_every, t.grace_steps or max(1, t.max_steps_per_trial // 2)
@@ -506,15 +538,19 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
             grace_period=t.grace_steps or max(1, t.max_steps_per_trial // 2),
             reduction_factor=3,
         )
+    elif pbt:
+        scheduler = pbts.scheduler(cfg, setup)
+        random.seed(cfg.run.seed)  # Tune's PBT picks which better trial to clone with `random`
     else:
         scheduler = FIFOScheduler()
     setup_search = dict(setup)  # the solo references are known now: the search's workers score with them
     trainable = tune.with_resources(
-        tune.with_parameters(trial_fn or train_trial, setup=setup_search), {"CPU": DRIVER_CPU}
+        tune.with_parameters(trial_fn or (pbts.pbt_trial if pbt else train_trial), setup=setup_search),
+        {"CPU": DRIVER_CPU},
     )
     results = _run_experiment(
         cfg,
-        f"{cfg.run.name}-tune-search",
+        f"{cfg.run.name}-tune-{'pbt' if pbt else 'search'}",
         trainable,
         names,
         tune.TuneConfig(
@@ -530,6 +566,8 @@ def run_search(cfg: Config, trial_fn: Callable[..., None] | None = None, reuse_a
         t.num_samples,
         restart_errored=False,  # a failed trial stays recorded as failed
         setup=setup_search,
+        # PBT must not clone into a trial at its last report: it would restart it with nothing to train.
+        stop={"step": t.max_steps_per_trial} if pbt else None,
     )
     rows += [_row(r, SEARCH, setup) for r in results]
 
@@ -585,6 +623,8 @@ def _row(result, phase: str, setup: Mapping[str, Any]) -> dict:
     for key in ("objective", "objective_tiebreak"):
         if key in metrics and phase == SEARCH:
             row[key] = float(metrics[key])
+    if setup.get("pbt_interval") and phase == SEARCH:  # a PBT trial: its weight schedule and model
+        row["pbt"] = pbts.schedule_of(result) or {}
     return row
 
 
@@ -669,6 +709,14 @@ def write_outputs(cfg: Config, setup: Mapping[str, Any], rows: list[dict], objec
             "scheduler": t.scheduler,
         },
     }
+    if t.scheduler == "pbt":
+        population = pbts.write_schedules(out_dir, [r for r in rows if r["phase"] == SEARCH])
+        summary["search"].update(
+            algorithm="random", exploits=population["exploits"], interval=pbts.interval(t)
+        )
+        if "pbt" in best:  # the weights changed during the run: the schedule that made the model, and it
+            summary["schedule"] = best["pbt"].get("schedule", [])
+            summary["model"] = best["pbt"].get("model")
     write_text(out_dir / BEST_FILE, json.dumps(summary, indent=2))
     try:
         plot_trials(

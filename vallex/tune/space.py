@@ -134,3 +134,48 @@ def to_params(
     if space == "temperature":
         return None
     raise ValueError(f"tune.space must be one of {SPACES}, got {space!r}")
+
+
+def perturb(
+    space: str,
+    params: Mapping[str, float],
+    languages: list[str],
+    rng,
+    *,
+    sigma: float,
+    resample: float,
+    min_weight: float = 0.0,
+    counts: Mapping[str, int] | None = None,
+) -> tuple[dict[str, float], str]:
+    """PBT's *explore* step on the simplex: a nearby point of the space, and how it was made.
+
+    With probability ``resample`` a fresh uniform draw of the whole space; else each language's share
+    above ``min_weight`` is multiplied by ``exp(N(0, sigma))`` and the shares renormalized (for
+    ``logits`` that is Gaussian noise on the logits, clipped to the range; for ``temperature``, noise of
+    ``sigma`` on alpha, clipped to [0, 1]). Every result maps back through :func:`to_weights` to
+    weights that sum to 1 with every language at ``min_weight`` or more. ``rng`` is a
+    ``random.Random`` (or anything with ``random`` and ``gauss``)."""
+    langs = sorted(languages)
+    names = param_names(space, langs)
+    if rng.random() < resample:
+        lo, hi = (-LOGIT_RANGE, LOGIT_RANGE) if space == "logits" else (0.0, 1.0)
+        return {n: lo + (hi - lo) * rng.random() for n in names}, "resampled"
+    if space == "temperature":
+        alpha = min(max(float(params["alpha"]) + rng.gauss(0.0, sigma), 0.0), 1.0)
+        return {"alpha": alpha}, f"alpha {float(params['alpha']):.3f} -> {alpha:.3f}"
+    w = to_weights(space, params, langs, min_weight, counts=counts)
+    scale = 1.0 - len(langs) * min_weight
+    # The share above the floor; a language at the floor exactly gets a tiny share so it can grow again.
+    p = {lang: max((w[lang] - min_weight) / scale, 1e-6) for lang in langs}
+    z = {lang: math.log(v) + rng.gauss(0.0, sigma) for lang, v in p.items()}
+    if space == "logits":
+        out = {
+            f"logit_{lang}": min(max(z[lang] - z[langs[0]], -LOGIT_RANGE), LOGIT_RANGE) for lang in langs[1:]
+        }
+    else:  # stick: renormalize, then the (exact) inverse map
+        top = max(z.values())
+        e = {lang: math.exp(v - top) for lang, v in z.items()}
+        total = math.fsum(e.values())
+        new = {lang: min_weight + scale * v / total for lang, v in e.items()}
+        out = to_params(space, new, langs, min_weight)
+    return out, f"log-weights + N(0, {sigma:g})"

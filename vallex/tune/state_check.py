@@ -125,6 +125,20 @@ TUNE_STATE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("ray.tune.tune_config", "TuneConfig"),
         ("ray.tune.search.optuna.optuna_search", "OptunaSearch"),
         ("vallex.tune.search", "Progress"),
+        # tune.scheduler=pbt (tests/tune/test_pbt.py's end-to-end search): the scheduler and its explore
+        # step (plain data), the random population's searcher (a legacy RandomState: MT19937, below), and
+        # each trial's latest checkpoint (a path, its pyarrow filesystem and a UUID; the trial function
+        # reads only its .metadata.json, JSON, and DeepSpeed's weights-only files from it)
+        ("vallex.tune.pbt", "SyncPBT"),
+        ("vallex.tune.pbt", "Explore"),
+        ("ray.tune.search.basic_variant", "BasicVariantGenerator"),
+        ("ray.train._internal.session", "_TrainingResult"),
+        ("ray.tune", "Checkpoint"),
+        ("uuid", "UUID"),
+        # ... and that RandomState's state array, as pickle protocol 5 writes an array: numpy's
+        # ``frombuffer(buf, dtype).reshape(shape, order=order)`` of bytes the pickle holds
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.numeric", "_frombuffer"),  # the same function, as numpy 1.x names it
         # Optuna's study and TPE sampler (searcher-state-*.pkl)
         ("numpy", "dtype"),
         ("numpy", "ndarray"),
@@ -169,6 +183,8 @@ TUNE_STATE_CALLS: frozenset[tuple[str, str]] = frozenset(
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy.random._pickle", "__bit_generator_ctor"),
         ("numpy.random._pickle", "__randomstate_ctor"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.numeric", "_frombuffer"),
         ("optuna.study._study_direction", "StudyDirection"),
         ("optuna.trial._state", "TrialState"),
         ("ray.cloudpickle.cloudpickle", "_builtin_type"),
