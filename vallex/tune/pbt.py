@@ -131,7 +131,7 @@ def segment_config(
 ):
     """One segment's training config: the trial's, with its own output folder and Train run, to ``end``."""
     from vallex.config import derive_config
-    from vallex.tune.search import trial_config
+    from vallex.tune.trial import trial_config
 
     return derive_config(
         trial_config(setup, weights, trial_id),
@@ -154,7 +154,7 @@ def pbt_trial(config: dict, setup: dict) -> None:
     from vallex.train.metrics import flat_metrics, read_metrics
     from vallex.train.trainer import train
     from vallex.tune.objective import score
-    from vallex.tune.search import trial_objective, trial_weights
+    from vallex.tune.trial import trial_objective, trial_weights
 
     DataContext.get_current().enable_progress_bars = False
     trial_id = tune.get_context().get_trial_id()
