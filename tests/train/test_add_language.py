@@ -325,7 +325,8 @@ def runs(base, corpora):
         "train.checkpoint_every=4",
         "data.window_rows=32",
         "train.intelligibility.samples=false",  # no listening samples: not what this test is about
-    ]  # text gain stays on: the comparison table shows it (no recognizer beside the shards: no PER)
+        "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass): the table's
+    ]  # text gain and PER columns are checked on records in test_report_shows_text_gain_and_per...
     rc = _main()(args)
     reports = {
         mode: json.loads((out / mode / "forgetting_report.json").read_text()) for mode in ("naive", "vallex")
@@ -404,17 +405,16 @@ def test_comparison_written_from_the_two_real_runs(runs):
     assert "after 4 steps" in md and "Validation AR + NAR loss" in md
     lines = md.splitlines()
     assert "| language | role | baseline (step 0) | naive: final | naive: change | vallex: final |" in md
-    assert "text gain: step 0 → naive / vallex |" in md and "PER" not in lines[2]  # no recognizer: no PER
+    assert "text gain" not in lines[2] and "PER" not in lines[2]  # neither measured: no such columns
     for lang in ("en", "fr", "zh"):
         n, v = naive["languages"][lang], vallex["languages"][lang]
         assert n["baseline"] == pytest.approx(v["baseline"])  # one base model, one step-0 evaluation
         assert (
             f"| {lang} | {v['role']} | {v['baseline']:.3f} "
             f"| {n['final']:.3f} | {n['relative_change'] * 100:+.1f}% ({n['verdict']}) "
-            f"| {v['final']:.3f} | {v['relative_change'] * 100:+.1f}% ({v['verdict']}) "
-            f"| {v['text_gain']['baseline']:.3f} → {n['text_gain']['final']:.3f} / {v['text_gain']['final']:.3f} |"
+            f"| {v['final']:.3f} | {v['relative_change'] * 100:+.1f}% ({v['verdict']}) |"
         ) in lines, (lang, md)
-    assert f"| guard | | | | {naive['guard']['verdict']} | | {vallex['guard']['verdict']} | |" in lines
+    assert f"| guard | | | | {naive['guard']['verdict']} | | {vallex['guard']['verdict']} |" in lines
     png = (out / "add_language.png").read_bytes()
     assert len(png) > 5000 and runs["figure"].read_bytes() == png  # --figure: a copy of the same figure
 
@@ -467,3 +467,21 @@ def test_report_shows_text_gain_and_per_and_judges_a_falling_text_gain(tmp_path)
     table = report_table(rep)
     assert "text gain" in table and "PER" in table
     assert "0.400 -> 0.100" in table and "30% -> 80%" in table
+
+    # The demo's comparison: step 0 -> naive / vallex, for text gain and synthesized PER (with its floor).
+    vallex_records = [_record(0, {"ar": 10.0, "en": 8.0}), _record(10, {"ar": 7.0, "en": 7.9})]
+    for r, (en_gain, en_per) in zip(vallex_records, ((0.4, 0.3), (0.45, 0.35)), strict=True):
+        r["valid"]["en"].update({"text_gain": en_gain, "per": en_per, "per_floor": 0.2})
+        r["valid"]["ar"].update({"text_gain": 0.0 if r["step"] == 0 else 0.3})
+    plan.mode, plan.trained_languages = "vallex", ["ar", "en"]
+    kept = forgetting_report(vallex_records, {"guard": {"verdict": "ok", "trips": []}}, plan)
+    lines = comparison_table(rep, kept).splitlines()
+    assert lines[0].endswith(
+        "| text gain: step 0 → naive / vallex | synthesized PER: step 0 → naive / vallex |"
+    )
+    assert lines[1] == "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == (
+        "| ar | new | 0.000 | 0.200 | +nan% (learned) | 0.300 | +nan% (learned) | 0.000 → 0.200 / 0.300 | - |"
+    ), lines[2]
+    assert lines[3].endswith("| 0.400 → 0.100 / 0.450 | 30% → 80% / 35% (floor 20%) |"), lines[3]
+    assert lines[-1] == "| guard | | | | forgetting | | ok | | |"
