@@ -367,9 +367,9 @@ def report_table(report: dict) -> str:
             f"{v['relative_change'] * 100:>+8.1f}%"
         )
         if gain:
-            row += f"{_arrow(v.get('text_gain'), '{:.3f}'):>16}"
+            row += f" {_arrow(v.get('text_gain'), '{:.3f}'):>15}"
         if per:
-            row += f"{_arrow(v.get('per'), '{:.0%}'):>14}"
+            row += f" {_arrow(v.get('per'), '{:.0%}'):>13}"
         rows.append(
             row
             + f"  {v['verdict']}"
