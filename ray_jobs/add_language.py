@@ -36,7 +36,7 @@ options (before or after the key=value overrides):
                        (--new overrides which), add it naively and with vallex from that same base, and write
                        the comparison table (comparison.md) and figure (also copied to --figure). The phoneme
                        recognizer that scores synthesized speech is trained first (on all demo languages).
-  --base-steps N       demo: training steps of the base model (default 1200: it reads its text after ~300)
+  --base-steps N       demo: training steps of the base model (default 900: it reads its text after ~300)
   --add-steps N        demo: training steps of each add-language run (default 300); otherwise train.max_steps
   --figure FILE        --compare/--demo: where to copy the comparison figure (demo default docs/add_language.png)
 

@@ -38,9 +38,10 @@ log = logging.getLogger("vallex.add_language")
 
 DEMO_OUT = "runs/add_language"
 DEMO_FIGURE = "docs/add_language.png"
-DEMO_BASE_STEPS = 1200
-"""The demo's base model reads its text only after ~300 steps (job.yaml's model; docs/BENCHMARKS.md): a base
-that does not read cannot show naive training taking its reading away."""
+DEMO_BASE_STEPS = 900
+"""The demo's base model reads its text only after ~300 steps (job.yaml's model: text gain 0.01-0.03 at
+300 steps, 0.08-0.29 at 900; docs/BENCHMARKS.md): a base that does not read cannot show naive training
+taking its reading away."""
 DEMO_ADD_STEPS = 300
 COMPARISON_FIGURE = "add_language.png"
 
