@@ -3,6 +3,7 @@
     python ray_jobs/add_language.py --config job.yaml --base runs/base/train/model.pt --new ar \\
         [--replay-ratio 0.5] [--out DIR] [key.sub=value ...]
     python ray_jobs/add_language.py --config job.yaml --base ... --new ar --naive
+    python ray_jobs/add_language.py --config job.yaml --base ... --new ar --compare   (naive vs vallex)
     python ray_jobs/add_language.py --demo              (the headline comparison; make add-language-demo)
 
 Steps: evaluate every language the model knows on its validation split (step 0: the baseline) ->
@@ -27,29 +28,32 @@ options (before or after the key=value overrides):
                        decides (a policy, a map, or a Tune best_weights.json).
   --out DIR            where the run writes (default <run.output_dir>/add-<langs>-<mode>). The same --out
                        again resumes its run from the latest checkpoint.
+  --compare            add --new to --base twice, naively (<out>/naive) and with vallex (<out>/vallex), and
+                       write the comparison: <out>/comparison.md (loss, text gain and synthesized PER per
+                       language, step 0 vs each mode's end), comparison.json and add_language.png.
   --demo               the headline result on the embedded demo corpus, under --out (default
                        runs/add_language): train a base model on every demo language but the smallest
                        (--new overrides which), add it naively and with vallex from that same base, and write
-                       the comparison table (comparison.md) and figure (also copied to --figure).
-  --base-steps N       demo: training steps of the base model (default 300)
+                       the comparison table (comparison.md) and figure (also copied to --figure). The phoneme
+                       recognizer that scores synthesized speech is trained first (on all demo languages).
+  --base-steps N       demo: training steps of the base model (default 900: it reads its text after ~300)
   --add-steps N        demo: training steps of each add-language run (default 300); otherwise train.max_steps
-  --figure FILE        demo: where to copy the comparison figure (default docs/add_language.png)
+  --figure FILE        --compare/--demo: where to copy the comparison figure (demo default docs/add_language.png)
 
-The exit status is 0 when the old languages stayed within the guard's limit (demo: when the vallex run
-kept them and the naive one did not), 1 otherwise, 2 for a bad command line or config.
+Library: vallex.train.add_language (plan, run, forgetting report) and vallex.train.add_language_compare
+(the comparison, the demo, this command). The exit status is 0 when the old languages stayed within the
+guard's limit (--compare/--demo: when the vallex run kept them and the naive one did not), 1 otherwise,
+2 for a bad command line or config.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from vallex.cli import parse_config
-from vallex.logs import setup_logging
-from vallex.runtime import init_ray
 
-SECTIONS = ("run", "corpus", "prepare", "data", "model", "train")
+SECTIONS = ("run", "corpus", "prepare", "recognizer", "data", "model", "train")
 
 
 def _options() -> argparse.ArgumentParser:
@@ -58,68 +62,22 @@ def _options() -> argparse.ArgumentParser:
     p.add_argument("--base-vocab")
     p.add_argument("--new", type=lambda s: [x.strip() for x in s.split(",") if x.strip()], default=[])
     p.add_argument("--naive", action="store_true")
+    p.add_argument("--compare", action="store_true")
+    p.add_argument("--demo", action="store_true")
     p.add_argument("--replay-ratio", type=float)
     p.add_argument("--out")
-    p.add_argument("--demo", action="store_true")
-    p.add_argument("--base-steps", type=int, default=300)
-    p.add_argument("--add-steps", type=int, default=300)
-    p.add_argument("--figure", default="docs/add_language.png")
+    p.add_argument("--base-steps", type=int)
+    p.add_argument("--add-steps", type=int)
+    p.add_argument("--figure")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    opts, rest = _options().parse_known_args(argv)
+    opts, rest = _options().parse_known_args(sys.argv[1:] if argv is None else list(argv))
     cfg, _ = parse_config(__doc__, sections=SECTIONS, argv=rest)  # prints --help (this text) and exits
-    mode = "naive" if opts.naive else "vallex"
-    if opts.demo:
-        out = Path(opts.out or "runs/add_language")
-    else:
-        if not opts.base or not opts.new:
-            print(
-                "add_language.py: --base FILE and --new LANGS are required (or --demo); see --help",
-                file=sys.stderr,
-            )
-            return 2
-        out = Path(opts.out or cfg.output_dir / f"add-{'-'.join(sorted(opts.new))}-{mode}")
-    log = setup_logging(out / "logs" / "add_language.log")
+    from vallex.train.add_language_compare import AddLanguageCommand, run_command
 
-    from vallex.train.add_language import AddLanguageError, add_language, add_language_demo, plan_add_language
-
-    if opts.demo:
-        init_ray()
-        try:
-            shown = add_language_demo(
-                cfg,
-                out=out,
-                new=opts.new,
-                base_steps=opts.base_steps,
-                add_steps=opts.add_steps,
-                replay_ratio=opts.replay_ratio,
-                figure=opts.figure,
-            )
-            return 0 if shown else 1
-        except AddLanguageError as e:
-            log.error("add_language.py: %s", e)
-            return 2
-    if opts.add_steps != 300 or opts.base_steps != 300:
-        log.warning("--base-steps/--add-steps apply to --demo only; train.max_steps sets the steps")
-    try:  # every check before Ray starts: the base model, the prepared corpus, the languages, the weights
-        plan = plan_add_language(
-            cfg,
-            base=opts.base,
-            new_languages=opts.new,
-            out_dir=out,
-            mode=mode,
-            replay_ratio=opts.replay_ratio,
-            base_vocab=opts.base_vocab,
-        )
-    except (ValueError, FileNotFoundError) as e:  # AddLanguageError, CorpusError, CheckpointError, ...
-        log.error("add_language.py: %s", e)
-        return 2
-    init_ray()
-    report = add_language(plan)
-    return 0 if report["verdict"] == "ok" else 1
+    return run_command(cfg, AddLanguageCommand(**vars(opts)))
 
 
 if __name__ == "__main__":

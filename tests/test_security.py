@@ -267,7 +267,8 @@ def _submit():
 
 
 def test_submit_finds_the_token_in_rays_order(tmp_path, monkeypatch):
-    auth_token = _submit()["auth_token"]
+    from vallex.submission import SubmitError, auth_token
+
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
@@ -283,7 +284,7 @@ def test_submit_finds_the_token_in_rays_order(tmp_path, monkeypatch):
     (tmp_path / "explicit").write_text("from-file")
     assert auth_token(str(tmp_path / "explicit"))[0] == "from-file"
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(SystemExit, match="is empty"):
+    with pytest.raises(SubmitError, match="is empty"):
         auth_token(str(tmp_path / "empty"))
 
 

@@ -11,6 +11,22 @@ import argparse
 from vallex.config import Config, ConfigError, check_local_paths, config_help, load_config
 
 
+class _ConfigParser(argparse.ArgumentParser):
+    """Lists the config keys of ``sections`` under ``--help``, built only when help is shown: reading
+    every field's docstring from the source costs seconds on a busy machine, at every entry point's start."""
+
+    def __init__(self, sections: tuple[str, ...], **kwargs):
+        super().__init__(**kwargs)
+        self._sections = sections
+
+    def format_help(self) -> str:
+        if self.epilog is None:
+            self.epilog = "config keys (set in the YAML file or override as key.sub=value):\n" + config_help(
+                sections=self._sections
+            )
+        return super().format_help()
+
+
 def parse_config(
     description: str,
     sections: tuple[str, ...],
@@ -18,11 +34,10 @@ def parse_config(
     default_config: str | None = "job.yaml",
 ) -> tuple[Config, argparse.Namespace]:
     """Parse ``--config FILE key=value ...``; exit with a clear message on a bad config."""
-    parser = argparse.ArgumentParser(
+    parser = _ConfigParser(
+        sections,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (set in the YAML file or override as key.sub=value):\n"
-        + config_help(sections=sections),
     )
     parser.add_argument(
         "--config",

@@ -487,7 +487,8 @@ print("PROBE " + json.dumps(out))
 
 
 def test_submit_builds_entrypoint_and_resolves_working_dir(tmp_path):
-    build = runpy.run_path(str(ROOT / "ray_jobs" / "submit.py"), run_name="vallex_test")["build_submission"]
+    from vallex.submission import build_submission as build
+
     sub = tmp_path / "configs"
     sub.mkdir()
     (sub / "job.yaml").write_text(
@@ -510,7 +511,8 @@ def test_submit_rejects_bad_override_before_contacting_a_cluster(capsys):
 
 
 def test_submit_exit_codes():
-    code = runpy.run_path(str(ROOT / "ray_jobs" / "submit.py"), run_name="vallex_test")["exit_code"]
+    from vallex.submission import exit_code as code
+
     assert code("SUCCEEDED", None) == 0
     assert code("FAILED", 1) == 1 and code("FAILED", 7) == 7 and code("FAILED", None) == 1
     assert code("STOPPED", None) == 1

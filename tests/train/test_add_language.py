@@ -1,6 +1,8 @@
 """Adding a language to a trained model: growth leaves old languages untouched, naive mode trains only the
-new language, the forgetting report's fields and verdicts, and a tiny end-to-end run (Ray Train, 2 workers,
-DeepSpeed ZeRO-2) from a base model through both modes."""
+new language, the forgetting report's fields and verdicts, and a tiny end-to-end run (Ray Train, 1 worker,
+DeepSpeed ZeRO-2) through what the demo runs: its base model (``train_base``), then ``add_language.py
+--compare`` adding a language naively and with vallex from it, and the demo's comparison table, JSON and
+figure written from those two real runs."""
 
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ from vallex.data.synthetic import symbols_fingerprint, write_synthetic_corpus
 from vallex.train.add_language import (
     AddLanguageError,
     AddLanguagePlan,
-    comparison_table,
     forgetting_report,
     plan_add_language,
     plot_forgetting,
     replay_weights,
     report_table,
 )
+from vallex.train.add_language_compare import comparison_table
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD = {"en": 40, "fr": 24}
@@ -81,11 +83,12 @@ def corpora(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base(ray_cluster, corpora):
-    """A base model trained on the old languages only: its train/model.pt and report."""
-    from vallex.train.trainer import train
+    """A base model trained on the old languages only, as the demo trains its own: train/model.pt and report."""
+    from vallex.train.add_language_compare import train_base
 
-    cfg = _cfg(corpora / "base", corpora / "prep-base", "run.name=base", "train.max_steps=6")
-    report = train(cfg)
+    cfg = _cfg(corpora / "unused", corpora / "unused")  # train_base sets the folders, languages and steps
+    report = train_base(cfg, out=corpora / "base", prepared_dir=corpora / "prep-base", languages=OLD, steps=6)
+    assert report["steps"] == 6 and sorted(report["languages"]) == sorted(OLD)
     return Path(report["model_file"]), report
 
 
@@ -291,39 +294,52 @@ def test_report_fields_and_verdicts(tmp_path):
 # ------------------------------------------------------------------------------------ end to end (Ray)
 
 
+def _main():
+    return runpy.run_path(str(ROOT / "ray_jobs" / "add_language.py"), run_name="vallex_test")["main"]
+
+
 @pytest.fixture(scope="module")
 def runs(base, corpora):
-    """The base model extended with zh in both modes, through the ray_jobs entry point."""
-    main = runpy.run_path(str(ROOT / "ray_jobs" / "add_language.py"), run_name="vallex_test")["main"]
+    """The base model extended with zh in both modes by one ``add_language.py --compare`` (the demo's
+    comparison on the user's own base and corpus): <out>/naive, <out>/vallex, the comparison beside them."""
     model_file, _ = base
-    out = {}
-    for mode in ("naive", "vallex"):
-        out[mode] = corpora / mode
-        args = [
-            "--config",
-            str(ROOT / "job.yaml"),
-            f"--base={model_file}",
-            "--new=zh",
-            f"--out={out[mode]}",
-            *(["--naive"] if mode == "naive" else ["--replay-ratio=0.5"]),
-            f"run.output_dir={corpora / 'unused'}",
-            f"run.prepared_dir={corpora / 'prep'}",
-            "model.dropout=0.0",
-            "train.num_workers=1",
-            "train.cpus_per_worker=0.5",
-            "train.batch_size=4",
-            "train.max_steps=4",
-            "train.warmup_steps=1",
-            "train.eval_every=2",
-            "train.checkpoint_every=4",
-            "data.window_rows=32",
-            "train.intelligibility.samples=false",  # no listening samples: not what this test is about
-            "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass)
-        ]
-        rc = main(args)
-        verdict = json.loads((out[mode] / "forgetting_report.json").read_text())["verdict"]
-        assert rc == (0 if verdict == "ok" else 1)  # the exit status says whether old languages held
-    return out
+    out = corpora / "compare"
+    args = [
+        "--config",
+        str(ROOT / "job.yaml"),
+        f"--base={model_file}",
+        "--new=zh",
+        f"--out={out}",
+        "--compare",
+        "--replay-ratio=0.5",  # the vallex run's mix; the naive one trains zh alone
+        f"--figure={corpora / 'docs' / 'add_language.png'}",
+        f"run.output_dir={corpora / 'unused'}",
+        f"run.prepared_dir={corpora / 'prep'}",
+        "model.dropout=0.0",
+        "train.num_workers=1",
+        "train.cpus_per_worker=0.5",
+        "train.batch_size=4",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+        "train.eval_every=2",
+        "train.checkpoint_every=4",
+        "data.window_rows=32",
+        "train.intelligibility.samples=false",  # no listening samples: not what this test is about
+        "train.intelligibility.text_gain=false",  # nor text gain (a second validation pass): the table's
+    ]  # text gain and PER columns are checked on records in test_report_shows_text_gain_and_per...
+    rc = _main()(args)
+    reports = {
+        mode: json.loads((out / mode / "forgetting_report.json").read_text()) for mode in ("naive", "vallex")
+    }
+    # The exit status says whether the contrast showed: vallex kept the old languages, naive forgot them.
+    shown = reports["vallex"]["verdict"] == "ok" and reports["naive"]["verdict"] == "forgetting"
+    assert rc == (0 if shown else 1)
+    return {
+        "naive": out / "naive",
+        "vallex": out / "vallex",
+        "compare": out,
+        "figure": corpora / "docs" / "add_language.png",
+    }
 
 
 def test_end_to_end_vallex_mode(runs, base):
@@ -377,6 +393,51 @@ def test_naive_mode_trains_on_the_new_language_only(runs):
     # real speech shows the contrast: README "The headline result".)
 
 
+def test_comparison_written_from_the_two_real_runs(runs):
+    """What the demo writes after its runs (comparison.md, comparison.json, the figure and its copy),
+    here from the naive and vallex runs of one base: every number in the table is a report's."""
+    out = runs["compare"]
+    naive, vallex = (
+        json.loads((runs[m] / "forgetting_report.json").read_text()) for m in ("naive", "vallex")
+    )
+    assert json.loads((out / "comparison.json").read_text()) == {"naive": naive, "vallex": vallex}
+    md = (out / "comparison.md").read_text()
+    assert "after 4 steps" in md and "Validation AR + NAR loss" in md
+    lines = md.splitlines()
+    assert "| language | role | baseline (step 0) | naive: final | naive: change | vallex: final |" in md
+    assert "text gain" not in lines[2] and "PER" not in lines[2]  # neither measured: no such columns
+    for lang in ("en", "fr", "zh"):
+        n, v = naive["languages"][lang], vallex["languages"][lang]
+        assert n["baseline"] == pytest.approx(v["baseline"])  # one base model, one step-0 evaluation
+        assert (
+            f"| {lang} | {v['role']} | {v['baseline']:.3f} "
+            f"| {n['final']:.3f} | {n['relative_change'] * 100:+.1f}% ({n['verdict']}) "
+            f"| {v['final']:.3f} | {v['relative_change'] * 100:+.1f}% ({v['verdict']}) |"
+        ) in lines, (lang, md)
+    assert f"| guard | | | | {naive['guard']['verdict']} | | {vallex['guard']['verdict']} |" in lines
+    png = (out / "add_language.png").read_bytes()
+    assert len(png) > 5000 and runs["figure"].read_bytes() == png  # --figure: a copy of the same figure
+
+
+def test_command_line_refuses_what_cannot_work_before_ray(corpora, saved_base, capsys):
+    """add_language.py's single-mode and --compare requests are checked before Ray starts (exit 2)."""
+    cli = [f"run.output_dir={corpora / 'cli'}", f"run.prepared_dir={corpora / 'prep'}"]
+    main = _main()
+    assert main(["--base", str(saved_base[0]), "--new", "zh", "--naive", "--compare", *cli]) == 2
+    assert "--compare runs both modes: drop --naive" in capsys.readouterr().err
+    assert main(["--demo", "--compare", *cli]) == 2
+    assert main(["--new", "zh", *cli]) == 2
+    assert "--base FILE and --new LANGS are required" in capsys.readouterr().err
+    for extra in ([], ["--compare"]):
+        assert main(["--base", str(saved_base[0]), "--new", "ja", *extra, *cli]) == 2
+        assert "['ja'] have no prepared shards" in capsys.readouterr().err
+    (corpora / "mine.jsonl").write_text("")
+    assert (
+        main(["--demo", f"corpus.source={corpora / 'mine.jsonl'}", *cli]) == 2
+    )  # the demo's own corpus only
+    assert "--demo uses the embedded demo corpus" in capsys.readouterr().err
+
+
 def test_report_shows_text_gain_and_per_and_judges_a_falling_text_gain(tmp_path):
     """Gibberish: the old language's loss hardly moves but it stops reading its text."""
     cfg = load_config(None, [f"run.output_dir={tmp_path}", "train.guard.metric=text_gain"])
@@ -406,3 +467,21 @@ def test_report_shows_text_gain_and_per_and_judges_a_falling_text_gain(tmp_path)
     table = report_table(rep)
     assert "text gain" in table and "PER" in table
     assert "0.400 -> 0.100" in table and "30% -> 80%" in table
+
+    # The demo's comparison: step 0 -> naive / vallex, for text gain and synthesized PER (with its floor).
+    vallex_records = [_record(0, {"ar": 10.0, "en": 8.0}), _record(10, {"ar": 7.0, "en": 7.9})]
+    for r, (en_gain, en_per) in zip(vallex_records, ((0.4, 0.3), (0.45, 0.35)), strict=True):
+        r["valid"]["en"].update({"text_gain": en_gain, "per": en_per, "per_floor": 0.2})
+        r["valid"]["ar"].update({"text_gain": 0.0 if r["step"] == 0 else 0.3})
+    plan.mode, plan.trained_languages = "vallex", ["ar", "en"]
+    kept = forgetting_report(vallex_records, {"guard": {"verdict": "ok", "trips": []}}, plan)
+    lines = comparison_table(rep, kept).splitlines()
+    assert lines[0].endswith(
+        "| text gain: step 0 → naive / vallex | synthesized PER: step 0 → naive / vallex |"
+    )
+    assert lines[1] == "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    assert lines[2] == (
+        "| ar | new | 0.000 | 0.200 | +nan% (learned) | 0.300 | +nan% (learned) | 0.000 → 0.200 / 0.300 | - |"
+    ), lines[2]
+    assert lines[3].endswith("| 0.400 → 0.100 / 0.450 | 30% → 80% / 35% (floor 20%) |"), lines[3]
+    assert lines[-1] == "| guard | | | | forgetting | | ok | | |"

@@ -27,7 +27,7 @@ LAYERS = [
     {"eval"},
     {"train"},
     {"tune"},
-    {"cli"},
+    {"cli", "submission"},  # the entry points' argument parsing; submitting a job file to a cluster
 ]
 
 

@@ -15,6 +15,8 @@ The recipe, one :func:`add_language` call (``ray_jobs/add_language.py`` is its c
    relative change, the new language's curve, the guard's verdict) and ``<out>/forgetting.png``.
 
 Everything runs through :func:`vallex.train.trainer.train`: Ray Data mixing, Ray Train + DeepSpeed.
+Naive vs vallex from one base (the comparison), its demo and the command line are in
+:mod:`vallex.train.add_language_compare`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,9 +367,9 @@ def report_table(report: dict) -> str:
             f"{v['relative_change'] * 100:>+8.1f}%"
         )
         if gain:
-            row += f"{_arrow(v.get('text_gain'), '{:.3f}'):>16}"
+            row += f" {_arrow(v.get('text_gain'), '{:.3f}'):>15}"
         if per:
-            row += f"{_arrow(v.get('per'), '{:.0%}'):>14}"
+            row += f" {_arrow(v.get('per'), '{:.0%}'):>13}"
         rows.append(
             row
             + f"  {v['verdict']}"
@@ -432,28 +433,6 @@ def plot_forgetting(reports: list[dict], path: str | os.PathLike) -> None:
     save_figure(fig, path)
 
 
-def comparison_table(naive: dict, vallex: dict) -> str:
-    """Markdown: each language's baseline, and its final loss and change in both modes."""
-    rows = [
-        "| language | role | baseline (step 0) | naive: final | naive: change | vallex: final | vallex: change |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for lang, v in vallex["languages"].items():
-        n = naive["languages"].get(lang)
-        role = "new" if v["role"] == "new" else "old"
-        naive_cells = (
-            f"{n['final']:.3f} | {n['relative_change'] * 100:+.1f}% ({n['verdict']})" if n else "- | -"
-        )
-        rows.append(
-            f"| {lang} | {role} | {v['baseline']:.3f} | {naive_cells} | "
-            f"{v['final']:.3f} | {v['relative_change'] * 100:+.1f}% ({v['verdict']}) |"
-        )
-    rows.append(
-        f"| guard | | | | {naive['guard'].get('verdict', '-')} | | {vallex['guard'].get('verdict', '-')} |"
-    )
-    return "\n".join(rows)
-
-
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -495,151 +474,3 @@ def add_language(plan: AddLanguagePlan) -> dict:
         out / FIGURE_NAME,
     )
     return report
-
-
-# ---------------------------------------------------------------------------------------------- demo
-
-
-def _fresh(path: Path) -> None:
-    """The demo's runs start over each time (their Ray results too), so its numbers are reproducible."""
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _demo_corpora(cfg: Config, out: Path, new: list[str] | None):
-    """Demo steps 1-2: the demo corpus, the old languages prepared alone (the base model's corpus) and
-    a copy with the new ones appended; ``(old, new, base_prep, full_prep)``."""
-    from vallex.data.demo_corpus import make_demo_corpus
-    from vallex.data.prepare import prepare_corpus, summary_table
-    from vallex.data.sources import read_manifest
-
-    log.info("== 1/5: demo corpus (espeak-ng speech, cached in %s)", out / "corpus")
-    utts = read_manifest(make_demo_corpus(out / "corpus", seed=cfg.run.seed, scale=cfg.corpus.demo_scale))
-    sizes: dict[str, int] = {}
-    for u in utts:
-        sizes[u.language] = sizes.get(u.language, 0) + 1
-    new = new or [min(sizes, key=sizes.get)]
-    unknown = sorted(set(new) - set(sizes))
-    if unknown:
-        raise AddLanguageError(f"--new {unknown}: not demo languages (the demo has {sorted(sizes)})")
-    old = sorted(set(sizes) - set(new))
-    log.info("utterances per language %s: base model on %s, then add %s", sizes, old, new)
-
-    log.info("== 2/5: prepare the old languages, then add the new one to a copy (its symbols are appended)")
-    base_prep, full_prep = out / "prepare-base", out / "prepare"
-    earlier = base_prep / "manifest.json"
-    if earlier.exists() and set(json.loads(earlier.read_text())["languages"]) != set(old):
-        _fresh(base_prep)  # an earlier demo with another --new: its table must not leak into this base
-    prepare_corpus(
-        [u for u in utts if u.language in old],
-        base_prep,
-        cfg.prepare,
-        seed=cfg.run.seed,
-        valid_fraction=cfg.corpus.valid_fraction,
-    )
-    _fresh(full_prep)
-    shutil.copytree(base_prep, full_prep)
-    manifest = prepare_corpus(
-        [u for u in utts if u.language in new],
-        full_prep,
-        cfg.prepare,
-        seed=cfg.run.seed,
-        valid_fraction=cfg.corpus.valid_fraction,
-    )
-    log.info("prepared corpus in %s:\n%s", full_prep, summary_table(manifest))
-    return old, new, base_prep, full_prep
-
-
-def add_language_demo(
-    cfg: Config,
-    *,
-    out: Path,
-    new: list[str] | None = None,
-    base_steps: int = 300,
-    add_steps: int = 300,
-    replay_ratio: float | None = None,
-    figure: str | os.PathLike | None = None,
-) -> bool:
-    """The headline comparison on the embedded demo corpus, under ``out``: train a base model on every
-    demo language but ``new`` (default: the smallest), add ``new`` naively and with vallex from that same
-    base, write comparison.md/.json and the figure (also copied to ``figure``). Returns whether the
-    expected contrast showed (vallex kept the old languages, naive forgot them)."""
-    import time
-
-    from vallex.train.trainer import train
-
-    if cfg.corpus.source != "demo":
-        raise AddLanguageError(
-            f"--demo uses the embedded demo corpus; corpus.source is {cfg.corpus.source!r}"
-        )
-    out = Path(out)
-    t0 = time.time()
-    old, new, base_prep, full_prep = _demo_corpora(cfg, out, new)
-
-    log.info("== 3/5: train the base model on %s (%d steps)", old, base_steps)
-    _fresh(out / "base")
-    base_cfg = derive_config(
-        cfg,
-        {
-            "run.output_dir": str(out / "base"),
-            "run.name": "base",
-            "run.prepared_dir": str(base_prep),
-            "corpus.languages": [],
-            "data.languages": old,
-            "train.max_steps": base_steps,
-            "train.init_from": "",
-            "train.storage_path": "",
-        },
-    )
-    base_report = train(base_cfg)
-    if not base_report.get("model_file"):
-        raise AddLanguageError(f"the base run wrote no model file (see {base_cfg.train_dir / 'report.json'})")
-
-    every = max(1, add_steps // 10)
-    add_cfg = derive_config(
-        cfg,
-        {
-            "run.prepared_dir": str(full_prep),
-            "corpus.languages": [],
-            "train.max_steps": add_steps,
-            "train.eval_every": every,
-            "train.checkpoint_every": add_steps,
-            "train.storage_path": "",
-        },
-    )
-    reports = {}
-    for i, mode in enumerate(("naive", "vallex")):
-        log.info("== %d/5: add %s, %s mode, from the same base", 4 + i, new, mode)
-        _fresh(out / mode)
-        plan = plan_add_language(
-            add_cfg,
-            base=base_report["model_file"],
-            new_languages=new,
-            out_dir=out / mode,
-            mode=mode,
-            replay_ratio=None if mode == "naive" else replay_ratio,
-        )
-        reports[mode] = add_language(plan)
-
-    table = comparison_table(reports["naive"], reports["vallex"])
-    written = out / "add_language.png"
-    plot_forgetting([reports["naive"], reports["vallex"]], written)
-    if figure:
-        Path(figure).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(written, figure)
-    minutes = (time.time() - t0) / 60
-    write_text(
-        out / "comparison.md",
-        f"Validation loss (AR + NAR) of each language, step 0 of the add-language run (the base model) vs. "
-        f"after {add_steps} steps; change relative to step 0; whole demo {minutes:.1f} min.\n\n{table}\n",
-    )
-    write_text(out / "comparison.json", json.dumps(reports, indent=2))
-    log.info("add-language demo finished in %.1f min:\n%s", minutes, table)
-    log.info("wrote %s, %s%s", out / "comparison.md", written, f" and {figure}" if figure else "")
-    shown = reports["vallex"]["verdict"] == "ok" and reports["naive"]["verdict"] == "forgetting"
-    if not shown:
-        log.warning(
-            "WARNING: this run did not show the expected contrast (naive %s, vallex %s)",
-            reports["naive"]["verdict"],
-            reports["vallex"]["verdict"],
-        )
-    return shown
