@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import pickle
-import runpy
 import time
 from pathlib import Path
 
@@ -259,11 +258,7 @@ def test_scripts_import_the_installed_package_and_edit_no_sys_path():
 
 
 # ---------------------------------------------------------------------------------------------------
-# A real head with token authentication: a job without the token is refused, submit.py's runs
-
-
-def _submit():
-    return runpy.run_path(str(ROOT / "ray_jobs" / "submit.py"), run_name="vallex_test")
+# Token authentication (a real token-authenticated cluster refusing and running jobs: tests/jobs/test_cluster.py)
 
 
 def test_submit_finds_the_token_in_rays_order(tmp_path, monkeypatch):
