@@ -258,7 +258,8 @@ def test_scripts_import_the_installed_package_and_edit_no_sys_path():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Token authentication (a real token-authenticated cluster refusing and running jobs: tests/jobs/test_cluster.py)
+# Token authentication (a token-authenticated cluster refusing jobs without the token and running the
+# training job with it: tests/jobs/test_cluster.py::TestTwoNodes, whose cluster has token auth on)
 
 
 def test_submit_finds_the_token_in_rays_order(tmp_path, monkeypatch):
@@ -281,10 +282,6 @@ def test_submit_finds_the_token_in_rays_order(tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(SubmitError, match="is empty"):
         auth_token(str(tmp_path / "empty"))
-
-
-# A token-authenticated cluster refusing jobs without the token, and running the training job with it:
-# tests/jobs/test_cluster.py::TestTwoNodes (its two-node cluster has token auth on).
 
 
 def test_driver_says_what_happens_while_the_train_workers_start(ray_cluster, tmp_path, monkeypatch):
