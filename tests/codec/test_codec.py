@@ -427,3 +427,21 @@ def test_a_clip_the_codec_fails_on_is_a_counted_skip(tokenizer, monkeypatch, one
         np.testing.assert_array_equal(c, real([item[1]])[0])
     assert skips.data["encode_failed"]["examples"] == ["u1"]
     assert skips.data["encode_failed"]["errors"] == ["u1: RuntimeError: codec blew up"]
+
+
+def test_codec_summary_names_what_made_the_codes(tmp_path):
+    """The line a run logs about its codes: real EnCodec, random-weight EnCodec, or synthetic codes with
+    no audio behind them (never "pretrained EnCodec" for a corpus vallex.data.synthetic wrote)."""
+    import json
+
+    from vallex.codec.tokenizer import codec_summary
+    from vallex.data.synthetic import write_phonetic_corpus, write_synthetic_corpus
+
+    assert codec_summary({"bandwidth": 6.0}) == "codec: EnCodec 24 kHz, pretrained weights, 6.0 kbps"
+    random_codes = json.loads(
+        (write_synthetic_corpus(tmp_path / "r", {"en": 4}) / "manifest.json").read_text()
+    )
+    assert codec_summary(random_codes["codec"]).startswith("codec: NOT real EnCodec codes")
+    phonetic = json.loads((write_phonetic_corpus(tmp_path / "p", {"en": 4}) / "manifest.json").read_text())
+    line = codec_summary(phonetic["codec"])
+    assert line.startswith("codec: NOT audio codes: synthetic phonetic codes") and "pretrained" not in line

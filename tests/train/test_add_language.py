@@ -406,6 +406,7 @@ def test_comparison_written_from_the_two_real_runs(runs):
     lines = md.splitlines()
     assert "| language | role | baseline (step 0) | naive: final | naive: change | vallex: final |" in md
     assert "text gain" not in lines[2] and "PER" not in lines[2]  # neither measured: no such columns
+    assert "Text gain:" not in md and "No synthesized PER: no recognizer" in md  # nor notes about them
     for lang in ("en", "fr", "zh"):
         n, v = naive["languages"][lang], vallex["languages"][lang]
         assert n["baseline"] == pytest.approx(v["baseline"])  # one base model, one step-0 evaluation

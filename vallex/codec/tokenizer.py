@@ -40,6 +40,11 @@ def codec_summary(codec: dict) -> str:
             f"{codec.get('codebook_size')} at {codec.get('frame_rate')} Hz). Its codes carry the words but its "
             "audio is Griffin-Lim quality: for offline demos and tests; real TTS needs pretrained EnCodec"
         )
+    if codec.get("name") == "synthetic_phonetic":  # vallex.data.synthetic's phonetic corpus: no audio at all
+        return (
+            "codec: NOT audio codes: synthetic phonetic codes made from the phonemes (vallex.data.synthetic), "
+            "with no speech behind them. For tests and benchmarks only"
+        )
     if codec.get("pretrained", True):
         return f"codec: EnCodec 24 kHz, pretrained weights, {codec.get('bandwidth')} kbps"
     return (

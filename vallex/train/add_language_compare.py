@@ -210,11 +210,24 @@ def write_comparison(
         shutil.copyfile(written, figure)
     metric = METRIC_NAMES[vallex["metric"]]
     steps = vallex["final_step"]
+    measured = {
+        k for r in (naive, vallex) for v in r["languages"].values() for k in ("text_gain", "per") if k in v
+    }
     notes = (
         f"Validation {metric} of each language at step 0 of the add-language runs (the base model) and after "
-        f"{steps} steps; change relative to step 0; verdicts against the guard's limit. Text gain: AR loss with "
-        "another utterance's phonemes minus with its own (nats/frame; 0 = the model ignores its text). "
-        f"Synthesized PER: the recognizer's phoneme error rate on synthesized speech. {minutes:.1f} min in all.\n"
+        f"{steps} steps; change relative to step 0; verdicts against the guard's limit. "
+        + (
+            "Text gain: AR loss with another utterance's phonemes minus with its own (nats/frame; 0 = the "
+            "model ignores its text). "
+            if "text_gain" in measured
+            else ""
+        )
+        + (
+            "Synthesized PER: the recognizer's phoneme error rate on synthesized speech. "
+            if "per" in measured
+            else "No synthesized PER: no recognizer beside the shards, or train.intelligibility.per_utterances=0. "
+        )
+        + f"{minutes:.1f} min in all.\n"
     )
     write_text(out / "comparison.md", f"{notes}\n{table}\n")
     write_text(out / "comparison.json", json.dumps(reports, indent=2))
